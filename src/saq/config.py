@@ -1,0 +1,129 @@
+"""The training configuration: one dataclass shared by `saq train`, YAML recipes and the Python API."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .convert import QuantConfig
+from .quantizer import check_bits
+
+__all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES"]
+
+SHARPNESS = ("none", "sam", "case1", "case2", "case3")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+STRATEGIES = ("full", "every_k", "prev_grad")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. YAML recipes use these field names; CLI flags are --field-name."""
+
+    # data and model
+    dataset: str = "mnist1d"
+    data_dir: Optional[str] = None
+    model: str = "cnn1d"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: Optional[str] = None
+    img_size: Optional[int] = None
+    val_split: float = 0.0          # fraction of the training set held out for validation (never the test set)
+    workers: int = 0
+    # quantization
+    w_bits: int = 4
+    a_bits: int = 4
+    first_last_bits: int = 8
+    per_channel: bool = True
+    weight_standardize: bool = False
+    calib_batches: int = 1
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_milestones: list[int] = field(default_factory=list)   # for lr_schedule=step (epochs)
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    max_grad_norm: Optional[float] = None
+    # sharpness-aware minimisation
+    sharpness: str = "case3"
+    rho: float = 0.05
+    adaptive: bool = False
+    strategy: str = "full"
+    strategy_k: int = 5             # every_k: a full step every k iterations
+    strategy_alpha: float = 0.7     # every_k: weight of the stored sharp component
+    rho_warmup_epochs: float = 0.0
+    # run
+    seed: int = 0
+    output: str = "runs/saq"
+    device: str = "auto"
+    amp: bool = False
+    resume: bool = False
+    log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        for b in ("w_bits", "a_bits", "first_last_bits"):
+            check_bits(getattr(self, b), b.replace("_", "-"))
+        if self.sharpness not in SHARPNESS:
+            bad(f"unknown sharpness {self.sharpness!r}; choose one of {', '.join(SHARPNESS)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            bad(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.strategy not in STRATEGIES:
+            bad(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if self.sharpness != "none" and not self.rho > 0:
+            bad(f"rho must be > 0, got {self.rho}")
+        if self.epochs < 1:
+            bad(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            bad(f"batch size must be >= 1, got {self.batch_size}")
+        if self.weight_decay < 0 or self.label_smoothing < 0 or self.label_smoothing >= 1:
+            bad("weight decay must be >= 0 and label smoothing in [0, 1)")
+        if not 0 <= self.val_split < 1:
+            bad(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.strategy_k < 1:
+            bad(f"strategy_k must be >= 1, got {self.strategy_k}")
+        return self
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
+                           per_channel=self.per_channel, weight_standardize=self.weight_standardize)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
+    """Read a YAML recipe (keys = TrainConfig fields) and apply overrides (None values are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(data)

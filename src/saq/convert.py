@@ -1,0 +1,231 @@
+"""Model conversion: :class:`QuantConfig`, :func:`quantize` (torchao-style, in place) and :func:`calibrate`."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layers import QUANT_CLASSES, QuantLayer, quant_layers
+from .quantizer import FLOAT_BITS, LSQQuantizer, check_bits
+
+__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced"]
+
+Bits = Union[int, tuple[int, int], list]
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a model.
+
+    ``w_bits``/``a_bits``: 2..8, or 32 for not quantized. ``first_last_bits``: bits (weights and input
+    activations) of the first and the last quantized layer in execution order (8, or 32 to keep them
+    float). ``per_channel``: one weight step per output channel. ``weight_standardize``: quantize
+    ``(w-mean)/std`` per output channel, as the official SAQ code does (use only where a normalisation
+    layer follows). ``a_signed``: signed activation range; ``None`` decides per layer from the data.
+    ``layer_bits``: glob pattern on module names -> bits (int for both, or ``(w_bits, a_bits)``); wins over
+    everything else. ``exclude``: glob patterns of layers left as float modules.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    first_last_bits: int = 8
+    per_channel: bool = True
+    weight_standardize: bool = False
+    a_signed: Optional[bool] = None
+    layer_bits: dict[str, Bits] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_bits(self.first_last_bits, "first_last_bits")
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"layer_bits must be a dict of pattern -> bits, got {type(self.layer_bits).__name__}")
+        self.layer_bits = {str(k): _pair(v, f"layer_bits[{k!r}]") for k, v in self.layer_bits.items()}
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        self.exclude = tuple(self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+def _pair(v: Bits, what: str) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{what} must be an int or a (w_bits, a_bits) pair, got {v!r}")
+        return check_bits(v[0], what), check_bits(v[1], what)
+    b = check_bits(v, what)
+    return b, b
+
+
+def _override(name: str, config: QuantConfig) -> Optional[tuple[int, int]]:
+    for pattern, bits in config.layer_bits.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return bits
+    return None
+
+
+def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
+             example_inputs: Optional[Any] = None) -> nn.Module:
+    """Convert every ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear`` of ``model`` in place to its quantized twin.
+
+    Parameters keep their names (a float ``state_dict`` still loads). The first and last quantized layers
+    are found in execution order on the first forward pass (or now, from ``example_inputs``: a tensor or a
+    tuple of positional inputs) and get ``config.first_last_bits``. Step sizes are initialised from the
+    first training batch, or by :func:`calibrate`. Returns ``model``.
+    """
+    config = config or QuantConfig()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    if quant_layers(model):
+        raise ValueError("model is already quantized")
+    targets = []
+    for name, m in model.named_modules():
+        if type(m) in QUANT_CLASSES and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            targets.append((name, m))
+    if not targets:
+        raise ValueError("model has no nn.Conv1d, nn.Conv2d or nn.Linear layer to quantize")
+    names = [n for n, _ in targets]
+    all_names = [n for n, _ in model.named_modules()]
+    for pattern in config.layer_bits:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"layer_bits pattern {pattern!r} matches no quantizable layer "
+                             f"(e.g. {', '.join(names[:3])}, ...)")
+    for pattern in config.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
+            raise ValueError(f"exclude pattern {pattern!r} matches no module of the model")
+
+    for name, m in targets:
+        bits = _override(name, config) or (config.w_bits, config.a_bits)
+        m.__class__ = QUANT_CLASSES[type(m)]
+        m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed)
+        m._saq_name = name
+    model._saq_config = config  # type: ignore[attr-defined]
+    model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        trace(model, *args)
+    return model
+
+
+def is_traced(model: nn.Module) -> bool:
+    return getattr(model, "_saq_trace_hook", None) is None
+
+
+def _trace_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
+    trace(model, *args, **kwargs)
+    return None
+
+
+@torch.no_grad()
+def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
+    """Run one float forward pass to find the quantized layers' execution order; set first/last bits.
+
+    Runs in eval mode under ``no_grad`` (no BatchNorm statistics change, no randomness consumed beyond the
+    forward itself) and restores every module's mode afterwards.
+    """
+    hook = getattr(model, "_saq_trace_hook", None)
+    if hook is None:
+        return []
+    hook.remove()
+    model._saq_trace_hook = None  # type: ignore[attr-defined]
+    layers = [m for _, m in quant_layers(model)]
+    order: list = []
+    modes = {m: m.training for m in model.modules()}
+    for m in layers:
+        m._saq_trace = order
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    except BaseException:
+        model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
+        raise
+    finally:
+        for m in layers:
+            m._saq_trace = None
+        for m, mode in modes.items():
+            m.training = mode
+    if not order:
+        raise ValueError("the forward pass used none of the quantized layers")
+    config: QuantConfig = model._saq_config  # type: ignore[attr-defined]
+    roles = {order[0]: "first", order[-1]: "last"} if len(order) > 1 else {order[0]: "first"}
+    for m, role in roles.items():
+        m.quant_role = role
+        if _override(m._saq_name, config) is None:
+            m.set_bits(config.first_last_bits, config.first_last_bits)
+    return order
+
+
+def ensure_traced(model: nn.Module) -> None:
+    if not is_traced(model):
+        raise RuntimeError("the model's first/last layers are not known yet: run one forward pass or "
+                           "saq.calibrate(model, batches) first")
+
+
+def _inputs(batch: Any) -> tuple:
+    if torch.is_tensor(batch):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
+        return (batch[0],)
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
+            if key in batch:
+                return (batch[key],)
+    raise ValueError("calibrate expects batches that are tensors, (input, target) pairs or dicts with an "
+                     f"'input'/'x'/'image' key; got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None,
+              device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Initialise every step size from data: LSQ's 2*mean|x|/sqrt(Qp), averaged over the batches.
+
+    Runs in eval mode (BatchNorm statistics untouched) with quantization off, so each layer sees float
+    inputs. Re-initialises steps that were already set. Returns ``model``.
+    """
+    if not quant_layers(model):
+        raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.bits != FLOAT_BITS]
+    modes = {m: m.training for m in model.modules()}
+    seen = 0
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if num_batches is not None and i >= num_batches:
+                break
+            args = tuple(a.to(device) for a in _inputs(batch))
+            if i == 0:
+                trace(model, *args)
+                quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.bits != FLOAT_BITS]
+                for q in quantizers:
+                    q.start_calibration()
+            model(*args)
+            seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: no batch was given")
+        for q in quantizers:
+            q.finish_calibration()
+    finally:
+        for q in quantizers:
+            q._calib = None
+        for m, mode in modes.items():
+            m.training = mode
+    return model

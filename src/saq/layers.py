@@ -1,0 +1,138 @@
+"""Quantized Conv1d / Conv2d / Linear: the float layer plus a weight and an input-activation quantizer.
+
+The layers are the float classes with their ``__class__`` swapped (see :func:`saq.quantize`), so they keep
+their parameters, names and hooks. Each exposes the hook the sharpness-aware optimizer needs:
+
+* ``perturb_pre``  -- a tensor added to the float weight *before* quantization (SAQ case 2),
+* ``perturb_post`` -- a tensor added to the quantized weight *after* quantization (cases 1 and 3),
+* ``capture_qweight = True`` -- the forward keeps the quantized weight it used (``qweight``) and the
+  backward accumulates the gradient w.r.t. it in ``qweight_grad`` (the gradient SAQ case 3 perturbs with).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizer import FLOAT_BITS, LSQQuantizer
+
+__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers"]
+
+_STD_EPS = 1e-5
+
+
+class QuantLayer:
+    """Mixin holding the quantizers and the perturbation hook; concrete classes define ``_float_forward``."""
+
+    weight: nn.Parameter
+    weight_quantizer: LSQQuantizer
+    act_quantizer: LSQQuantizer
+
+    def _init_quant(self, w_bits: int, a_bits: int, per_channel: bool, weight_standardize: bool,
+                    a_signed: Optional[bool]) -> None:
+        out_ch = self.weight.shape[0]
+        self.weight_quantizer = LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None,
+                                             num_channels=out_ch).to(self.weight.device)
+        self.act_quantizer = LSQQuantizer(a_bits, signed=a_signed).to(self.weight.device)
+        self.weight_standardize = weight_standardize
+        self.quant_role: Optional[str] = None  # "first" / "last" once the execution order is known
+        self.perturb_pre: Optional[Tensor] = None
+        self.perturb_post: Optional[Tensor] = None
+        self.capture_qweight = False
+        self.qweight: Optional[Tensor] = None
+        self.qweight_grad: Optional[Tensor] = None
+        self._saq_trace: Optional[list] = None  # set by quantize() while recording execution order
+
+    # -- bits ------------------------------------------------------------------------------------------
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.act_quantizer.bits
+
+    def set_bits(self, w_bits: int, a_bits: int) -> None:
+        if self.weight_quantizer.is_initialized or self.act_quantizer.is_initialized:
+            raise RuntimeError("cannot change the bit-width of a layer whose steps are already initialised")
+        self.weight_quantizer.bits = w_bits
+        self.act_quantizer.bits = a_bits
+
+    # -- the quantized weight and the perturbation hook ------------------------------------------------
+    def standardized_weight(self, w: Tensor) -> Tensor:
+        """(w - mean) / std per output channel (the official code's weight normalisation), if enabled."""
+        if not self.weight_standardize:
+            return w
+        dims = list(range(1, w.dim()))
+        mean = w.mean(dim=dims, keepdim=True)
+        std = w.std(dim=dims, keepdim=True)
+        return (w - mean) / (std + _STD_EPS)
+
+    def quantized_weight(self) -> Tensor:
+        """Q(w [+ perturb_pre]) [+ perturb_post]: the weight tensor this layer computes with."""
+        w = self.weight
+        if self.perturb_pre is not None:
+            w = w + self.perturb_pre
+        wq = self.weight_quantizer(self.standardized_weight(w))
+        if self.capture_qweight and torch.is_grad_enabled():
+            if wq is self.weight:  # not quantized (32 bits): need a distinct node to hook
+                wq = wq.view_as(wq)
+            self.qweight = wq.detach()
+            wq.register_hook(self._store_qweight_grad)
+        if self.perturb_post is not None:
+            wq = wq + self.perturb_post
+        return wq
+
+    def _store_qweight_grad(self, grad: Tensor) -> None:
+        if self.qweight_grad is None:
+            self.qweight_grad = grad.detach().clone()
+        else:
+            self.qweight_grad.add_(grad)
+
+    def zero_qweight_grad(self) -> None:
+        self.qweight_grad = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._saq_trace is not None:  # recording execution order: float forward, no quantizer
+            if self not in self._saq_trace:
+                self._saq_trace.append(self)
+            return self._float_forward(x, self.weight)
+        return self._float_forward(self.act_quantizer(x), self.quantized_weight())
+
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        base = super().extra_repr()  # type: ignore[misc]
+        role = f", role={self.quant_role}" if self.quant_role else ""
+        return f"{base}, w_bits={self.w_bits}, a_bits={self.a_bits}{role}"
+
+
+class QuantConv1d(QuantLayer, nn.Conv1d):
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+#: float class -> quantized class; only these exact types are converted
+QUANT_CLASSES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """All quantized layers of ``model`` as (qualified name, layer), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def is_quantized_layer(m: nn.Module) -> bool:
+    return isinstance(m, QuantLayer) and (m.w_bits != FLOAT_BITS or m.a_bits != FLOAT_BITS)
