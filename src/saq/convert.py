@@ -150,11 +150,14 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     modes = {m: m.training for m in model.modules()}
     for m in layers:
         m._saq_trace = order
+        m._saq_macs = 0  # the traced forward adds each call's MACs per sample (see QuantLayer.forward)
     try:
         model.eval()
         with torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
     except BaseException:
+        for m in layers:
+            m._saq_macs = None
         model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
         raise
     finally:
@@ -198,15 +201,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     """Initialise every step size from data: LSQ's 2*mean|x|/sqrt(Qp), averaged over the batches.
 
     Runs in eval mode (BatchNorm statistics untouched) with quantization off, so each layer sees float
-    inputs. Re-initialises steps that were already set. Returns ``model``.
+    inputs. A BatchNorm whose running statistics were never updated (a model trained from scratch)
+    normalises with batch statistics instead, as it will in training; its buffers are restored afterwards.
+    Re-initialises steps that were already set. Returns ``model``.
     """
     if not quant_layers(model):
         raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.bits != FLOAT_BITS]
     modes = {m: m.training for m in model.modules()}
+    fresh_bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.track_running_stats and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
+    bn_buffers = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in fresh_bn]
     seen = 0
     model.eval()
+    for m in fresh_bn:
+        m.train()
     try:
         for i, batch in enumerate(batches):
             if num_batches is not None and i >= num_batches:
@@ -226,6 +236,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     finally:
         for q in quantizers:
             q._calib = None
+        for m, buffers in bn_buffers:
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
         for m, mode in modes.items():
             m.training = mode
     return model

@@ -44,6 +44,7 @@ class QuantLayer:
         self.qweight: Optional[Tensor] = None
         self.qweight_grad: Optional[Tensor] = None
         self._saq_trace: Optional[list] = None  # set by quantize() while recording execution order
+        self._saq_macs: Optional[int] = None  # multiply-accumulates per sample, recorded by the trace
 
     # -- bits ------------------------------------------------------------------------------------------
     @property
@@ -98,8 +99,19 @@ class QuantLayer:
         if self._saq_trace is not None:  # recording execution order: float forward, no quantizer
             if self not in self._saq_trace:
                 self._saq_trace.append(self)
-            return self._float_forward(x, self.weight)
+            out = self._float_forward(x, self.weight)
+            self._saq_macs = (self._saq_macs or 0) + self._macs_per_sample(x, out)
+            return out
         return self._float_forward(self.act_quantizer(x), self.quantized_weight())
+
+    def _macs_per_sample(self, x: Tensor, out: Tensor) -> int:
+        """MACs of one call per sample: output elements per sample x weight elements per output element."""
+        if isinstance(self, nn.Linear):
+            batched = x.dim() >= 2  # (B, in) or (B, T, in): tokens count per sample
+        else:
+            batched = x.dim() == self.weight.dim()  # conv: (B, C, ...) vs unbatched (C, ...)
+        batch = x.shape[0] if batched and x.shape[0] > 0 else 1
+        return out.numel() // batch * self.weight[0].numel()
 
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -41,10 +41,8 @@ def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back to `shape` (the step's shape)."""
     if t.shape == shape:
         return t
-    if len(shape) == 0:
-        return t.sum()
-    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1]
-    return t.sum(dim=dims, keepdim=True)
+    # broadcasting aligns trailing dims: sum_to_size also sums the leading dims the step lacks
+    return t.sum_to_size(shape)
 
 
 class _LSQFunction(torch.autograd.Function):
@@ -68,13 +66,13 @@ class _LSQFunction(torch.autograd.Function):
         qn, qp = ctx.qrange
         s = step.clamp_min(STEP_EPS)
         v = torch.div(x, s)
-        inside = (v >= qn) & (v <= qp)
+        r = v.clamp(qn, qp)
+        inside = r == v  # Qn <= x/s <= Qp; one pass instead of two compares and an and
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             # inside: round(v) - v ; outside: the clamped bound Qn or Qp (= round(clamp(v)))
-            r = v.clamp(qn, qp).round_()
-            r.sub_(v.masked_fill_(~inside, 0.0)).mul_(grad)
+            r.round_().sub_(v.masked_fill_(inside.logical_not_(), 0.0)).mul_(grad)
             grad_s = _reduce_to(r, step.shape).mul_(ctx.grad_scale).to(step.dtype)
         return grad_x, grad_s, None, None, None
 
@@ -86,15 +84,22 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[f
     ``x/step`` is clipped) and the LSQ gradient for ``step`` scaled by ``grad_scale``, which defaults to
     ``1/sqrt(N*Qp)`` with N the number of elements sharing one step (``x.numel() / step.numel()``).
     ``step`` is a scalar or broadcasts against ``x`` (per-channel). ``bits == 32`` returns ``x``.
+    Raises ValueError for bad bits, a step that does not broadcast, or a non-positive step (checked for
+    CPU steps only, to avoid a device synchronisation per call).
     """
     check_bits(bits)
     if bits == FLOAT_BITS:
         return x
     if not torch.is_tensor(step):
         step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
-    if step.dim() > x.dim() or torch.broadcast_shapes(step.shape, x.shape) != x.shape:
+    try:
+        broadcasts = step.dim() <= x.dim() and torch.broadcast_shapes(step.shape, x.shape) == x.shape
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
         raise ValueError(f"step of shape {tuple(step.shape)} does not broadcast to x of shape {tuple(x.shape)}")
-    if not torch.compiler.is_compiling() and bool((step.detach() <= 0).any()):
+    # checked where it costs no device synchronisation (CPU steps); elsewhere the forward clamps to STEP_EPS
+    if step.device.type == "cpu" and not torch.compiler.is_compiling() and bool((step.detach() <= 0).any()):
         raise ValueError("step sizes must be positive")
     qn, qp = qrange(bits, signed)
     if grad_scale is None:

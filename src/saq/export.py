@@ -1,0 +1,356 @@
+"""Export a trained quantized model as real low-bit integers plus step sizes (safetensors, no pickle).
+
+Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version": "1", "layers": JSON}``):
+
+* ``<layer>.weight_codes``: the weight's integer codes. 2-bit codes are packed four per byte, 3/4-bit
+  codes two per byte (nibbles), both stored as ``code - Qn`` in ``uint8``, first element in the low bits;
+  5..8-bit codes are ``int8`` (signed range) or ``uint8`` (unsigned range). Weights kept at 32 bits are
+  stored as float under their usual ``<layer>.weight`` key.
+* ``<layer>.weight_quantizer.step`` / ``<layer>.act_quantizer.step``: the learned steps (float32).
+* every other ``state_dict`` tensor (biases, BatchNorm/LayerNorm, layers left in float) unchanged.
+* ``layers``: per quantized layer its type, weight shape, bits, signedness, per-channel dim, whether the
+  codes are of the standardised weight, its role (first/last), and MACs per sample when known.
+
+:func:`load_exported` rebuilds ``weight = codes * step`` in a freshly converted model, so ``Q(weight)``
+reproduces the exported integers exactly and the model computes what the exporting model computed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import types
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from .convert import is_traced
+from .layers import QuantLayer, quant_layers
+from .quantizer import FLOAT_BITS, STEP_EPS, LSQQuantizer, check_bits, qrange
+
+__all__ = ["export", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
+
+FORMAT = "saq-export"
+VERSION = "1"
+_CODES = ".weight_codes"
+_QUANT_FLAGS = ("initialized", "is_signed")  # quantizer buffers carried in the JSON metadata instead
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What :func:`export` wrote: the file and its size against the float32 model's parameters+buffers."""
+
+    path: str
+    file_bytes: int
+    float_bytes: int
+    layers: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller the export is than the float32 model."""
+        return self.float_bytes / self.file_bytes
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB for {self.layers} quantized layers "
+                f"(float32 model {self.float_bytes / 1024:.1f} KiB, {self.ratio:.2f}x smaller)")
+
+
+# -- packing -------------------------------------------------------------------------------------------
+def _per_byte(bits: int) -> int:
+    """How many codes share one byte: 4 at 2 bits, 2 at 3/4 bits, 1 above."""
+    return 4 if bits == 2 else 2 if bits <= 4 else 1
+
+
+def pack_codes(codes: Tensor, bits: int, signed: bool) -> Tensor:
+    """Pack integer codes (any shape, values in the ``bits``-bit range) into a flat byte tensor."""
+    check_bits(bits)
+    if bits == FLOAT_BITS:
+        raise ValueError("pack_codes: 32 bits means 'not quantized'; there are no codes to pack")
+    qn, qp = qrange(bits, signed)
+    c = codes.detach().flatten().to(torch.int16)
+    if c.numel() and (int(c.min()) < qn or int(c.max()) > qp):
+        raise ValueError(f"codes outside the {bits}-bit {'signed' if signed else 'unsigned'} range [{qn}, {qp}]")
+    per = _per_byte(bits)
+    if per == 1:
+        return c.to(torch.int8 if signed else torch.uint8).cpu()
+    u = (c - qn).to(torch.uint8)
+    pad = (-u.numel()) % per
+    if pad:
+        u = torch.cat([u, u.new_zeros(pad)])
+    u = u.view(-1, per)
+    slot = 8 // per
+    packed = u[:, 0].clone()
+    for j in range(1, per):
+        packed |= u[:, j] << (slot * j)
+    return packed.cpu()
+
+
+def unpack_codes(packed: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as an int16 tensor (flat)."""
+    qn, _ = qrange(bits, signed)
+    per = _per_byte(bits)
+    if per == 1:
+        out = packed.to(torch.int16)
+    else:
+        slot = 8 // per
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * slot
+        mask = (1 << slot) - 1
+        out = ((packed.reshape(-1, 1) >> shifts) & mask).reshape(-1).to(torch.int16) + qn
+    if out.numel() < numel:
+        raise ValueError(f"packed weight holds {out.numel()} codes, expected {numel}")
+    return out[:numel]
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel/DistributedDataParallel/torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_quantizer_flag(key: str, quantizer_prefixes: set[str]) -> bool:
+    prefix, _, last = key.rpartition(".")
+    return last in _QUANT_FLAGS and prefix in quantizer_prefixes
+
+
+def _quantizer_prefixes(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+
+
+def _float_bytes(state: dict[str, Tensor], quantizer_prefixes: set[str]) -> int:
+    """Bytes of the float model's state_dict with every floating tensor at float32 (quantizer state excluded)."""
+    total = 0
+    for k, v in state.items():
+        if k.rpartition(".")[0] in quantizer_prefixes:
+            continue
+        total += v.numel() * (4 if v.is_floating_point() else v.element_size())
+    return total
+
+
+def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    return {
+        "type": type(layer).__name__,
+        "shape": list(layer.weight.shape),
+        "w_bits": wq.bits, "w_signed": wq.signed, "w_channel_dim": wq.channel_dim,
+        "a_bits": aq.bits, "a_signed": aq.signed, "a_channel_dim": aq.channel_dim,
+        "w_initialized": wq.is_initialized, "a_initialized": aq.is_initialized,
+        "weight_standardized": bool(layer.weight_standardize and wq.enabled),
+        "role": layer.quant_role,
+        "macs": getattr(layer, "_saq_macs", None),
+    }
+
+
+def _write_atomic(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the target directory, fsync, then os.replace: all or nothing."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# -- export -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
+    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
+
+    The file is a safetensors file (no pickle), written atomically. Returns an :class:`ExportInfo` with
+    the file size and the float32 model size; ``verbose`` also prints it.
+    """
+    model = _unwrap(model)
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
+    if not is_traced(model):
+        raise ValueError("export: the model has not run yet (first/last layers unknown): calibrate or train it first")
+    uninit = [f"{n}.{qn}" for n, m in layers for qn, q in (("weight_quantizer", m.weight_quantizer),
+                                                          ("act_quantizer", m.act_quantizer))
+              if q.enabled and not q.is_initialized]
+    if uninit:
+        raise ValueError(f"export: step sizes not initialised for {', '.join(uninit[:5])}"
+                         f"{' ...' if len(uninit) > 5 else ''}: run saq.calibrate or train the model first")
+    for n, m in layers:
+        for p in (m.perturb_pre, m.perturb_post):
+            if p is not None and bool(p.detach().ne(0).any()):
+                raise ValueError(f"export: layer {n} carries an active sharpness-aware perturbation; "
+                                 "export between optimizer steps")
+
+    prefixes = _quantizer_prefixes(model)
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, layer in layers:
+        meta[name] = info = _layer_meta(name, layer)
+        wq = layer.weight_quantizer
+        if wq.enabled:
+            codes = wq.integer(layer.standardized_weight(layer.weight.detach().float()))
+            tensors[name + _CODES] = pack_codes(codes, wq.bits, bool(wq.signed))
+            state.pop(name + ".weight")
+            info["numel"] = layer.weight.numel()
+            info["packing"] = {1: "int8" if wq.signed else "uint8", 2: "nibble", 4: "crumb"}[_per_byte(wq.bits)]
+    for key, value in state.items():
+        if _is_quantizer_flag(key, prefixes):
+            continue
+        tensors[key] = value.detach().cpu().contiguous()
+    metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(meta)}
+    config = getattr(model, "_saq_config", None)
+    if config is not None:
+        metadata["config"] = json.dumps(config.to_dict())
+    path = os.fspath(path)
+    _write_atomic(tensors, path, metadata)
+    result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
+                        float_bytes=_float_bytes(model.state_dict(), prefixes), layers=len(layers))
+    if verbose:
+        print(result)
+    return result
+
+
+# -- load -------------------------------------------------------------------------------------------------
+def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"load_exported: no such file {path!r}")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_exported: {path!r} is not a safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT or "layers" not in metadata:
+        raise ValueError(f"load_exported: {path!r} is a safetensors file but not a saq export "
+                         f"(metadata format={metadata.get('format')!r})")
+    if metadata.get("version") != VERSION:
+        raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r}")
+    try:
+        layers = json.loads(metadata["layers"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: {e}") from e
+    return tensors, layers
+
+
+def _configure(q: LSQQuantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
+               step: Optional[Tensor], initialized: bool, what: str) -> None:
+    """Set a quantizer's bits/signedness/per-channel step from the export."""
+    q.bits = check_bits(int(bits), what)
+    q.signed = signed
+    q.channel_dim = channel_dim
+    if step is not None:
+        step = step.to(device=q.step.device, dtype=q.step.dtype)
+        if step.dim() != 1 or (channel_dim is None and step.numel() != 1):
+            raise ValueError(f"load_exported: {what} step has shape {tuple(step.shape)}")
+        if step.shape == q.step.shape:
+            q.step.data.copy_(step)
+        else:  # per-channel in the file, per-tensor in the fresh model (or vice versa)
+            q.step = nn.Parameter(step.clone(), requires_grad=q.step.requires_grad)
+    q.initialized.fill_(bool(initialized))
+    q._initialized = bool(initialized)
+
+
+@torch.no_grad()
+def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
+    """Fill ``model`` (same architecture, converted by :func:`saq.quantize`) from an :func:`export` file.
+
+    Weights become ``codes * step`` (weight standardisation is switched off where the codes are of the
+    standardised weight), steps/bits/signedness/roles come from the file, and the model is marked traced,
+    so it computes exactly what the exported model computed. Returns ``model``.
+    """
+    tensors, meta = _read(path)
+    target = _unwrap(model)
+    layers = dict(quant_layers(target))
+    if not layers:
+        raise ValueError("load_exported: the model has no quantized layer (call saq.quantize on it first)")
+    missing = [n for n in meta if n not in layers]
+    extra = [n for n in layers if n not in meta]
+    if missing or extra:
+        raise ValueError("load_exported: architecture mismatch: "
+                         + (f"layers in the file but not in the model: {missing[:5]}; " if missing else "")
+                         + (f"layers in the model but not in the file: {extra[:5]}" if extra else ""))
+    for name, info in meta.items():
+        layer = layers[name]
+        if type(layer).__name__ != info["type"]:
+            raise ValueError(f"load_exported: layer {name} is {type(layer).__name__} in the model, "
+                             f"{info['type']} in the file")
+        if list(layer.weight.shape) != list(info["shape"]):
+            raise ValueError(f"load_exported: layer {name} weight shape {list(layer.weight.shape)} in the model, "
+                             f"{info['shape']} in the file")
+
+    # every other tensor: exact key set and shapes (quantizer steps are checked against the metadata)
+    prefixes = _quantizer_prefixes(target)
+    expected = {k: v for k, v in target.state_dict().items() if not _is_quantizer_flag(k, prefixes)}
+    provided = {(k[: -len(_CODES)] + ".weight" if k.endswith(_CODES) else k) for k in tensors}
+    missing_keys = sorted(set(expected) - provided)
+    extra_keys = sorted(provided - set(expected))
+    if missing_keys or extra_keys:
+        raise ValueError("load_exported: architecture mismatch: "
+                         + (f"missing in the file: {missing_keys[:5]}; " if missing_keys else "")
+                         + (f"not in the model: {extra_keys[:5]}" if extra_keys else ""))
+    rest: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(_CODES) or key.rpartition(".")[0] in prefixes:
+            continue
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"load_exported: shape mismatch for {key}: {tuple(expected[key].shape)} in the "
+                             f"model, {tuple(value.shape)} in the file")
+        rest[key] = value
+
+    for name, info in meta.items():
+        layer = layers[name]
+        _configure(layer.weight_quantizer, info["w_bits"], info["w_signed"], info["w_channel_dim"],
+                   tensors.get(f"{name}.weight_quantizer.step"), info["w_initialized"], f"{name} weights")
+        _configure(layer.act_quantizer, info["a_bits"], info["a_signed"], info["a_channel_dim"],
+                   tensors.get(f"{name}.act_quantizer.step"), info["a_initialized"], f"{name} activations")
+        layer.quant_role = info["role"]
+        layer._saq_macs = info.get("macs")
+    # float tensors first (a 32-bit weight is among them), then the integer weights
+    target.load_state_dict(rest, strict=False)
+    for name, info in meta.items():
+        layer = layers[name]
+        wq = layer.weight_quantizer
+        if not wq.enabled:
+            continue
+        key = name + _CODES
+        if key not in tensors:
+            raise ValueError(f"load_exported: the file has no integer weight for layer {name}")
+        codes = unpack_codes(tensors[key], wq.bits, bool(wq.signed), math.prod(info["shape"]))
+        w = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
+        step = wq._step_view(w).detach().float().clamp_min(STEP_EPS)
+        layer.weight.copy_((w * step).to(layer.weight.dtype))
+        layer.weight_standardize = False  # the codes already are of the standardised weight, if it was
+    hook = getattr(target, "_saq_trace_hook", None)
+    if hook is not None:  # first/last are known from the file: no trace on the next forward
+        hook.remove()
+        target._saq_trace_hook = None
+    return model
+
+
+class _CallableModule(types.ModuleType):
+    """Once ``saq.export`` is imported as a submodule, Python binds ``saq.export`` to it; stay callable."""
+
+    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
+        return export(model, path, verbose)
+
+
+sys.modules[__name__].__class__ = _CallableModule
