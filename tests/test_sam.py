@@ -1,0 +1,691 @@
+"""saq.SAQ against independent references: a functional re-implementation of the quantized forward
+(F.conv2d / F.linear / F.batch_norm, LSQ written out below), the SPEC's perturbation formulas in float64, and
+torch.optim.SGD applied to a clone."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import saq
+from saq import QuantConfig, QuantLayer
+from saq.sam import SAQ, rho_warmup
+
+HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+ETA = 0.01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads spin against each other on a loaded 2-core box, ~30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def batch(i: int, n: int = 8):
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def make_model(bn: bool = True, dropout: bool = False, a_bits: int = 3, seed: int = 0) -> nn.Sequential:
+    """Conv(q) [BN] ReLU Flatten Linear(q) [Dropout] ReLU Linear(q), 2-3 bit weights with clipping."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = [nn.Conv2d(1, 3, 3)]
+    if bn:
+        mods.append(nn.BatchNorm2d(3))
+    mods += [nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)]
+    if dropout:
+        mods.append(nn.Dropout(0.5))
+    mods += [nn.ReLU(), nn.Linear(5, 3)]
+    m = nn.Sequential(*mods)
+    x0, _ = batch(-1, 16)
+    cfg = (QuantConfig(w_bits=2, a_bits=a_bits, first_last_bits=3) if a_bits != 32
+           else QuantConfig(layer_bits={"*": (2, 32)}))
+    saq.quantize(m, cfg, example_inputs=x0)
+    with torch.no_grad():
+        m(x0)  # LSQ step initialisation from data
+        for _, layer in saq.quant_layers(m):
+            layer.weight_quantizer.step.mul_(0.5)  # make sure some weights are clipped (STE gives 0 there)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.reset_running_stats()
+    return m
+
+
+# ------------------------------------------------------------------------------------- the reference
+def fq(x, step, bits, signed):
+    """LSQ fake-quantizer written out: round(clamp(x/s)) * s, STE for x, LSQ gradient scaled by 1/sqrt(N Qp)."""
+    if bits == 32:
+        return x
+    qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    g = 1.0 / math.sqrt((x.numel() // step.numel()) * qp)
+    s = step.detach() + (step * g - (step * g).detach())  # value = step, gradient scaled by g
+    s = s.view(-1, *([1] * (x.dim() - 1))) if step.numel() > 1 else s.reshape(())
+    v = torch.clamp(x / s, qn, qp)
+    return (torch.round(v).detach() + (v - v.detach())) * s
+
+
+def ref_forward(model, P, x, pre=None, post=None, qw=None, stats=None):
+    h = x
+    for i, m in enumerate(model):
+        n = str(i)
+        if isinstance(m, QuantLayer):
+            a = fq(h, P[f"{n}.act_quantizer.step"], m.a_bits, m.act_quantizer.signed)
+            w = P[f"{n}.weight"]
+            if pre and n in pre:
+                w = w + pre[n]
+            wq = fq(w, P[f"{n}.weight_quantizer.step"], m.w_bits, True)
+            if qw is not None:
+                wq.retain_grad()
+                qw[n] = wq
+            if post and n in post:
+                wq = wq + post[n]
+            h = (F.conv2d if isinstance(m, nn.Conv2d) else F.linear)(a, wq, P[f"{n}.bias"])
+        elif isinstance(m, nn.BatchNorm2d):
+            rm, rv = stats[n] if stats is not None else (m.running_mean.clone(), m.running_var.clone())
+            h = F.batch_norm(h, rm, rv, P[f"{n}.weight"], P[f"{n}.bias"], True, m.momentum, m.eps)
+        elif isinstance(m, nn.ReLU):
+            h = F.relu(h)
+        elif isinstance(m, nn.Flatten):
+            h = h.flatten(1)
+        else:
+            raise AssertionError(type(m))
+    return h
+
+
+def params0(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def ref_grads(model, P0, x, y, pre=None, post=None, delta=None, stats=None):
+    """Plain-autograd gradients w.r.t. every parameter and w.r.t. each Q(w), and the Q(w) values."""
+    P = {k: (v + delta[k] if delta and k in delta else v).detach().clone().requires_grad_() for k, v in P0.items()}
+    qw: dict = {}
+    loss = F.cross_entropy(ref_forward(model, P, x, pre, post, qw, stats), y)
+    loss.backward()
+    return ({k: p.grad for k, p in P.items()}, {n: t.grad for n, t in qw.items()},
+            {n: t.detach() for n, t in qw.items()}, loss.detach())
+
+
+def qnames(model):
+    return [str(i) for i, m in enumerate(model) if isinstance(m, QuantLayer)]
+
+
+def ref_perturbation(model, mode, rho, G, GQ, WQ, P0, adaptive, perturb_steps=None):
+    """SPEC: e = rho * T^2 g / ||T g|| (T = 1 unless adaptive), global norm, in float64.
+
+    Returns ({layer: e} for the quantized-layer hook, {param name: e} for data-perturbed params)."""
+    if perturb_steps is None:
+        perturb_steps = mode == "sam"
+    steps = {k for k in P0 if k.endswith("quantizer.step")}
+    hooks = [] if mode == "sam" else qnames(model)
+    hooked = {f"{n}.weight" for n in hooks}
+    items = []  # (kind, key, g, w)
+    for n in hooks:
+        g = GQ[n] if mode == "case3" else G[f"{n}.weight"]
+        w = P0[f"{n}.weight"] if mode == "case2" else WQ[n]
+        items.append(("hook", n, g, w))
+    for k in P0:
+        if k in hooked or (k in steps and not perturb_steps) or G[k] is None:
+            continue
+        items.append(("data", k, G[k], P0[k]))
+    ts = [(w.double().abs() + ETA) if adaptive else torch.ones_like(w, dtype=torch.float64) for _, _, _, w in items]
+    norm = math.sqrt(sum(float(((t * g.double()) ** 2).sum()) for t, (_, _, g, _) in zip(ts, items)))
+    hook_e, data_e = {}, {}
+    for t, (kind, key, g, _) in zip(ts, items):
+        e = (rho * t * t * g.double() / norm).float()
+        (hook_e if kind == "hook" else data_e)[key] = e
+    return hook_e, data_e
+
+
+def sgd_reference(P0, grads, clip=None, **hp):
+    names = [k for k in P0 if grads.get(k) is not None]
+    ps = {k: P0[k].clone().requires_grad_() for k in P0}
+    for k in names:
+        ps[k].grad = grads[k].clone()
+    if clip is not None:
+        total = math.sqrt(sum(float((grads[k].double() ** 2).sum()) for k in names))
+        coef = min(1.0, clip / (total + 1e-6))
+        for k in names:
+            ps[k].grad.mul_(coef)
+    torch.optim.SGD([ps[k] for k in names], **hp).step()
+    return {k: v.detach() for k, v in ps.items()}
+
+
+class Recorder:
+    """A closure that records, on each call, the perturbation state and (at the base step) the gradients."""
+
+    def __init__(self, model, x, y, loss_scale=None, scaler=None, inject=None):
+        self.model, self.x, self.y, self.scaler, self.inject = model, x, y, scaler, inject
+        self.calls: list[dict] = []
+        self.names = {id(p): k for k, p in model.named_parameters()}
+
+    def __call__(self):
+        m = self.model
+        rec = {"pre": {}, "post": {}, "params": params0(m), "qw": {}}
+        for n in qnames(m):
+            layer = m[int(n)]
+            rec["pre"][n] = None if layer.perturb_pre is None else layer.perturb_pre.clone()
+            rec["post"][n] = None if layer.perturb_post is None else layer.perturb_post.clone()
+            with torch.no_grad():
+                rec["qw"][n] = layer.quantized_weight().clone()
+        self.calls.append(rec)
+        loss = F.cross_entropy(m(self.x), self.y)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.inject is not None:
+            self.inject(len(self.calls))
+        return loss
+
+    def hook_base(self, base):
+        self.step_grads: dict = {}
+
+        def pre(opt, args, kwargs):
+            self.step_grads = {self.names[id(p)]: (None if p.grad is None else p.grad.clone())
+                               for g in opt.param_groups for p in g["params"]}
+        base.register_step_pre_hook(pre)
+
+
+# ------------------------------------------------------------------------------- the four modes, exactly
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sgd", "asam"])
+@pytest.mark.parametrize("mode", ["sam", "case1", "case2", "case3"])
+def test_step_matches_reference(mode, adaptive):
+    rho = 0.3
+    model = make_model()
+    x, y = batch(0)
+    P0 = params0(model)
+    bn = model[1]
+    stats = {"1": (bn.running_mean.clone(), bn.running_var.clone())}
+    G1, GQ1, WQ1, loss1 = ref_grads(model, P0, x, y, stats=stats)
+    hook_e, data_e = ref_perturbation(model, mode, rho, G1, GQ1, WQ1, P0, adaptive)
+    kw = {"pre": hook_e} if mode == "case2" else {"post": hook_e}
+    G2, _, _, _ = ref_grads(model, P0, x, y, delta=data_e, **kw)
+
+    base = torch.optim.SGD(model.parameters(), **HP)
+    opt = SAQ(model, base, rho=rho, mode=mode, adaptive=adaptive, eta=ETA)
+    rec = Recorder(model, x, y)
+    rec.hook_base(base)
+    loss = opt.step(rec)
+    assert opt.passes_last_step == 2 and len(rec.calls) == 2
+    assert torch.allclose(loss, loss1, rtol=1e-6)
+
+    # where the perturbation was added, and its value
+    second = rec.calls[1]
+    got = {}
+    for n in qnames(model):
+        pre, post = second["pre"][n], second["post"][n]
+        if mode == "sam":
+            assert pre is None and post is None
+        elif mode == "case2":
+            assert post is None and pre is not None
+            got[("hook", n)] = pre
+        else:
+            assert pre is None and post is not None
+            got[("hook", n)] = post
+    for k, v in second["params"].items():
+        d = v - P0[k]
+        if k in data_e:
+            got[("data", k)] = d
+        else:
+            assert torch.equal(d, torch.zeros_like(d)), f"{k} should not be perturbed in {mode}"
+    want = {("hook", n): e for n, e in hook_e.items()} | {("data", k): e for k, e in data_e.items()}
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-7), key
+    # the global norm relation: ||e|| = rho (SAM), ||e / T|| = rho (ASAM)
+    tot = 0.0
+    for (kind, key), e in got.items():
+        if adaptive:
+            w = (P0[f"{key}.weight"] if mode == "case2" else WQ1[key]) if kind == "hook" else P0[key]
+            e = e / (w.abs() + ETA)
+        tot += float((e.double() ** 2).sum())
+    assert math.sqrt(tot) == pytest.approx(rho, rel=1e-5)
+
+    # the base optimizer received the gradient of the separately perturbed reference
+    for k, g in G2.items():
+        if g is None:
+            assert rec.step_grads[k] is None
+        else:
+            assert torch.allclose(rec.step_grads[k], g, rtol=1e-4, atol=1e-6), k
+    # ... and every weight equals SGD(weights, that gradient)
+    want_p = sgd_reference(P0, G2, **HP)
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.detach(), want_p[k], rtol=1e-5, atol=1e-7), k
+    # BatchNorm statistics: updated once, by the first (unperturbed) pass
+    assert torch.allclose(bn.running_mean, stats["1"][0], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(bn.running_var, stats["1"][1], rtol=1e-6, atol=1e-7)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_case1_and_case3_directions_differ_where_clipped():
+    """The test model clips weights, so grad_w (STE, 0 where clipped) != grad_Q(w): case 1 != case 3."""
+    model = make_model()
+    x, y = batch(0)
+    G, GQ, _, _ = ref_grads(model, params0(model), x, y)
+    clipped = (G["4.weight"] == 0) & (GQ["4"] != 0)
+    assert clipped.any()
+
+
+def test_case2_diminishes_case3_does_not():
+    x, y = batch(0)
+    qw = {}
+    for mode in ("case2", "case3"):
+        model = make_model()
+        unperturbed = {n: model[int(n)].quantized_weight().detach().clone() for n in qnames(model)}
+        opt = SAQ(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=1e-6, mode=mode)
+        rec = Recorder(model, x, y)
+        opt.step(rec)
+        qw[mode] = [torch.equal(rec.calls[1]["qw"][n], unperturbed[n]) for n in unperturbed]
+        assert all(torch.equal(rec.calls[0]["qw"][n], unperturbed[n]) for n in unperturbed)
+    assert all(qw["case2"]), "a tiny pre-quantization perturbation is rounded away"
+    assert not any(qw["case3"]), "case 3 perturbs the quantized weights themselves"
+
+
+def test_sam_without_steps_equals_case2():
+    x, y = batch(0)
+    out = []
+    for mode, kw in (("sam", {"perturb_steps": False}), ("case2", {})):
+        model = make_model()
+        opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, mode=mode, **kw)
+        for i in range(2):
+            xb, yb = batch(i)
+            opt.step(Recorder(model, xb, yb))
+            opt.zero_grad()
+        out.append(params0(model))
+    for k in out[0]:
+        assert torch.allclose(out[0][k], out[1][k], rtol=1e-5, atol=1e-6), k
+
+
+def test_max_grad_norm_clips_final_gradient():
+    rho, clip = 0.2, 0.05
+    model = make_model()
+    x, y = batch(0)
+    P0 = params0(model)
+    G1, GQ1, WQ1, _ = ref_grads(model, P0, x, y)
+    hook_e, data_e = ref_perturbation(model, "case3", rho, G1, GQ1, WQ1, P0, False)
+    G2, _, _, _ = ref_grads(model, P0, x, y, post=hook_e, delta=data_e)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=rho, max_grad_norm=clip)
+    opt.step(Recorder(model, x, y))
+    want = sgd_reference(P0, G2, clip=clip, **HP)
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.detach(), want[k], rtol=1e-5, atol=1e-7), k
+
+
+# ---------------------------------------------------------------------------- restore, BN, RNG, forms
+def test_two_call_form_and_restore_are_exact():
+    x, y = batch(0)
+    ref = make_model()
+    opt_r = SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), rho=0.2, mode="case1")
+    opt_r.step(Recorder(ref, x, y))
+
+    model = make_model()
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, mode="case1")
+    F.cross_entropy(model(x), y).backward()
+    before = params0(model)
+    stats = [b.clone() for b in model[1].buffers()]
+    assert opt.first_step() is True
+    assert all(model[int(n)].perturb_post is not None for n in qnames(model))
+    assert model[4].weight.grad is None  # zeroed for the second pass
+    F.cross_entropy(model(x), y).backward()
+    opt.restore()
+    assert all(model[int(n)].perturb_post is None for n in qnames(model))
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), before[k]), k  # bit-exact (BN affine and biases were perturbed in data)
+    for b, s in zip(model[1].buffers(), stats):
+        assert torch.equal(b, s)  # the second pass's BN update was undone
+    opt.second_step()
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), k
+
+
+def test_sam_mode_restore_is_bit_exact_and_bn_updated_once():
+    model = make_model()
+    x, y = batch(3)
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y)  # one ordinary pass: the BN statistics the step must end with
+    before = params0(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), lr=0.0), rho=0.5, mode="sam")
+    rec = Recorder(model, x, y)
+    opt.step(rec)
+    assert any(not torch.equal(rec.calls[1]["params"][k], before[k]) for k in before)  # it was perturbed
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k  # lr=0: exactly back
+    for b, c in zip(model[1].buffers(), plain[1].buffers()):
+        assert torch.equal(b, c)
+
+
+def test_both_passes_share_dropout_masks_and_rng_ends_as_after_one_pass():
+    model = make_model(bn=False, dropout=True)
+    x, y = batch(0)
+    masks = []
+    drop = [m for m in model if isinstance(m, nn.Dropout)][0]
+    drop.register_forward_hook(lambda mod, inp, out: masks.append((out == 0) & (inp[0] != 0)))
+    plain = copy.deepcopy(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1)
+    state = torch.get_rng_state()
+    opt.step(Recorder(model, x, y))
+    after = torch.rand(4)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    assert masks[0].any() and not masks[0].all()
+    torch.set_rng_state(state)
+    F.cross_entropy(plain(x), y).backward()  # one ordinary forward/backward
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_zero_grad_clears_qweight_grad_and_param_groups_are_shared():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = SAQ(model, base, rho=0.1)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    assert model[4].qweight_grad is not None
+    opt.zero_grad()
+    assert model[4].qweight_grad is None and model[4].weight.grad is None
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(Recorder(model, x, y))
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_gradient_accumulation_matches_full_batch():
+    x, y = batch(0)
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def run(closure_kind):
+        model = make_model(bn=False, a_bits=32)
+        opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
+        seen = []
+
+        def rec():
+            seen.append({n: model[int(n)].perturb_post for n in qnames(model)})
+        names = {id(p): k for k, p in model.named_parameters()}
+        grads = {}
+        opt.base_optimizer.register_step_pre_hook(
+            lambda o, a, kw: grads.update({names[id(p)]: p.grad.clone() for g in o.param_groups
+                                           for p in g["params"] if p.grad is not None}))
+        if closure_kind == "full":
+            def closure():
+                rec()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        elif closure_kind == "micro":
+            def closure():
+                rec()
+                for xb, yb in halves:
+                    (F.cross_entropy(model(xb), yb) / 2).backward()
+            opt.step(closure)
+        else:  # two-call form inside an accumulating loop
+            for xb, yb in halves:
+                (F.cross_entropy(model(xb), yb) / 2).backward()
+            opt.first_step()
+            rec()
+            for xb, yb in halves:
+                (F.cross_entropy(model(xb), yb) / 2).backward()
+            opt.second_step()
+        e = seen[-1]
+        return e, grads, params0(model)
+
+    e_full, g_full, p_full = run("full")
+    for kind in ("micro", "two_call"):
+        e, g, p = run(kind)
+        for n in e_full:
+            assert torch.allclose(e[n], e_full[n], rtol=1e-4, atol=1e-7), (kind, n)
+        assert g.keys() == g_full.keys()
+        for k in g_full:
+            assert torch.allclose(g[k], g_full[k], rtol=1e-4, atol=1e-6), (kind, k)
+        for k in p_full:
+            assert torch.allclose(p[k], p_full[k], rtol=1e-5, atol=1e-7), (kind, k)
+
+
+# ------------------------------------------------------------------------------- efficient strategies
+def _flat(d, keys):
+    return torch.cat([d[k].double().reshape(-1) for k in keys])
+
+
+def _unflat(v, like, keys):
+    out, i = {}, 0
+    for k in keys:
+        out[k] = v[i:i + like[k].numel()].view_as(like[k]).float()
+        i += like[k].numel()
+    return out
+
+
+def test_every_k_matches_looksam_reference():
+    rho, k, alpha, n_it = 0.3, 2, 0.7, 5
+    model = make_model(bn=False)
+    P = params0(model)
+    keys = list(P)
+    ref_opt_params = {kk: v.clone().requires_grad_() for kk, v in P.items()}
+    ref_sgd = torch.optim.SGD(list(ref_opt_params.values()), **HP)
+    gv = None
+    for it in range(n_it):
+        x, y = batch(it)
+        Pc = {kk: v.detach() for kk, v in ref_opt_params.items()}
+        G, GQ, WQ, _ = ref_grads(model, Pc, x, y)
+        if it % k == 0:
+            hook_e, data_e = ref_perturbation(model, "case3", rho, G, GQ, WQ, Pc, False)
+            Gs, _, _, _ = ref_grads(model, Pc, x, y, post=hook_e, delta=data_e)
+            g, gs = _flat(G, keys), _flat(Gs, keys)
+            gv = gs - (gs @ g) / (g @ g) * g
+            final = Gs
+        else:
+            g = _flat(G, keys)
+            final = _unflat(g + alpha * g.norm() / gv.norm() * gv, G, keys)
+        for kk, p in ref_opt_params.items():
+            p.grad = final[kk].clone()
+        ref_sgd.step()
+
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=rho, strategy="every_k", k=k, alpha=alpha)
+    passes = []
+    for it in range(n_it):
+        x, y = batch(it)
+        opt.step(Recorder(model, x, y))
+        opt.zero_grad()
+        passes.append(opt.passes_last_step)
+    assert passes == [2, 1, 2, 1, 2]
+    for kk, p in model.named_parameters():
+        assert torch.allclose(p.detach(), ref_opt_params[kk].detach(), rtol=1e-4, atol=1e-6), kk
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sgd", "asam"])
+def test_prev_grad_matches_reference(adaptive):
+    rho, n_it = 0.3, 4
+    model = make_model(bn=False)
+    P = params0(model)
+    ref_params = {kk: v.clone().requires_grad_() for kk, v in P.items()}
+    ref_sgd = torch.optim.SGD(list(ref_params.values()), **HP)
+    hook_e, data_e = None, None
+    for it in range(n_it):
+        x, y = batch(it)
+        Pc = {kk: v.detach() for kk, v in ref_params.items()}
+        G, GQ, WQ, _ = ref_grads(model, Pc, x, y, post=hook_e, delta=data_e)  # one pass at Q(w) + e_prev
+        hook_e, data_e = ref_perturbation(model, "case3", rho, G, GQ, WQ, Pc, adaptive)
+        for kk, p in ref_params.items():
+            p.grad = G[kk].clone()
+        ref_sgd.step()
+
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=rho, strategy="prev_grad",
+              adaptive=adaptive, eta=ETA)
+    for it in range(n_it):
+        x, y = batch(it)
+        rec = Recorder(model, x, y)
+        opt.step(rec)
+        opt.zero_grad()
+        assert opt.passes_last_step == 1 and len(rec.calls) == 1
+        if it == 0:
+            assert all(v is None for v in rec.calls[0]["post"].values())  # first iteration unperturbed
+    for kk, p in model.named_parameters():
+        assert torch.allclose(p.detach(), ref_params[kk].detach(), rtol=1e-4, atol=1e-6), kk
+
+
+# ------------------------------------------------------------------------------------- state, schedule
+@pytest.mark.parametrize("strategy,kw", [("full", {"adaptive": True}), ("every_k", {"k": 2}),
+                                         ("prev_grad", {})])
+def test_state_dict_resumes_bit_exactly(strategy, kw):
+    def build():
+        m = make_model()
+        base = torch.optim.SGD(m.parameters(), **HP)
+        opt = SAQ(m, base, rho=0.2, strategy=strategy, rho_schedule=rho_warmup(0.2, 4), **kw)
+        return m, opt, torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=10)
+
+    def run(m, opt, sched, its):
+        for it in its:
+            x, y = batch(it)
+            opt.step(Recorder(m, x, y))
+            opt.zero_grad()
+            sched.step()
+
+    m, opt, sched = build()
+    run(m, opt, sched, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    run(m, opt, sched, range(3, 6))
+
+    m2, opt2, sched2 = build()
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    sched2.load_state_dict(ck["sched"])
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.step_count == 3
+    run(m2, opt2, sched2, range(3, 6))
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_rho_warmup_schedule():
+    f = rho_warmup(0.1, 4)
+    assert [f(i) for i in range(6)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+    assert rho_warmup(0.1, 0)(0) == 0.1
+    with pytest.raises(ValueError):
+        rho_warmup(0.0, 3)
+    with pytest.raises(ValueError):
+        rho_warmup(0.1, -1)
+    model = make_model()
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1, rho_schedule=rho_warmup(0.1, 2))
+    norms = []
+    for it in range(3):
+        x, y = batch(it)
+        rec = Recorder(model, x, y)
+        opt.step(rec)
+        opt.zero_grad()
+        e = rec.calls[1]
+        sq = sum(float((v ** 2).sum()) for v in e["post"].values())
+        sq += sum(float(((e["params"][k] - rec.calls[0]["params"][k]) ** 2).sum()) for k in e["params"])
+        norms.append(math.sqrt(sq))
+    assert norms == pytest.approx([0.0, 0.05, 0.1], rel=1e-5, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------ AMP, non-finite
+def test_grad_scaler_matches_unscaled_and_inf_skips_exactly():
+    x, y = batch(0)
+    ref = make_model()
+    SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), rho=0.2, max_grad_norm=0.5).step(Recorder(ref, x, y))
+
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, grad_scaler=scaler, max_grad_norm=0.5)
+    opt.step(Recorder(model, x, y, scaler=scaler))
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-8), k  # the power-of-two scale cancels
+    opt.zero_grad()
+
+    # inf injected into the first pass: no perturbation; into the second: the step is skipped
+    def inject(call):
+        model[6].bias.grad[0] = float("inf")  # a data-perturbed parameter: enters the direction
+    before = params0(model)
+    s0 = scaler.get_scale()
+    rec = Recorder(model, x, y, scaler=scaler, inject=inject)
+    opt.step(rec)
+    assert all(v is None for v in rec.calls[1]["post"].values())
+    assert all(torch.equal(rec.calls[1]["params"][k], before[k]) for k in before)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+    assert scaler.get_scale() < s0
+
+
+def test_two_call_amp_recipe_equals_closure():
+    x, y = batch(0)
+    ref = make_model()
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), rho=0.2, grad_scaler=s_ref).step(
+        Recorder(ref, x, y, scaler=s_ref))
+
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.restore()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.passes_last_step == 2
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("where", ["loss", "second_pass"])
+def test_nonfinite_raise_and_skip_leave_weights_unchanged(where):
+    x, y = batch(0)
+    if where == "loss":
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+
+    def inject(call):
+        if where == "second_pass" and call == 2:
+            model[6].bias.grad[0] = float("nan")
+
+    model = make_model()
+    before = params0(model)
+    stats = [b.clone() for b in model[1].buffers()]
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step(Recorder(model, x, y, inject=inject))
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+    for b, s in zip(model[1].buffers(), stats):
+        assert torch.equal(b, s)
+    assert opt.step_count == 0
+    assert all(model[int(n)].perturb_post is None for n in qnames(model))
+
+    opt_skip = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, nonfinite="skip")
+    opt_skip.zero_grad()
+    opt_skip.step(Recorder(model, x, y, inject=inject))
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+    assert opt_skip.step_count == 1
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def test_bad_input_raises_value_error():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kw, msg in [({"rho": 0.0}, "rho"), ({"rho": -1.0}, "rho"), ({"mode": "case4"}, "mode"),
+                    ({"strategy": "sometimes"}, "strategy"), ({"strategy": "every_k", "k": 0}, "k"),
+                    ({"nonfinite": "ignore"}, "nonfinite"), ({"max_grad_norm": 0.0}, "max_grad_norm")]:
+        with pytest.raises(ValueError, match=msg):
+            SAQ(model, base, **kw)
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        SAQ(model, torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1))
+    float_model = nn.Sequential(nn.Linear(3, 2))
+    for mode in ("case1", "case2", "case3"):
+        with pytest.raises(ValueError, match="quantized model"):
+            SAQ(float_model, torch.optim.SGD(float_model.parameters(), lr=0.1), mode=mode)
+    SAQ(float_model, torch.optim.SGD(float_model.parameters(), lr=0.1), mode="sam")  # fine
+    with pytest.raises(ValueError, match="strategy='full'"):
+        SAQ(model, base, strategy="prev_grad").first_step()
+    with pytest.raises(ValueError, match="SAQ state_dict"):
+        SAQ(model, base).load_state_dict(base.state_dict())
