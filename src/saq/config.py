@@ -45,6 +45,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
@@ -67,6 +68,9 @@ class TrainConfig:
     amp: bool = False
     resume: bool = False
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
+    save: bool = True               # False: write nothing (no checkpoint, metrics, plots); results still returned
+    limit_train_batches: int = 0    # >0: at most this many training batches per epoch (smoke tests)
+    limit_eval_batches: int = 0     # >0: at most this many batches per evaluation (smoke tests)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +101,12 @@ class TrainConfig:
             bad("weight decay must be >= 0 and label smoothing in [0, 1)")
         if not 0 <= self.val_split < 1:
             bad(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.limit_train_batches < 0 or self.limit_eval_batches < 0 or self.calib_batches < 0:
+            bad("limit_train_batches, limit_eval_batches and calib_batches must be >= 0")
+        if self.warmup_epochs < 0 or self.rho_warmup_epochs < 0:
+            bad("warmup_epochs and rho_warmup_epochs must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         return self

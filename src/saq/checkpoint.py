@@ -1,0 +1,166 @@
+"""Training checkpoints: atomic save, safe load (``weights_only=True``: a checkpoint cannot run code) and
+rebuilding the quantized model from a checkpoint alone (no data set needed).
+
+A checkpoint is a plain dict of tensors and Python scalars/containers written with :func:`torch.save`::
+
+    format: "saq-checkpoint", version: 1, config: TrainConfig.to_dict(),
+    data: {dataset, num_classes, in_chans, input_shape},
+    model, optimizer, scheduler, scaler (state dicts), rng: {torch, cuda, python},
+    epoch (completed epochs), step_in_epoch (0 at an epoch boundary), global_step, history, metrics
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model", "model_from_checkpoint",
+           "load_state_dict_checked"]
+
+FORMAT = "saq-checkpoint"
+VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash or a failing save at any point leaves the previous file at ``path`` intact. Adds the
+    ``format``/``version`` keys that :func:`load_checkpoint` checks. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises ``ValueError`` for a missing file, a corrupted file, or a file that is not a saq checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "checkpoint.pt").is_file():
+            path = path / "checkpoint.pt"
+        else:
+            raise ValueError(f"checkpoint not found: {path} is a folder without checkpoint.pt")
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a saq checkpoint (refusing to unpickle code: {first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupted or not a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a saq checkpoint (no 'format: {FORMAT}' entry; a float state_dict "
+                         "can be used with `saq train --pretrained`)")
+    if int(state.get("version", 0)) > VERSION:
+        raise ValueError(f"{path} was written by a newer saq (checkpoint version {state['version']})")
+    for key in ("config", "model", "data"):
+        if key not in state:
+            raise ValueError(f"{path} is an incomplete saq checkpoint (missing {key!r})")
+    return state
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with a one-line ValueError naming the mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and torch.is_tensor(state_dict[k]) and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])} (file vs model)")
+        raise ValueError(f"{what} does not match the model architecture: {'; '.join(parts)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device] = "cpu",
+                          what: str = "checkpoint") -> nn.Module:
+    """Rebuild the quantized model described by a loaded checkpoint dict and load its weights strictly.
+
+    The model is created from the stored config, quantized, traced on a dummy input of the stored input
+    shape (so the first/last layers get their bits before the weights load), then loaded.
+    """
+    from .config import TrainConfig
+    from .convert import quantize, trace
+    from .models import create_model
+
+    cfg = TrainConfig.from_dict(dict(state["config"]))
+    data = state["data"]
+    model = create_model(cfg.model, int(data["num_classes"]), in_chans=int(data["in_chans"]),
+                         img_size=cfg.img_size, **dict(cfg.model_kwargs))
+    quantize(model, cfg.quant_config())
+    with torch.no_grad():
+        trace(model, torch.zeros(1, *[int(s) for s in data["input_shape"]]))
+    load_state_dict_checked(model, state["model"], what)
+    return model.to(device).eval()
+
+
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu"):
+    """Load a trained quantized model from a checkpoint: returns ``(model, TrainConfig, info)``.
+
+    ``model`` is in eval mode on ``device``; ``info`` holds ``path``, ``epoch``, ``global_step``,
+    ``dataset``, ``num_classes``, ``in_chans``, ``input_shape`` and the last ``metrics``.
+    """
+    from .config import TrainConfig
+
+    state = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(dict(state["config"]))
+    model = model_from_checkpoint(state, device, what=f"checkpoint {path}")
+    data = state["data"]
+    info = {
+        "path": str(path),
+        "epoch": int(state.get("epoch", 0)),
+        "global_step": int(state.get("global_step", 0)),
+        "dataset": data.get("dataset", cfg.dataset),
+        "num_classes": int(data["num_classes"]),
+        "in_chans": int(data["in_chans"]),
+        "input_shape": tuple(int(s) for s in data["input_shape"]),
+        "metrics": dict(state.get("metrics") or {}),
+    }
+    return model, cfg, info

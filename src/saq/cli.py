@@ -1,0 +1,330 @@
+"""The ``saq`` command line: train, eval, export, summary, landscape, sharpness.
+
+``saq train``'s flags are generated from :class:`saq.config.TrainConfig`'s fields (``--field-name``;
+booleans as ``--x/--no-x``), so they never drift from the config. Only flags given explicitly override
+the recipe (``--config recipes/X.yaml``) or, with ``--resume``, the resumed run's stored config.
+Errors in the user's input are one line, ``saq: error: ...``, and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
+
+#: extra help for the generated `saq train` flags (a field without an entry still gets its flag)
+TRAIN_HELP = {
+    "dataset": "data set: mnist1d (embedded, default), digits (embedded), cifar10, cifar100, imagenet, "
+               "imagefolder, flowers102, pets",
+    "data_dir": "folder of the data set (image data sets; never downloaded)",
+    "model": "model name (see saq.list_models()): cnn1d, cnn_digits, vit_tiny_digits, resnet20/32/56, "
+             "mobilenetv2_cifar, resnet18/34/50, mobilenet_v2, vit_base_patch16_224, deit_*_patch16_224",
+    "model_kwargs": "extra model options as a YAML/JSON mapping, e.g. '{drop_path_rate: 0.1}'",
+    "pretrained": "float checkpoint (state dict or .safetensors) to start quantization-aware training from",
+    "img_size": "image side for image data sets",
+    "val_split": "fraction of the training set held out for validation",
+    "workers": "data loader worker processes",
+    "w_bits": "weight bits (2..8, 32 = float)",
+    "a_bits": "activation bits (2..8, 32 = float)",
+    "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
+    "per_channel": "one weight step per output channel",
+    "weight_standardize": "quantize (w-mean)/std per output channel (official SAQ code)",
+    "calib_batches": "training batches used to initialise the step sizes",
+    "epochs": "training epochs",
+    "batch_size": "batch size per process",
+    "optimizer": "base optimizer",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay (never on step sizes, biases or norm parameters)",
+    "lr_schedule": "learning-rate schedule after warm-up (per iteration)",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "step_milestones": "epochs at which lr_schedule=step multiplies the LR by step_gamma",
+    "step_gamma": "LR factor at each step milestone",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "max_grad_norm": "clip the global gradient norm",
+    "sharpness": "none: plain QAT; sam; case1 (mismatch); case2 (diminishment); case3 (SAQ)",
+    "rho": "radius of the sharpness-aware perturbation",
+    "adaptive": "adaptive (ASAM) perturbation",
+    "strategy": "full: two passes every step; every_k: LookSAM reuse; prev_grad: one pass",
+    "strategy_k": "every_k: a full sharpness-aware step every k iterations",
+    "strategy_alpha": "every_k: weight of the stored sharp gradient component",
+    "rho_warmup_epochs": "warm rho up from 0 over this many epochs",
+    "seed": "random seed (weights, data order, dropout)",
+    "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
+    "device": "auto, cpu, cuda, cuda:N",
+    "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
+    "resume": "continue the run in --output from its checkpoint",
+    "log_every": "also log the step loss to TensorBoard every N steps",
+    "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
+    "limit_train_batches": "at most N training batches per epoch (smoke tests)",
+    "limit_eval_batches": "at most N batches per evaluation (smoke tests)",
+}
+
+
+_PATH_FIELDS = {"data_dir", "pretrained", "output"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``saq: error: MESSAGE (see 'saq CMD --help')``, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        self.exit(2, f"saq: error: {message} (see '{self.prog} --help')\n")
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    return value
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else str
+    return tp
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
+    from .config import OPTIMIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
+
+    choices = {"sharpness": SHARPNESS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "strategy": STRATEGIES}
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training options (TrainConfig fields; default in brackets)")
+    for f in dataclasses.fields(TrainConfig):
+        tp = _strip_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_ = f"{TRAIN_HELP.get(f.name, f.name.replace('_', ' '))} [{default}]"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif origin is list:
+            (item,) = typing.get_args(tp) or (str,)
+            group.add_argument(flag, nargs="*", type=item, metavar=item.__name__.upper(), **kw)
+        elif origin is dict or tp is dict:
+            group.add_argument(flag, type=_parse_mapping, metavar="MAPPING", **kw)
+        elif f.name in choices:
+            group.add_argument(flag, choices=choices[f.name], **kw)
+        else:
+            metavar = "PATH" if f.name in _PATH_FIELDS else {int: "INT", float: "FLOAT"}.get(tp, "NAME")
+            group.add_argument(flag, type=tp if tp in (int, float, str) else str, metavar=metavar, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``saq`` argument parser with its sub-commands."""
+    p = _Parser(prog="saq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a quantized model (default: MNIST-1D, 1-D CNN, w4a4, SAQ)",
+                       description="Train a quantized model. With no options: the embedded MNIST-1D data set, "
+                                   "a 1-D CNN, 4-bit weights and activations, SAQ (case 3). Run under "
+                                   "`torchrun --nproc_per_node N -m saq train ...` for DistributedDataParallel.")
+    t.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe (keys = option names); flags override it")
+    _add_config_flags(t)
+
+    def checkpoint_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("checkpoint", help="a checkpoint.pt written by saq train (or its output folder)")
+
+    e = sub.add_parser("eval", help="top-1/top-5 accuracy and loss of a checkpoint on its test set")
+    checkpoint_arg(e)
+    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--data-dir", help="data folder, if it moved since training")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors)")
+    checkpoint_arg(x)
+    x.add_argument("out", help="output file (.safetensors)")
+
+    s = sub.add_parser("summary", help="per-layer table, model size and BOPs of a checkpoint")
+    checkpoint_arg(s)
+
+    ls = sub.add_parser("landscape", help="1-D/2-D loss landscape plots of one or more checkpoints")
+    ls.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    ls.add_argument("--dims", type=int, choices=(1, 2), default=1)
+    ls.add_argument("--steps", type=int, default=21, help="grid points per direction")
+    ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
+    ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
+    ls.add_argument("--batch-size", type=int, default=256)
+    ls.add_argument("--where", choices=("quantized", "float"), default="quantized",
+                    help="perturb the quantized weights Q(w) or the float weights w")
+    ls.add_argument("--seed", type=int, default=0)
+    ls.add_argument("--device", default="cpu")
+    ls.add_argument("--output", default="landscape", help="output folder")
+
+    sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
+    checkpoint_arg(sh)
+    sh.add_argument("--rho", type=float, default=0.05)
+    sh.add_argument("--m", type=int, default=None, help="m-sharpness: batch size of the adversarial step")
+    sh.add_argument("--iters", type=int, default=20, help="power iterations for the top eigenvalue")
+    sh.add_argument("--num-samples", type=int, default=512)
+    sh.add_argument("--batch-size", type=int, default=256)
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--device", default="cpu")
+    sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig from the recipe (or the resumed run's stored config), then the explicitly given flags."""
+    from .config import TrainConfig, load_recipe
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if args.config:
+        return load_recipe(args.config, **overrides)
+    if overrides.get("resume"):
+        from .checkpoint import load_checkpoint
+        from .train import CHECKPOINT_NAME
+
+        ckpt = Path(overrides.get("output", TrainConfig.output)) / CHECKPOINT_NAME
+        if not ckpt.is_file():
+            raise ValueError(f"nothing to resume: {ckpt} does not exist")
+        stored = dict(load_checkpoint(ckpt)["config"])
+        stored.update(overrides)
+        return TrainConfig.from_dict(stored)
+    return TrainConfig(**overrides)
+
+
+def _device(name: str) -> str:
+    from .train import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingInterrupted, format_result, train
+
+    cfg = config_from_args(args)
+    try:
+        result = train(cfg, progress=True)
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+            return 130
+        if e.checkpoint:
+            print(f"saq: {e}; continue with: saq train --resume --output {cfg.output}", file=sys.stderr)
+        else:
+            print(f"saq: {e}", file=sys.stderr)
+        return 130
+    if result.get("rank", 0) == 0:
+        print(format_result(result))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import load_model
+    from .data import build_datasets
+    from .train import evaluate
+
+    if args.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
+    device = _device(args.device)
+    model, cfg, info = load_model(args.checkpoint, device)
+    bundle = build_datasets(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, img_size=cfg.img_size,
+                            val_split=cfg.val_split, seed=cfg.seed)
+    ds = bundle.test if args.split == "test" else bundle.val
+    if ds is None:
+        raise ValueError("this run has no validation split (it was trained with val_split=0)")
+    m = evaluate(model, DataLoader(ds, batch_size=args.batch_size, shuffle=False), device)
+    m = {"checkpoint": info["path"], "split": args.split, "top1": m["acc"], "top5": m["top5"],
+         "loss": m["loss"], "samples": m["n"]}
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{info['path']}: {cfg.model} on {cfg.dataset} {args.split} ({m['samples']} samples): "
+              f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import export
+
+    model, _, _ = load_model(args.checkpoint)
+    print(export(model, args.out))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .summary import summary
+
+    model, cfg, info = load_model(args.checkpoint)
+    print(f"{info['path']}: {cfg.model} on {cfg.dataset}, w{cfg.w_bits}a{cfg.a_bits} "
+          f"(first/last {cfg.first_last_bits}), input {tuple(info['input_shape'])}, epoch {info['epoch']}")
+    print(summary(model))
+    return 0
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from .analysis import run_landscape
+
+    paths = run_landscape(args.checkpoints, args.output, dims=args.dims, steps=args.steps, span=args.span,
+                          num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                          where=args.where, device=_device(args.device))
+    for key, path in paths.items():
+        print(f"{key:<24} {path}")
+    return 0
+
+
+def _cmd_sharpness(args: argparse.Namespace) -> int:
+    from .analysis import format_sharpness_table, run_sharpness
+
+    row = run_sharpness(args.checkpoint, num_samples=args.num_samples, batch_size=args.batch_size, rho=args.rho,
+                        m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
+    print(format_sharpness_table([row]), end="")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "summary": _cmd_summary,
+             "landscape": _cmd_landscape, "sharpness": _cmd_sharpness}
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``saq`` command; returns the exit status (also for ``python -m saq``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .quantizer import NotInitializedError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, NotInitializedError, FloatingPointError) as e:
+        print(f"saq: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("saq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
