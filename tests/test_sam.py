@@ -608,7 +608,8 @@ def test_grad_scaler_matches_unscaled_and_inf_skips_exactly():
     s0 = scaler.get_scale()
     rec = Recorder(model, x, y, scaler=scaler, inject=inject)
     opt.step(rec)
-    assert all(v is None for v in rec.calls[1]["post"].values())
+    # no perturbation: the hook holds zeros (decided on the device, without a host read), the data is unchanged
+    assert all(v is None or torch.equal(v, torch.zeros_like(v)) for v in rec.calls[1]["post"].values())
     assert all(torch.equal(rec.calls[1]["params"][k], before[k]) for k in before)
     for k, p in model.named_parameters():
         assert torch.equal(p.detach(), before[k]), k
@@ -636,22 +637,25 @@ def test_two_call_amp_recipe_equals_closure():
         assert torch.equal(p, q), k
 
 
-@pytest.mark.parametrize("where", ["loss", "second_pass"])
-def test_nonfinite_raise_and_skip_leave_weights_unchanged(where):
+@pytest.mark.parametrize("where,message", [("loss", "loss of the first pass"),
+                                           ("first_grad", "gradient of the first pass"),
+                                           ("second_pass", "loss or gradient of the pass at the perturbed point")])
+def test_nonfinite_raise_and_skip_leave_weights_unchanged(where, message):
+    """One finiteness read at the end of the step still names the stage that failed first."""
     x, y = batch(0)
     if where == "loss":
         x = x.clone()
         x[0, 0, 0, 0] = float("nan")
 
     def inject(call):
-        if where == "second_pass" and call == 2:
-            model[6].bias.grad[0] = float("nan")
+        if (where == "first_grad" and call == 1) or (where == "second_pass" and call == 2):
+            model[6].bias.grad[0] = float("nan")  # a data-perturbed parameter: enters the direction
 
     model = make_model()
     before = params0(model)
     stats = [b.clone() for b in model[1].buffers()]
     opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(FloatingPointError, match=f"non-finite {message}"):
         opt.step(Recorder(model, x, y, inject=inject))
     for k, p in model.named_parameters():
         assert torch.equal(p.detach(), before[k]), k
@@ -665,7 +669,176 @@ def test_nonfinite_raise_and_skip_leave_weights_unchanged(where):
     opt_skip.step(Recorder(model, x, y, inject=inject))
     for k, p in model.named_parameters():
         assert torch.equal(p.detach(), before[k]), k
+    for b, s in zip(model[1].buffers(), stats):
+        assert torch.equal(b, s)
     assert opt_skip.step_count == 1
+    # and the next, finite step is an ordinary one
+    opt_skip.zero_grad()
+    opt_skip.step(Recorder(model, *batch(1)))
+    assert any(not torch.equal(p.detach(), before[k]) for k, p in model.named_parameters())
+
+
+# ------------------------------------------------------------------------ host-device syncs, device-side fall-backs
+class HostReads:
+    """Counts Python-level reads of tensor values on the host (each one a host-device sync on a GPU).
+
+    Reads made inside a closure (the model's own) are not counted; nested reads count once.
+    """
+
+    METHODS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self._depth = 0
+        self._paused = False
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, orig):
+        def read(t, *args, **kwargs):
+            if not self._paused and self._depth == 0:
+                self.count += 1
+            self._depth += 1
+            try:
+                return orig(t, *args, **kwargs)
+            finally:
+                self._depth -= 1
+        return read
+
+    def uncounted(self, closure):
+        def run():
+            self._paused = True
+            try:
+                return closure()
+            finally:
+                self._paused = False
+        return run
+
+    def during(self, fn) -> int:
+        start = self.count
+        fn()
+        return self.count - start
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad_scaler"])
+@pytest.mark.parametrize("strategy,kw", [("full", {}),
+                                         ("full", {"mode": "sam", "adaptive": True, "max_grad_norm": 1.0}),
+                                         ("every_k", {"k": 2}), ("prev_grad", {"adaptive": True})])
+def test_one_host_device_sync_per_step(monkeypatch, strategy, kw, scaled):
+    """A step reads the device once (its finiteness check), or not at all beyond the grad scaler's own read."""
+    def make_scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None
+
+    # what the base optimizer's own step reads (the grad scaler's inf check), measured the same way
+    plain = make_model()
+    base = torch.optim.SGD(plain.parameters(), **HP)
+    scaler = make_scaler()
+    reads = HostReads(monkeypatch)
+
+    def plain_backward():
+        loss = F.cross_entropy(plain(batch(0)[0]), batch(0)[1])
+        (scaler.scale(loss) if scaled else loss).backward()
+
+    def plain_update():
+        if scaled:
+            scaler.step(base)
+            scaler.update()
+        else:
+            base.step()
+    reads.uncounted(plain_backward)()
+    base_reads = reads.during(plain_update)
+    assert base_reads == (1 if scaled else 0)
+
+    model = make_model()
+    scaler = make_scaler()
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, strategy=strategy, grad_scaler=scaler, **kw)
+    counts = []
+    for it in range(5):
+        rec = Recorder(model, *batch(it), scaler=scaler)
+        counts.append(reads.during(lambda: opt.step(reads.uncounted(rec))))
+        opt.zero_grad()
+    own = [c - base_reads for c in counts]
+    if strategy == "every_k":  # step 1 reads whether the first g_v (step 0) was finite; never again
+        assert own == ([1, 2, 1, 1, 1] if not scaled else [0, 1, 0, 0, 0])
+    else:
+        assert own == [0 if scaled else 1] * 5
+
+
+def test_device_side_select_is_bit_exact_with_nan_and_inf():
+    from saq.sam import _select_, _zero_unless
+    vals = torch.tensor([1.5, -0.0, float("nan"), float("inf"), -float("inf"), 3e-39])
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = vals.to(dtype)
+        for ok in (True, False):
+            a, b = x.clone(), x.flip(0).clone()
+            _select_(torch.tensor(ok), [a], [b])
+            want = x if ok else x.flip(0)
+            assert torch.equal(a.view(torch.uint8), want.view(torch.uint8)), (dtype, ok)  # bit for bit
+            z = x.clone()
+            _zero_unless(torch.tensor(ok), [z])
+            assert torch.equal(z.view(torch.uint8), (x if ok else torch.zeros_like(x)).view(torch.uint8))
+
+
+def test_every_k_with_grad_scaler_overflow_keeps_g_v():
+    """An overflowing full step: no g_v yet -> the next step is a full one again; else the previous g_v stays."""
+    model = make_model(bn=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, strategy="every_k", k=2,
+              grad_scaler=scaler)
+
+    def inf(call):
+        model[5].bias.grad[0] = float("inf")
+
+    def run(it, inject=None):
+        before = params0(model)
+        opt.step(Recorder(model, *batch(it), scaler=scaler, inject=inject))
+        opt.zero_grad()
+        return opt.passes_last_step, before
+
+    assert run(0, inf)[0] == 2
+    assert opt.state_dict()["saq"]["gv"] is None  # the overflowed g_v was dropped
+    assert run(1)[0] == 2                          # so step 1 is a full step again (g_v now finite)
+    sd = opt.state_dict()["saq"]
+    gv = [None if t is None else t.clone() for t in sd["gv"]]
+    assert any(t is not None and t.abs().sum() > 0 for t in gv) and sd["gv_norm"] > 0
+    passes, before = run(2, inf)                   # overflowing full step: skipped, g_v kept bit for bit
+    assert passes == 2
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+    sd2 = opt.state_dict()["saq"]
+    assert sd2["gv_norm"] == sd["gv_norm"]
+    for a, b in zip(gv, sd2["gv"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert run(3)[0] == 1                          # and the plain steps go on using it
+
+
+def test_prev_grad_with_grad_scaler_overflow_gives_zero_next_perturbation():
+    model = make_model(bn=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, strategy="prev_grad", grad_scaler=scaler)
+
+    def inf(call):
+        model[5].bias.grad[0] = float("inf")
+
+    for it, inject in enumerate((None, inf)):
+        opt.step(Recorder(model, *batch(it), scaler=scaler, inject=inject))
+        opt.zero_grad()
+    rec = Recorder(model, *batch(2), scaler=scaler)
+    before = params0(model)
+    opt.step(rec)
+    assert all(v is not None and torch.equal(v, torch.zeros_like(v)) for v in rec.calls[0]["post"].values())
+    assert all(torch.equal(rec.calls[0]["params"][k], before[k]) for k in before)
+
+
+def test_snapshot_buffers_are_reused_across_steps():
+    model = make_model()
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
+    ptrs = []
+    for it in range(3):
+        opt.step(Recorder(model, *batch(it)))
+        opt.zero_grad()
+        ptrs.append([t.data_ptr() for snap in (opt._bn_pre, opt._bn_mid, opt._saved) for t in snap.copies])
+    assert ptrs[0] and ptrs[0] == ptrs[1] == ptrs[2]
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -62,15 +62,24 @@ Rules this wrapper follows:
   add to the synchronised gradient (it must be the same on every replica).
 * Non-finite loss or gradients (no grad scaler): ``nonfinite="raise"`` raises :class:`FloatingPointError`,
   ``"skip"`` skips the step; either way the weights (and BatchNorm statistics) are left exactly as before.
+  The check is made once, at the end of the step (the first loss, the first-pass direction's norm, the
+  second loss and the final gradient norm, read together), so a non-finite first pass still runs the
+  second pass, whose result is then discarded.
+* Host-device syncs: ``step(closure)`` reads the device once per step (that finiteness check; none of its
+  own with a grad scaler, whose ``step`` reads its inf flag). The perturbation scale, every_k's coefficients
+  and the fall-backs for non-finite values are computed on the device, so the CPU keeps queueing kernels.
+  Exceptions: every_k reads one more flag on the step after a full step that had no earlier g_v (until
+  one finite g_v exists), and the two-call form also reads ``first_step``'s return value.
 * AMP: pass ``grad_scaler=torch.amp.GradScaler(...)``; the closure then calls ``scaler.scale(loss).backward()``.
   The perturbation comes from the scaled gradients (the scale cancels in the normalisation; non-finite ->
-  no perturbation), the final gradients are unscaled with ``scaler.unscale_(base)``, clipped if
+  a zero perturbation), the final gradients are unscaled with ``scaler.unscale_(base)``, clipped if
   ``max_grad_norm`` is set, and ``scaler.step(base)``/``scaler.update()`` run; a skipped step leaves the weights
   exactly as before.
 * Memory: the ``full`` strategy keeps at most one extra copy of the perturbed tensors: the saved originals of
   the data-perturbed parameters, and the perturbation itself for hook-perturbed layers (case 3 reuses the
   buffer of ``qweight_grad``). ``every_k`` also keeps ``g_v`` (persistent) and the first-pass gradient during a
-  full step; ``prev_grad`` keeps ``e_prev`` between iterations.
+  full step; ``prev_grad`` keeps ``e_prev`` between iterations. The saved originals and the BatchNorm
+  snapshots are buffers allocated at the first step and reused by every later one.
 
 Two-call form (loops that cannot use a closure; ``strategy="full"`` only)::
 
@@ -99,6 +108,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _group_by_device_dtype
 
 from .layers import QuantLayer, quant_layers
 from .quantizer import LSQQuantizer
@@ -120,6 +130,9 @@ _HOOKS: dict[str, tuple[Optional[str], Optional[str]]] = {
 
 
 # -- fused per-(device, dtype) helpers --------------------------------------------------------------------
+# Nothing here reads a device value on the host: a step makes its decisions on the device (torch.where, masks)
+# and reads its finiteness flags once, at the end (``_first_failure``), so the CPU never waits for the GPU
+# in the middle of a step (a launch-bound CNN loses its queued work at every such wait).
 def _map(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
     """Apply a ``torch._foreach_*`` op to aligned tensor lists, one call per (device, dtype) bucket.
 
@@ -127,11 +140,13 @@ def _map(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
     """
     n = len(lists[0])
     out: list = [None] * n
-    buckets: dict[tuple, list[int]] = {}
-    for i in range(n):
-        buckets.setdefault(tuple((lst[i].device, lst[i].dtype) for lst in lists), []).append(i)
-    for idx in buckets.values():
-        res = fn(*[[lst[i] for i in idx] for lst in lists])
+    if n == 0:
+        return out
+    # torch's C++ grouping (what its optimizers use), by the first list's tensors; the tensors at one index
+    # share a device (a dtype mismatch there only sends that bucket down torch's per-tensor path)
+    groups = _group_by_device_dtype([list(lst) for lst in lists], with_indices=True).values()
+    for tensors, idx in groups:
+        res = fn(*tensors)
         if res is not None:
             for i, r in zip(idx, res):
                 out[i] = r
@@ -139,7 +154,7 @@ def _map(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
 
 
 def _norm(ts: Sequence[Tensor]) -> Tensor:
-    """Global L2 norm (float32) over all tensors of ``ts``."""
+    """Global L2 norm (float32, on the first tensor's device) over all tensors of ``ts``."""
     if not ts:
         return torch.zeros(())
     dev = ts[0].device
@@ -150,17 +165,46 @@ def _norm(ts: Sequence[Tensor]) -> Tensor:
         parts.append(torch.linalg.vector_norm(torch.stack(norms)).to(dev))
 
     _map(bucket, ts)
-    return torch.linalg.vector_norm(torch.stack(parts))
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
 
 
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    """Global dot product a.b by polarisation, (||a+b||^2 - ||a-b||^2) / 4, with fused norms."""
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Global dot product a.b (float64 device scalar) by polarisation, (||a+b||^2 - ||a-b||^2) / 4."""
     s = _map(torch._foreach_add, a, b)
-    plus = float(_norm(s)) ** 2
+    plus = _norm(s).double() ** 2
     del s
     d = _map(torch._foreach_sub, a, b)
-    minus = float(_norm(d)) ** 2
+    minus = _norm(d).double() ** 2
     return (plus - minus) / 4.0
+
+
+def _on(x: Tensor, like: Tensor) -> Tensor:
+    """The 0-dim ``x`` on ``like``'s device and in its dtype (what a fused foreach op takes as a tensor scalar)."""
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(ts: Sequence[Tensor]) -> list[Tensor]:
+    return [t.view(_INT_OF_SIZE[t.element_size()]) for t in ts]
+
+
+def _zero_unless(ok: Tensor, ts: Sequence[Tensor]) -> None:
+    """In place: ``ts`` unchanged where the device bool ``ok`` is true, else all zeros (NaN and inf too).
+
+    A float multiply by 0 keeps NaN and inf, so the bit patterns are multiplied by 1 or 0 as integers.
+    """
+    if ts:
+        _map(lambda b: torch._foreach_mul_(b, _on(ok, b[0])), _bits(ts))
+
+
+def _select_(ok: Tensor, ts: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """In place: ``ts`` where the device bool ``ok`` is true, else ``others`` (which are overwritten), bit-exact."""
+    if ts:
+        _zero_unless(ok, ts)
+        _zero_unless(~ok, others)
+        _map(torch._foreach_add_, _bits(ts), _bits(others))  # x + 0 as integers: exactly x
 
 
 def _clone(ts: Sequence[Tensor]) -> list[Tensor]:
@@ -170,13 +214,53 @@ def _clone(ts: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-def _is_finite(loss: Any) -> bool:
-    """Whether a closure's return value is finite (anything that is not a tensor or a number passes)."""
-    if torch.is_tensor(loss):
-        return bool(torch.isfinite(loss.detach()).all())
-    if isinstance(loss, (int, float)):
-        return math.isfinite(loss)
+class _Snapshot:
+    """Copies of a list of tensors, to put back bit-exactly; the copy buffers are allocated once and reused.
+
+    ``take`` copies the tensors in (one fused copy per (device, dtype)), ``put_back`` copies them back once.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.copies: list[Tensor] = []
+        self.active = False
+
+    def take(self, tensors: list[Tensor]) -> None:
+        c = self.copies
+        if len(c) != len(tensors) or any(x.shape != t.shape or x.dtype != t.dtype or x.device != t.device
+                                         for x, t in zip(c, tensors)):
+            self.copies = [torch.empty_like(t) for t in tensors]
+        self.tensors = tensors
+        if tensors:
+            _map(torch._foreach_copy_, self.copies, tensors)
+        self.active = True
+
+    def put_back(self) -> None:
+        if self.active and self.tensors:
+            _map(torch._foreach_copy_, self.tensors, self.copies)
+        self.active = False
+
+
+def _finite(value: Any) -> Tensor | bool:
+    """Whether a closure's return value is finite: a device bool for a tensor (not read here), else a bool."""
+    if torch.is_tensor(value):
+        return torch.isfinite(value.detach()).all()
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
     return True
+
+
+def _first_failure(checks: Sequence[tuple[str, Tensor | bool]]) -> Optional[str]:
+    """The description of the first failed finiteness check, or None: the step's one host-device sync.
+
+    ``checks`` holds (description, device bool or bool); the device flags are read in one transfer.
+    """
+    flags = [f for _, f in checks if torch.is_tensor(f)]
+    values = iter(torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else ())
+    for what, f in checks:
+        if not (next(values) if torch.is_tensor(f) else f):
+            return what
+    return None
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, Optional[DistributedDataParallel]]:
@@ -353,12 +437,14 @@ class SAQ(torch.optim.Optimizer):
         # strategy state (saved in state_dict)
         self._step = 0
         self._gv: Optional[list[Optional[Tensor]]] = None
-        self._gv_norm = 0.0
+        self._gv_norm: Optional[Tensor] = None  # ||g_v|| on the device
+        self._gv_unconfirmed: Optional[Tensor] = None  # device bool: whether a first g_v (no older one) is finite
         self._e_prev: Optional[list[Optional[Tensor]]] = None
-        # transient state (never saved)
-        self._saved: Optional[tuple[list[Tensor], list[Tensor]]] = None
+        # transient state (never saved); the snapshots keep their buffers from step to step
+        self._saved = _Snapshot()    # the data-perturbed parameters while perturbed
+        self._bn_pre = _Snapshot()   # BatchNorm statistics before the step (rolled back on a non-finite step)
+        self._bn_mid = _Snapshot()   # ... after the first pass (put back after the second)
         self._hooked: list[QuantLayer] = []
-        self._bn_snap: Optional[tuple[list[Tensor], list[Tensor]]] = None
         self._first_done = False
         self._skip_pending = False
 
@@ -417,7 +503,7 @@ class SAQ(torch.optim.Optimizer):
         """
         if closure is None:
             return self._second_half(scaler=None)
-        if self._saved is not None or self._hooked:
+        if self._saved.active or self._hooked:
             raise RuntimeError("step(closure) called while a first_step() perturbation is applied; "
                                "call second_step() or restore() first")
         scaler = self._scaler(grad_scaler)
@@ -426,6 +512,7 @@ class SAQ(torch.optim.Optimizer):
         if self.strategy == "full":
             return self._two_pass(closure, rho, scaler, keep_first=False)
         if self.strategy == "every_k":
+            self._confirm_gv()
             if self._step % self.k == 0 or self._gv is None or len(self._gv) != len(self._params()):
                 return self._two_pass(closure, rho, scaler, keep_first=True)
             return self._one_pass(closure, scaler, hook=self._apply_gv, perturb=False)
@@ -440,10 +527,11 @@ class SAQ(torch.optim.Optimizer):
         if self.strategy != "full":
             raise ValueError(f"first_step/second_step support strategy='full' only (this optimizer uses "
                              f"{self.strategy!r}); use step(closure)")
-        if self._saved is not None or self._hooked:
+        if self._saved.active or self._hooked:
             raise RuntimeError("first_step() called twice without second_step() / restore()")
-        # the gradients may be used as scratch space only if they are cleared afterwards
-        ok = self._ascent(self._rho_at(self._step), clobber=zero_grad)
+        # the gradients may be used as scratch space only if they are cleared afterwards; a non-finite
+        # direction gives a zero perturbation (the second pass may run)
+        ok = bool(self._ascent(self._rho_at(self._step), clobber=zero_grad, safe=True))  # one host-device sync
         self._first_done = True
         if not ok and self._scaler(None) is None:
             if self.nonfinite == "raise":
@@ -466,18 +554,11 @@ class SAQ(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the perturbation (weights bit-exact) and put BatchNorm statistics back to their first-pass values."""
-        if self._saved is not None:
-            params, saved = self._saved
-            _map(torch._foreach_copy_, params, saved)
-            self._saved = None
+        self._saved.put_back()
         for layer in self._hooked:
             setattr(layer, self._dst, None)  # type: ignore[arg-type]
         self._hooked = []
-        if self._bn_snap is not None:
-            bufs, copies = self._bn_snap
-            if bufs:
-                _map(torch._foreach_copy_, bufs, copies)
-            self._bn_snap = None
+        self._bn_mid.put_back()
         self._set_capture(True)
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -486,8 +567,9 @@ class SAQ(torch.optim.Optimizer):
         saq: dict[str, Any] = {"step": self._step, "mode": self.mode, "strategy": self.strategy,
                                "num_targets": len(self._hook_layers) + len(self._data_params)}
         if self.strategy == "every_k":
+            self._confirm_gv()
             saq["gv"] = None if self._gv is None else list(self._gv)
-            saq["gv_norm"] = self._gv_norm
+            saq["gv_norm"] = 0.0 if self._gv_norm is None else float(self._gv_norm)
         if self.strategy == "prev_grad":
             saq["e_prev"] = None if self._e_prev is None else list(self._e_prev)
         out: dict[str, Any] = {"base": self.base_optimizer.state_dict(), "saq": saq}
@@ -519,7 +601,10 @@ class SAQ(torch.optim.Optimizer):
                 raise ValueError(f"state_dict g_v has {len(gv)} entries but the optimizer has {len(params)} params")
             self._gv = None if gv is None else [None if t is None else t.to(p.device, p.dtype, copy=True)
                                                 for t, p in zip(gv, params)]
-            self._gv_norm = float(saq.get("gv_norm", 0.0))
+            dev = next((t.device for t in self._gv or [] if t is not None), None)
+            self._gv_norm = (None if self._gv is None
+                             else torch.tensor(float(saq.get("gv_norm", 0.0)), dtype=torch.float32, device=dev))
+            self._gv_unconfirmed = None
         if self.strategy == "prev_grad":
             ep = saq.get("e_prev")
             if ep is not None and len(ep) != n:
@@ -532,18 +617,22 @@ class SAQ(torch.optim.Optimizer):
         self._first_done = self._skip_pending = False
 
     # -- strategy bodies --------------------------------------------------------------------------------------
+    # Finiteness (without a grad scaler) is checked once, at the end of the step, with one host-device sync:
+    # a non-finite first pass still runs the second one (at a garbage point; the weights are restored anyway)
+    # and the step is then rejected. With a grad scaler the scaler checks, and a non-finite direction gives a
+    # zero perturbation (computed on the device).
     def _two_pass(self, closure: Callable[[], Any], rho: float, scaler: Optional[torch.amp.GradScaler],
                   keep_first: bool) -> Any:
         """First pass, perturb, second pass at the perturbed point, restore, base step."""
-        bn0 = self._bn_state() if scaler is None else None
+        rollback = scaler is None
+        if rollback:
+            self._bn_pre.take(self._bn_buffers())
         rng = self._rng_get()
         # every_k's first gradient also defines g_v, which must be identical on all replicas: synchronise it
         sync = contextlib.nullcontext() if (keep_first or self._ddp is None) else self._ddp.no_sync()
         with sync:
             loss = closure()
         self.passes_last_step = 1
-        if scaler is None and not _is_finite(loss):
-            return self._nonfinite("loss of the first pass", bn0, loss)
         g_first = None
         if keep_first:
             with torch.no_grad():
@@ -551,11 +640,9 @@ class SAQ(torch.optim.Optimizer):
                 have = [p.grad is not None for p in params]
                 cl = iter(_clone([p.grad for p in params if p.grad is not None]))
                 g_first = [next(cl) if h else None for h in have]
-        ok = self._ascent(rho)
+        ok = self._ascent(rho, safe=scaler is not None)
+        checks = [("loss of the first pass", _finite(loss)), ("gradient of the first pass", ok)] if rollback else []
         self._zero_grads()
-        if not ok and scaler is None:
-            self.restore()
-            return self._nonfinite("gradient of the first pass", bn0, loss)
         self._rng_set(rng)
         try:
             loss2 = closure()
@@ -563,12 +650,14 @@ class SAQ(torch.optim.Optimizer):
             self.restore()
         self.passes_last_step = 2
         hook = (lambda: self._update_gv(g_first)) if keep_first else None
-        return self._finish(loss, loss2, bn0, scaler, hook)
+        return self._finish(loss, loss2, checks, rollback, scaler, hook)
 
     def _one_pass(self, closure: Callable[[], Any], scaler: Optional[torch.amp.GradScaler],
                   hook: Callable[[], None], perturb: bool) -> Any:
         """One forward/backward (prev_grad: at the point perturbed by e_prev), then the base step."""
-        bn0 = self._bn_state() if scaler is None else None
+        rollback = scaler is None
+        if rollback:
+            self._bn_pre.take(self._bn_buffers())
         if perturb:
             if self._e_prev is not None:
                 self._apply_stored(self._e_prev)
@@ -579,7 +668,7 @@ class SAQ(torch.optim.Optimizer):
         finally:
             self.restore()
         self.passes_last_step = 1
-        return self._finish(loss, loss, bn0, scaler, hook)
+        return self._finish(loss, loss, [], rollback, scaler, hook)
 
     def _second_half(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         self.restore()
@@ -589,18 +678,20 @@ class SAQ(torch.optim.Optimizer):
             self._skip_pending = False
             self._step += 1
             return None
-        self._finish(None, None, None, scaler, None)
+        self._finish(None, None, [], False, scaler, None)
         return None
 
-    def _finish(self, loss: Any, loss_check: Any, bn0: Optional[tuple], scaler: Optional[torch.amp.GradScaler],
-                hook: Optional[Callable[[], None]]) -> Any:
-        """Non-finite check, strategy hook, (unscale,) clip, base step, counter."""
+    def _finish(self, loss: Any, loss_check: Any, checks: list[tuple[str, Tensor | bool]], rollback: bool,
+                scaler: Optional[torch.amp.GradScaler], hook: Optional[Callable[[], None]]) -> Any:
+        """Non-finite check (the step's one host-device sync), strategy hook, (unscale,) clip, base step, counter."""
         params = [p for p in self._params() if p.grad is not None]
         total = None
         if scaler is None:
             total = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if not (bool(torch.isfinite(total)) and _is_finite(loss_check)):
-                return self._nonfinite("loss or gradient of the pass at the perturbed point", bn0, loss)
+            what = "loss or gradient of the pass at the perturbed point"
+            failed = _first_failure(checks + [(what, _finite(loss_check)), (what, torch.isfinite(total))])
+            if failed is not None:
+                return self._nonfinite(failed, rollback, loss)
         if hook is not None:
             hook()
             total = None  # the hook may have changed the gradients
@@ -624,9 +715,9 @@ class SAQ(torch.optim.Optimizer):
         return (f"saq.SAQ: non-finite {what}; the step was not taken and the weights are unchanged. "
                 "Pass nonfinite='skip' to skip such steps, or use a torch.amp.GradScaler with AMP.")
 
-    def _nonfinite(self, what: str, bn0: Optional[tuple], loss: Any) -> Any:
-        if bn0 is not None and bn0[0]:
-            _map(torch._foreach_copy_, *bn0)
+    def _nonfinite(self, what: str, rollback: bool, loss: Any) -> Any:
+        if rollback:
+            self._bn_pre.put_back()
         if self.nonfinite == "raise":
             raise FloatingPointError(self._nonfinite_message(what))
         if self.strategy == "prev_grad":
@@ -670,10 +761,11 @@ class SAQ(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _perturbation(self, rho: float, srcs: list[Tensor], ws: list[Optional[Tensor]],
-                      owned: list[bool]) -> Optional[tuple[list[Tensor], float, list[bool]]]:
-        """(d, scale, d_is_ours) with e = scale * d, or None if the direction is not finite."""
-        if not srcs:
-            return [], 0.0, []
+                      owned: list[bool]) -> tuple[list[Tensor], Tensor, list[bool], Tensor]:
+        """(d, scale, d_is_ours, ok) with e = scale * d; ``scale`` (float64) and ``ok`` are device scalars.
+
+        ``ok`` says whether the norm is finite; if not, ``scale`` is 0 (but d may hold NaN or inf).
+        """
         if self.adaptive:
             t = _map(torch._foreach_abs, ws)
             _map(lambda a: torch._foreach_add_(a, self.eta), t)
@@ -693,48 +785,52 @@ class SAQ(torch.optim.Optimizer):
         else:
             d, ours = srcs, list(owned)
             norm = _norm(d)
-        n = float(norm)
-        if not math.isfinite(n):
-            return None
-        return d, rho / (n + _EPS), ours
+        ok = torch.isfinite(norm)
+        scale = torch.where(ok, rho / (norm.double() + _EPS), 0.0)  # float64, as rho / (float(norm) + eps)
+        return d, scale, ours, ok
 
     @staticmethod
-    def _scaled(d: list[Tensor], scale: float, ours: list[bool]) -> list[Tensor]:
+    def _scaled(d: list[Tensor], scale: Tensor, ours: list[bool]) -> list[Tensor]:
         """scale * d: in place where the buffer is ours, a new tensor otherwise."""
         out = list(d)
         mine = [i for i, o in enumerate(ours) if o]
         other = [i for i, o in enumerate(ours) if not o]
         if mine:
-            _map(lambda a: torch._foreach_mul_(a, scale), [d[i] for i in mine])
+            _map(lambda a: torch._foreach_mul_(a, _on(scale, a[0])), [d[i] for i in mine])
         if other:
-            for i, x in zip(other, _map(lambda a: torch._foreach_mul(a, scale), [d[i] for i in other])):
+            for i, x in zip(other, _map(lambda a: torch._foreach_mul(a, _on(scale, a[0])), [d[i] for i in other])):
                 out[i] = x
         return out
 
     @torch.no_grad()
-    def _ascent(self, rho: float, clobber: bool = True) -> bool:
-        """Build e from the gradients of the first pass and apply it; snapshot BatchNorm statistics."""
-        self._bn_snap = self._bn_state()
+    def _ascent(self, rho: float, clobber: bool = True, safe: bool = False) -> Tensor | bool:
+        """Build e from the gradients of the first pass and apply it; snapshot BatchNorm statistics.
+
+        Returns whether the direction was finite (a device bool; True if there was none). ``safe``: make a
+        non-finite direction a zero perturbation (otherwise e is garbage and the caller rejects the step).
+        """
+        self._bn_mid.take(self._bn_buffers())
         idx, srcs, ws, owned = self._sources(clobber=clobber)
-        res = self._perturbation(rho, srcs, ws, owned)
+        res = self._perturbation(rho, srcs, ws, owned) if srcs else None
         self._drop_captures()
         self._set_capture(False)  # the second pass needs no Q(w) gradient
         if res is None:
-            return False
-        d, scale, ours = res
+            return True
+        d, scale, ours, ok = res
+        es = self._scaled(d, scale, ours)
+        if safe:
+            _zero_unless(ok, es)
         h = len(self._hook_layers)
-        data = [(self._data_params[j - h], x) for j, x in zip(idx, d) if j >= h]
+        data = [(self._data_params[j - h], e) for j, e in zip(idx, es) if j >= h]
         if data:
             ps = [p for p, _ in data]
-            self._saved = (ps, _clone(ps))
-            _map(lambda a, b: torch._foreach_add_(a, b, alpha=scale), ps, [x for _, x in data])
-        hk = [(self._hook_layers[j], x, o) for j, x, o in zip(idx, d, ours) if j < h]
-        if hk:
-            es = self._scaled([x for _, x, _ in hk], scale, [o for _, _, o in hk])
-            for (layer, _, _), e in zip(hk, es):
-                setattr(layer, self._dst, e)  # type: ignore[arg-type]
-            self._hooked = [layer for layer, _, _ in hk]
-        return True
+            self._saved.take(ps)
+            _map(torch._foreach_add_, ps, [e for _, e in data])
+        for j, e in zip(idx, es):
+            if j < h:
+                setattr(self._hook_layers[j], self._dst, e)  # type: ignore[arg-type]
+                self._hooked.append(self._hook_layers[j])
+        return ok
 
     @torch.no_grad()
     def _apply_stored(self, es: list[Optional[Tensor]]) -> None:
@@ -743,7 +839,7 @@ class SAQ(torch.optim.Optimizer):
         data = [(self._data_params[j - h], e) for j, e in enumerate(es) if j >= h and e is not None]
         if data:
             ps = [p for p, _ in data]
-            self._saved = (ps, _clone(ps))
+            self._saved.take(ps)
             _map(torch._foreach_add_, ps, [e for _, e in data])
         for layer, e in zip(self._hook_layers, es[:h]):
             if e is not None:
@@ -752,7 +848,10 @@ class SAQ(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _stage_next(self) -> None:
-        """prev_grad: build next iteration's perturbation from this pass's (still scaled) gradients."""
+        """prev_grad: build next iteration's perturbation from this pass's (still scaled) gradients.
+
+        A non-finite direction gives a zero perturbation (decided on the device).
+        """
         rho = self._rho_at(self._step + 1)
         idx, srcs, ws, owned = self._sources(clobber=False)  # p.grad is the update gradient: keep it
         res = self._perturbation(rho, srcs, ws, owned) if rho > 0 else None
@@ -760,15 +859,21 @@ class SAQ(torch.optim.Optimizer):
         if res is None:
             self._e_prev = None
             return
-        d, scale, ours = res
+        d, scale, ours, ok = res
+        es = self._scaled(d, scale, ours)
+        _zero_unless(ok, es)
         full: list[Optional[Tensor]] = [None] * (len(self._hook_layers) + len(self._data_params))
-        for j, e in zip(idx, self._scaled(d, scale, ours)):
+        for j, e in zip(idx, es):
             full[j] = e
         self._e_prev = full
 
     @torch.no_grad()
     def _update_gv(self, g_first: Optional[list[Optional[Tensor]]]) -> None:
-        """every_k full step: g_v = g_s - (g_s.g / ||g||^2) g, built in the buffers of g."""
+        """every_k full step: g_v = g_s - (g_s.g / ||g||^2) g, built in the buffers of g.
+
+        A non-finite g_v (grad scaler overflow) keeps the previous one, selected on the device; a first g_v is
+        checked on the host at the next step (``_confirm_gv``).
+        """
         assert g_first is not None
         params = self._params()
         pairs = [(i, g, p.grad) for i, (p, g) in enumerate(zip(params, g_first))
@@ -777,32 +882,46 @@ class SAQ(torch.optim.Optimizer):
             return
         gf = [g for _, g, _ in pairs]
         gs = [s for _, _, s in pairs]
-        gg = float(_norm(gf)) ** 2
+        gg = _norm(gf).double() ** 2
         dot = _dot(gs, gf)
-        if not (math.isfinite(gg) and math.isfinite(dot)):
-            return  # (grad scaler overflow) keep the previous g_v
-        c = dot / gg if gg > 0 else 0.0
-        _map(lambda a: torch._foreach_mul_(a, -c), gf)
+        c = torch.where(gg > 0, dot / gg, 0.0)
+        _map(lambda a: torch._foreach_mul_(a, _on(-c, a[0])), gf)
         _map(torch._foreach_add_, gf, gs)
-        gvn = float(_norm(gf))
-        if not math.isfinite(gvn):
-            return
+        gvn = _norm(gf)
+        ok = torch.isfinite(gg) & torch.isfinite(dot) & torch.isfinite(gvn)
         gv: list[Optional[Tensor]] = [None] * len(params)
         for (i, _, _), t in zip(pairs, gf):
             gv[i] = t
-        self._gv, self._gv_norm = gv, gvn
+        old = self._gv
+        if old is not None and self._gv_norm is not None and [t is None for t in old] == [t is None for t in gv]:
+            _select_(ok, gf, [old[i] for i, _, _ in pairs])  # type: ignore[misc]
+            self._gv_norm = torch.where(ok, gvn, self._gv_norm.to(gvn.device))
+        else:  # no previous g_v to keep: zeros for now, dropped at the next step if it was not finite
+            _zero_unless(ok, gf)
+            self._gv_norm = torch.where(ok, gvn, 0.0)
+            self._gv_unconfirmed = ok
+        self._gv = gv
+
+    def _confirm_gv(self) -> None:
+        """every_k: drop a first g_v that was not finite (one host read, only until a finite g_v exists)."""
+        if self._gv_unconfirmed is not None:
+            if not bool(self._gv_unconfirmed):
+                self._gv = self._gv_norm = None
+            self._gv_unconfirmed = None
 
     @torch.no_grad()
     def _apply_gv(self) -> None:
-        """every_k plain iteration: g <- g + alpha * (||g|| / ||g_v||) * g_v."""
-        assert self._gv is not None
+        """every_k plain iteration: g <- g + alpha * (||g|| / ||g_v||) * g_v (coefficient on the device)."""
+        assert self._gv is not None and self._gv_norm is not None
         params = self._params()
         grads = [p.grad for p in params if p.grad is not None]
         pairs = [(p.grad, v) for p, v in zip(params, self._gv) if p.grad is not None and v is not None]
-        if not pairs or self._gv_norm <= 0 or self.alpha == 0:
+        if not pairs or self.alpha == 0:
             return
-        coef = self.alpha * float(_norm(grads)) / self._gv_norm
-        _map(lambda a, b: torch._foreach_add_(a, b, alpha=coef), [g for g, _ in pairs], [v for _, v in pairs])
+        gvn = self._gv_norm.double()
+        coef = torch.where(gvn > 0, self.alpha * _norm(grads).double().to(gvn.device) / gvn, 0.0)
+        add = _map(lambda v: torch._foreach_mul(v, _on(coef, v[0])), [v for _, v in pairs])
+        _map(torch._foreach_add_, [g for g, _ in pairs], add)
 
     # -- small utilities ------------------------------------------------------------------------------------
     def _set_capture(self, on: bool) -> None:
@@ -821,10 +940,9 @@ class SAQ(torch.optim.Optimizer):
         for layer in self._quant_layers:
             layer.zero_qweight_grad()
 
-    def _bn_state(self) -> tuple[list[Tensor], list[Tensor]]:
-        bufs = [b for m in self._norm_modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+    def _bn_buffers(self) -> list[Tensor]:
+        return [b for m in self._norm_modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
                 if b is not None]
-        return bufs, _clone(bufs)
 
     def _rng_get(self) -> tuple[Tensor, list[tuple[int, Tensor]]]:
         devs = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
