@@ -21,6 +21,19 @@ from saq.analysis import run_landscape, run_sharpness
 HERE = Path(__file__).resolve().parent
 
 
+def format_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """Markdown table of the measures (train accuracy in percent)."""
+    lines = [f"Sharpness of the accuracy benchmark's first-seed checkpoints, on {args.num_samples} fixed training "
+             f"samples, w.r.t. the quantized weights and float parameters; SAM sharpness = max loss increase "
+             f"within an L2 ball of radius {args.rho}. Command: `python benchmarks/sharpness.py`", "",
+             "| data set | bits | method | train loss | train acc | Hessian top eigenvalue | Hessian trace (+- s.e.) "
+             "| SAM sharpness |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['bits']} | {r['method']} | {r['train_loss']:.4f} | {100 * r['train_acc']:.1f} "
+                     f"| {r['lambda_max']:.3g} | {r['trace']:.3g} +- {r['trace_se']:.2g} | {r['sam_sharpness']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", default=str(HERE / "results" / "checkpoints"))
@@ -34,8 +47,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=21)
     p.add_argument("--span", type=float, default=1.0)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--table-only", action="store_true", help="rebuild sharpness.md from sharpness.json")
     args = p.parse_args(argv)
     root, out = Path(args.checkpoints), Path(args.out)
+    if args.table_only:
+        (out / "sharpness.md").write_text(format_table(json.loads((out / "sharpness.json").read_text()), args))
+        return 0
     rows = []
     for ds in args.datasets:
         for b in args.bits:
@@ -50,15 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  trace=r["hessian_trace"], trace_se=r["hessian_trace_stderr"],
                                  sam_sharpness=r["sam_sharpness"]))
                 print(rows[-1], flush=True)
-    lines = [f"Sharpness of the accuracy benchmark's first-seed checkpoints, on {args.num_samples} fixed training "
-             f"samples, w.r.t. the quantized weights and float parameters; SAM sharpness = max loss increase "
-             f"within an L2 ball of radius {args.rho}. Command: `python benchmarks/sharpness.py`", "",
-             "| data set | bits | method | train loss | train acc | Hessian top eigenvalue | Hessian trace (+- s.e.) "
-             "| SAM sharpness |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | {r['bits']} | {r['method']} | {r['train_loss']:.4f} | {r['train_acc']:.1f} "
-                     f"| {r['lambda_max']:.3g} | {r['trace']:.3g} +- {r['trace_se']:.2g} | {r['sam_sharpness']:.4g} |")
-    table = "\n".join(lines) + "\n"
+    table = format_table(rows, args)
     (out / "sharpness.md").write_text(table)
     (out / "sharpness.json").write_text(json.dumps(rows, indent=1))
     print(table)
