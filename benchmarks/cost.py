@@ -11,7 +11,6 @@ Ratios are to the base optimizer measured in the same run, printed next to the f
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

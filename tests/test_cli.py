@@ -21,25 +21,11 @@ from saq.config import TrainConfig
 FAST = ["--batch-size", "32", "--limit-train-batches", "3", "--limit-eval-batches", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: one intra-op thread avoids contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """One `saq train` run shared by the eval/export/summary tests."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", "--epochs", "1", "--sharpness", "none", "--output", str(out), *FAST]) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert main(["train", "--epochs", "1", "--sharpness", "none", "--output", str(out), *FAST]) == 0
     return out
 
 

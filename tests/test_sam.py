@@ -20,15 +20,6 @@ HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 ETA = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads spin against each other on a loaded 2-core box, ~30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------ model
 def batch(i: int, n: int = 8):
     g = torch.Generator().manual_seed(1000 + i)

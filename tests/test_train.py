@@ -23,15 +23,6 @@ from saq.train import (TrainingInterrupted, build_model, build_optimizer, load_p
 FAST = dict(batch_size=32, limit_train_batches=4, limit_eval_batches=4, calib_batches=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: one intra-op thread avoids contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     opts = dict(FAST, epochs=2, output=str(tmp_path / "run"))
     opts.update(kw)
@@ -147,8 +138,9 @@ def test_failing_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"config": {}, "model": {"w": torch.arange(3.0)}, "data": {}})
 
-    def broken_save(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 half a zip file")
+    def broken_save(obj, f, *a, **k):  # writes half a file, then fails
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

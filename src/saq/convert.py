@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, LSQQuantizer, check_bits

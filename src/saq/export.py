@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import types
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -30,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write
 from .convert import is_traced
 from .layers import QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, STEP_EPS, LSQQuantizer, check_bits, qrange
@@ -154,24 +154,6 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     }
 
 
-def _write_atomic(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the target directory, fsync, then os.replace: all or nothing."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 # -- export -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
@@ -220,7 +202,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
     if config is not None:
         metadata["config"] = json.dumps(config.to_dict())
     path = os.fspath(path)
-    _write_atomic(tensors, path, metadata)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
                         float_bytes=_float_bytes(model.state_dict(), prefixes), layers=len(layers))
     if verbose:

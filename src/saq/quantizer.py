@@ -5,7 +5,7 @@ Everything that rounds a tensor in saq goes through :func:`lsq` / :class:`LSQQua
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ._io import atomic_write_text
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import TrainConfig
 from .convert import calibrate, quantize, trace
@@ -351,20 +352,8 @@ class _StopRequest:
 # -------------------------------------------------------------------------------------------------------
 # output files
 # -------------------------------------------------------------------------------------------------------
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -> None:
-    _write_text_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in history))
     cols: list[str] = []
     for r in history:
         cols += [k for k in r if k not in cols]
@@ -372,7 +361,7 @@ def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     w.writerows(history)
-    _write_text_atomic(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
 
 
 def plot_history(history: list[dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
@@ -615,7 +604,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         out.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def checkpoint(epoch: int, step_in_epoch: int, sums: list, metrics: Optional[dict] = None) -> Optional[str]:
         if not (save and main):
@@ -774,7 +763,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         "metrics_path": str(jsonl) if save else None, "csv_path": str(csv_path) if save else None,
         "tb_dir": str(tb_dir) if save else None, "plot_path": plot,
         "model": cfg.model, "dataset": cfg.dataset, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-        "sharpness": cfg.sharpness, "rank": rank, "world_size": world, "device": str(device),
+        "sharpness": cfg.sharpness, "strategy": cfg.strategy, "rank": rank, "world_size": world, "device": str(device),
         "history": history,
     })
     return result
@@ -784,7 +773,8 @@ def format_result(r: dict[str, Any]) -> str:
     """The end-of-run summary `saq train` prints: accuracy, size, BOPs and where the files are."""
     mib = 8 * 2**20
     lines = [f"saq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
-             f"sharpness {r['sharpness']}, {r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
+             f"sharpness {r['sharpness']}"
+             f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, {r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
