@@ -52,7 +52,7 @@ TRAIN_HELP = {
     "sharpness": "none: plain QAT; sam; case1 (mismatch); case2 (diminishment); case3 (SAQ)",
     "rho": "radius of the sharpness-aware perturbation",
     "adaptive": "adaptive (ASAM) perturbation",
-    "strategy": "full: two passes every step; every_k: LookSAM reuse; prev_grad: one pass",
+    "strategy": "prev_grad (default): one pass at the point perturbed by the previous gradient; full: two passes every step (the paper); every_k: LookSAM reuse",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component",
     "rho_warmup_epochs": "warm rho up from 0 over this many epochs",

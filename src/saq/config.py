@@ -57,7 +57,7 @@ class TrainConfig:
     sharpness: str = "case3"
     rho: float = 0.05
     adaptive: bool = False
-    strategy: str = "full"
+    strategy: str = "prev_grad"     # default chosen by benchmarks (README): ~1 pass, keeps full SAQ accuracy
     strategy_k: int = 5             # every_k: a full step every k iterations
     strategy_alpha: float = 0.7     # every_k: weight of the stored sharp component
     rho_warmup_epochs: float = 0.0
