@@ -22,14 +22,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
-    """Markdown table of the measures (train accuracy in percent)."""
+    """Markdown table of the measures."""
     lines = [f"Sharpness of the accuracy benchmark's first-seed checkpoints, on {args.num_samples} fixed training "
              f"samples, w.r.t. the quantized weights and float parameters; SAM sharpness = max loss increase "
              f"within an L2 ball of radius {args.rho}. Command: `python benchmarks/sharpness.py`", "",
              "| data set | bits | method | train loss | train acc | Hessian top eigenvalue | Hessian trace (+- s.e.) "
              "| SAM sharpness |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['bits']} | {r['method']} | {r['train_loss']:.4f} | {100 * r['train_acc']:.1f} "
+        lines.append(f"| {r['dataset']} | {r['bits']} | {r['method']} | {r['train_loss']:.4f} | {r['train_acc']:.1f} "
                      f"| {r['lambda_max']:.3g} | {r['trace']:.3g} +- {r['trace_se']:.2g} | {r['sam_sharpness']:.4g} |")
     return "\n".join(lines) + "\n"
 

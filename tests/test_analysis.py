@@ -282,7 +282,7 @@ def test_landscape_centre_is_the_model_loss_and_accuracy(tmp_path):
     y = torch.cat([b[1] for b in batches])
     with torch.no_grad():
         out = m(x)
-    ref_loss, ref_acc = float(F.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+    ref_loss, ref_acc = float(F.cross_entropy(out, y)), 100 * float((out.argmax(1) == y).double().mean())
     ls = A.loss_landscape(m, nn.CrossEntropyLoss(), batches, steps=5, span=0.5, progress=False)
     assert ls.losses[2] == pytest.approx(ref_loss, rel=1e-5)
     assert ls.accuracies[2] == pytest.approx(ref_acc)

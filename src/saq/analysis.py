@@ -367,12 +367,12 @@ def random_directions(model: nn.Module, dims: int = 1, seed: int = 0,
 
 def _accuracy(out: Tensor, y: Tensor) -> float:
     if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and len(out) == len(y):
-        return float((out.argmax(dim=1) == y).double().mean())
+        return 100.0 * float((out.argmax(dim=1) == y).double().mean())  # percent, as saq.train reports
     return float("nan")
 
 
 def evaluate(model: nn.Module, criterion: Criterion, batches: Iterable[Batch]) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``batches`` in eval mode; accuracy is nan for non-class outputs."""
+    """(mean loss, accuracy in %) of ``model`` on ``batches`` in eval mode; accuracy is nan for non-class outputs."""
     with _measuring(model), torch.no_grad():
         data = _materialise(batches, _device(model))
         loss = acc = 0.0
@@ -492,7 +492,7 @@ def plot_landscapes(landscapes: dict[str, Landscape], path: Union[str, Path], ti
                 axes[1].plot(ls.alphas, ls.accuracies, marker=".", label=label)
         axes[0].set_ylabel("loss")
         if with_acc:
-            axes[1].set_ylabel("accuracy")
+            axes[1].set_ylabel("accuracy (%)")
         for ax in axes:
             ax.set_xlabel("alpha (filter-normalised direction)")
             ax.grid(alpha=0.3)
