@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, LSQQuantizer, check_bits
+from .quantizer import LSQQuantizer, check_bits
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced"]
 
@@ -133,6 +133,39 @@ def _trace_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
+def _drop_trace_hook(model: nn.Module) -> bool:
+    """Remove the first-forward trace hook (the model counts as traced from now on); False if there was none."""
+    hook = getattr(model, "_saq_trace_hook", None)
+    if hook is None:
+        return False
+    hook.remove()
+    model._saq_trace_hook = None  # type: ignore[attr-defined]
+    return True
+
+
+def _float_pass(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
+    """One float forward in eval mode that records each quantized layer's MACs per sample; returns the order.
+
+    Consumes no randomness and restores every module's mode; shared by :func:`trace` and ``saq.summary``.
+    """
+    layers = [m for _, m in quant_layers(model)]
+    order: list = []
+    modes = {m: m.training for m in model.modules()}
+    for m in layers:
+        m._saq_trace = order
+        m._saq_macs = 0  # the float forward adds each call's MACs per sample (see QuantLayer.forward)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    finally:
+        for m in layers:
+            m._saq_trace = None
+        for m, mode in modes.items():
+            m.training = mode
+    return order
+
+
 @torch.no_grad()
 def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     """Run one float forward pass to find the quantized layers' execution order; set first/last bits.
@@ -140,31 +173,15 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     Runs in eval mode under ``no_grad`` (no BatchNorm statistics change, no randomness consumed beyond the
     forward itself) and restores every module's mode afterwards.
     """
-    hook = getattr(model, "_saq_trace_hook", None)
-    if hook is None:
+    if not _drop_trace_hook(model):
         return []
-    hook.remove()
-    model._saq_trace_hook = None  # type: ignore[attr-defined]
-    layers = [m for _, m in quant_layers(model)]
-    order: list = []
-    modes = {m: m.training for m in model.modules()}
-    for m in layers:
-        m._saq_trace = order
-        m._saq_macs = 0  # the traced forward adds each call's MACs per sample (see QuantLayer.forward)
     try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]):
-            model(*args, **kwargs)
+        order = _float_pass(model, *args, **kwargs)
     except BaseException:
-        for m in layers:
+        for _, m in quant_layers(model):
             m._saq_macs = None
         model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
         raise
-    finally:
-        for m in layers:
-            m._saq_trace = None
-        for m, mode in modes.items():
-            m.training = mode
     if not order:
         raise ValueError("the forward pass used none of the quantized layers")
     config: QuantConfig = model._saq_config  # type: ignore[attr-defined]
@@ -208,7 +225,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     if not quant_layers(model):
         raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.bits != FLOAT_BITS]
+    quantizers: list[LSQQuantizer] = []  # collected after the trace, which may change first/last bits
     modes = {m: m.training for m in model.modules()}
     fresh_bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 and m.track_running_stats and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
@@ -224,7 +241,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             args = tuple(a.to(device) for a in _inputs(batch))
             if i == 0:
                 trace(model, *args)
-                quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.bits != FLOAT_BITS]
+                quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.enabled]
                 for q in quantizers:
                     q.start_calibration()
             model(*args)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .convert import is_traced
+from .convert import _drop_trace_hook, is_traced
 from .layers import QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, STEP_EPS, LSQQuantizer, check_bits, qrange
 
@@ -182,6 +182,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
 
     prefixes = _quantizer_prefixes(model)
     state = model.state_dict()
+    float_bytes = _float_bytes(state, prefixes)
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
     for name, layer in layers:
@@ -204,7 +205,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
     path = os.fspath(path)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
-                        float_bytes=_float_bytes(model.state_dict(), prefixes), layers=len(layers))
+                        float_bytes=float_bytes, layers=len(layers))
     if verbose:
         print(result)
     return result
@@ -321,10 +322,7 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         step = wq._step_view(w).detach().float().clamp_min(STEP_EPS)
         layer.weight.copy_((w * step).to(layer.weight.dtype))
         layer.weight_standardize = False  # the codes already are of the standardised weight, if it was
-    hook = getattr(target, "_saq_trace_hook", None)
-    if hook is not None:  # first/last are known from the file: no trace on the next forward
-        hook.remove()
-        target._saq_trace_hook = None
+    _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
     return model
 
 

@@ -45,6 +45,16 @@ def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum_to_size(shape)
 
 
+def _default_grad_scale(numel: int, num_steps: int, qp: int) -> float:
+    """LSQ's step-gradient scale 1/sqrt(N*Qp), N = elements sharing one step."""
+    return 1.0 / math.sqrt(max(numel // max(num_steps, 1), 1) * qp)
+
+
+def _codes(x: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
+    """round(clamp(x/s, Qn, Qp)) in one new tensor (``s`` already positive)."""
+    return torch.div(x, s).clamp_(qn, qp).round_()
+
+
 class _LSQFunction(torch.autograd.Function):
     """round(clamp(x/s, Qn, Qp)) * s with the STE for x and the LSQ gradient for s.
 
@@ -54,7 +64,7 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
         s = step.clamp_min(STEP_EPS)
-        out = torch.div(x, s).clamp_(qn, qp).round_().mul_(s)
+        out = _codes(x, s, qn, qp).mul_(s)
         ctx.save_for_backward(x, step)
         ctx.qrange = (qn, qp)
         ctx.grad_scale = grad_scale
@@ -103,7 +113,7 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[f
         raise ValueError("step sizes must be positive")
     qn, qp = qrange(bits, signed)
     if grad_scale is None:
-        grad_scale = 1.0 / math.sqrt(max(x.numel() // max(step.numel(), 1), 1) * qp)
+        grad_scale = _default_grad_scale(x.numel(), step.numel(), qp)
     return _LSQFunction.apply(x, step, qn, qp, float(grad_scale))
 
 
@@ -229,14 +239,13 @@ class LSQQuantizer(nn.Module):
         step = self._step_view(x)
         g = self.grad_scale
         if g is None:
-            g = 1.0 / math.sqrt(max(x.numel() // self.step.numel(), 1) * qp)
+            g = _default_grad_scale(x.numel(), self.step.numel(), qp)
         return _LSQFunction.apply(x, step.to(x.dtype), qn, qp, g)
 
     def integer(self, x: Tensor) -> Tensor:
         """The integer codes round(clamp(x/s)) that :meth:`forward` multiplies by s (for export)."""
         qn, qp = qrange(self.bits, bool(self.signed))
-        s = self._step_view(x).detach().clamp_min(STEP_EPS)
-        return torch.div(x, s).clamp_(qn, qp).round_()
+        return _codes(x, self._step_view(x).detach().clamp_min(STEP_EPS), qn, qp)
 
     # -- state: a float state_dict (no step / flags) loads into a converted model -------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

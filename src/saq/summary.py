@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .convert import is_traced, trace
+from .convert import _float_pass, is_traced, trace
 from .layers import QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, LSQQuantizer
 
@@ -109,21 +109,8 @@ def _measure_macs(model: nn.Module, example_inputs: Any) -> None:
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not is_traced(model):
         trace(model, *args)  # what the first forward would do; records MACs too
-        return
-    layers = [m for _, m in quant_layers(model)]
-    modes = {m: m.training for m in model.modules()}
-    order: list = []
-    for m in layers:
-        m._saq_trace, m._saq_macs = order, 0
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]):
-            model(*args)
-    finally:
-        for m in layers:
-            m._saq_trace = None
-        for m, mode in modes.items():
-            m.training = mode
+    else:
+        _float_pass(model, *args)
 
 
 def _steps(q: LSQQuantizer) -> Optional[torch.Tensor]:
@@ -185,13 +172,12 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             a_step=None if as_ is None else float(as_.mean()),
             a_signed=m.act_quantizer.signed if m.act_quantizer.enabled else None,
             macs=m._saq_macs))
-    steps = {id(q.step) for q in model.modules() if isinstance(q, LSQQuantizer)}
-    other = sum(p.numel() for p in model.parameters() if id(p) not in steps) - layer_params
+    float_bits = _float_bits(model)
     known = all(r.macs is not None for r in rows)
-    return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=_float_bits(model),
+    return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=float_bits,
                    macs=sum(r.macs for r in rows) if known else None,  # type: ignore[misc]
                    bops=sum(r.bops for r in rows) if known else None,  # type: ignore[misc]
-                   other_params=other)
+                   other_params=float_bits // FLOAT_BITS - layer_params)
 
 
 class _CallableModule(types.ModuleType):
