@@ -36,8 +36,6 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
     A crash or a failing save at any point leaves the previous file at ``path`` intact. Adds the
     ``format``/``version`` keys that :func:`load_checkpoint` checks. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 

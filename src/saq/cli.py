@@ -293,8 +293,9 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
                         m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
     print(format_sharpness_table([row]), end="")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(row, indent=1) + "\n")
+        from ._io import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(row, indent=1) + "\n")
     return 0
 
 

@@ -207,6 +207,25 @@ def _select_(ok: Tensor, ts: Sequence[Tensor], others: Sequence[Tensor]) -> None
         _map(torch._foreach_add_, _bits(ts), _bits(others))  # x + 0 as integers: exactly x
 
 
+def _mul_owned(ts: Sequence[Tensor], owned: Sequence[bool], by: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """``ts * by``: in place where ``owned``, new tensors elsewhere. ``by``: a 0-dim device scalar or a list."""
+    out = list(ts)
+    for inplace in (True, False):
+        sel = [i for i, o in enumerate(owned) if bool(o) is inplace]
+        if not sel:
+            continue
+        op = torch._foreach_mul_ if inplace else torch._foreach_mul
+        xs = [ts[i] for i in sel]
+        if torch.is_tensor(by):
+            res = _map(lambda a: op(a, _on(by, a[0])), xs)
+        else:
+            res = _map(op, xs, [by[i] for i in sel])
+        if not inplace:
+            for i, x in zip(sel, res):
+                out[i] = x
+    return out
+
+
 def _clone(ts: Sequence[Tensor]) -> list[Tensor]:
     out = [torch.empty_like(t) for t in ts]
     if out:
@@ -297,13 +316,17 @@ class _RhoWarmup:
         return f"rho_warmup(rho={self.rho}, warmup_steps={self.warmup_steps})"
 
 
+def _check_rho(rho: Any) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+
+
 def rho_warmup(rho: float, warmup_steps: int) -> Callable[[int], float]:
     """A ``rho_schedule`` for :class:`SAQ`: linear from 0 at step 0 to ``rho`` at ``warmup_steps``, then ``rho``.
 
     The official recipes warm rho up during the first epochs (pass epochs * steps_per_epoch).
     """
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    _check_rho(rho)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     return _RhoWarmup(float(rho), warmup_steps)
@@ -341,8 +364,7 @@ class SAQ(torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAQ):
             raise ValueError("base_optimizer must be a torch.optim.Optimizer (not a SAQ), got "
                              f"{type(base_optimizer).__name__}")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-            raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+        _check_rho(rho)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if strategy not in STRATEGIES:
@@ -540,7 +562,7 @@ class SAQ(torch.optim.Optimizer):
                 raise FloatingPointError(self._nonfinite_message("gradient of the first pass"))
             self._skip_pending = True
         if zero_grad:
-            self._zero_grads()
+            self.zero_grad()
         return ok
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -565,7 +587,7 @@ class SAQ(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Base optimizer state + strategy state (step counter, every_k's g_v, prev_grad's e_prev)."""
         saq: dict[str, Any] = {"step": self._step, "mode": self.mode, "strategy": self.strategy,
-                               "num_targets": len(self._hook_layers) + len(self._data_params)}
+                               "num_targets": self._num_targets()}
         if self.strategy == "every_k":
             self._confirm_gv()
             saq["gv"] = None if self._gv is None else list(self._gv)
@@ -583,7 +605,7 @@ class SAQ(torch.optim.Optimizer):
             raise ValueError("not a saq.SAQ state_dict (expected keys 'base' and 'saq'); to load a plain "
                              "optimizer state use opt.base_optimizer.load_state_dict")
         saq = state_dict["saq"]
-        n = len(self._hook_layers) + len(self._data_params)
+        n = self._num_targets()
         for key, mine in (("mode", self.mode), ("strategy", self.strategy), ("num_targets", n)):
             if saq.get(key) != mine:
                 raise ValueError(f"state_dict was saved with {key}={saq.get(key)!r} but this optimizer has "
@@ -642,7 +664,7 @@ class SAQ(torch.optim.Optimizer):
                 g_first = [next(cl) if h else None for h in have]
         ok = self._ascent(rho, safe=scaler is not None)
         checks = [("loss of the first pass", _finite(loss)), ("gradient of the first pass", ok)] if rollback else []
-        self._zero_grads()
+        self.zero_grad()
         self._rng_set(rng)
         try:
             loss2 = closure()
@@ -769,15 +791,7 @@ class SAQ(torch.optim.Optimizer):
         if self.adaptive:
             t = _map(torch._foreach_abs, ws)
             _map(lambda a: torch._foreach_add_(a, self.eta), t)
-            d = list(srcs)
-            mine = [i for i, o in enumerate(owned) if o]
-            other = [i for i, o in enumerate(owned) if not o]
-            if mine:
-                _map(torch._foreach_mul_, [srcs[i] for i in mine], [t[i] for i in mine])
-            if other:
-                new = _map(torch._foreach_mul, [srcs[i] for i in other], [t[i] for i in other])
-                for i, x in zip(other, new):
-                    d[i] = x
+            d = _mul_owned(srcs, owned, t)       # T g
             norm = _norm(d)                      # ||T g||
             _map(torch._foreach_mul_, d, t)      # T^2 g
             del t
@@ -788,19 +802,6 @@ class SAQ(torch.optim.Optimizer):
         ok = torch.isfinite(norm)
         scale = torch.where(ok, rho / (norm.double() + _EPS), 0.0)  # float64, as rho / (float(norm) + eps)
         return d, scale, ours, ok
-
-    @staticmethod
-    def _scaled(d: list[Tensor], scale: Tensor, ours: list[bool]) -> list[Tensor]:
-        """scale * d: in place where the buffer is ours, a new tensor otherwise."""
-        out = list(d)
-        mine = [i for i, o in enumerate(ours) if o]
-        other = [i for i, o in enumerate(ours) if not o]
-        if mine:
-            _map(lambda a: torch._foreach_mul_(a, _on(scale, a[0])), [d[i] for i in mine])
-        if other:
-            for i, x in zip(other, _map(lambda a: torch._foreach_mul(a, _on(scale, a[0])), [d[i] for i in other])):
-                out[i] = x
-        return out
 
     @torch.no_grad()
     def _ascent(self, rho: float, clobber: bool = True, safe: bool = False) -> Tensor | bool:
@@ -817,24 +818,15 @@ class SAQ(torch.optim.Optimizer):
         if res is None:
             return True
         d, scale, ours, ok = res
-        es = self._scaled(d, scale, ours)
+        es = _mul_owned(d, ours, scale)
         if safe:
             _zero_unless(ok, es)
-        h = len(self._hook_layers)
-        data = [(self._data_params[j - h], e) for j, e in zip(idx, es) if j >= h]
-        if data:
-            ps = [p for p, _ in data]
-            self._saved.take(ps)
-            _map(torch._foreach_add_, ps, [e for _, e in data])
-        for j, e in zip(idx, es):
-            if j < h:
-                setattr(self._hook_layers[j], self._dst, e)  # type: ignore[arg-type]
-                self._hooked.append(self._hook_layers[j])
+        self._apply_stored(self._per_target(idx, es))
         return ok
 
     @torch.no_grad()
     def _apply_stored(self, es: list[Optional[Tensor]]) -> None:
-        """prev_grad: add the stored perturbation (data: saved copy for exact restore; layers: the hook)."""
+        """Add a per-target perturbation (data: saved copy for exact restore; layers: the hook)."""
         h = len(self._hook_layers)
         data = [(self._data_params[j - h], e) for j, e in enumerate(es) if j >= h and e is not None]
         if data:
@@ -860,12 +852,9 @@ class SAQ(torch.optim.Optimizer):
             self._e_prev = None
             return
         d, scale, ours, ok = res
-        es = self._scaled(d, scale, ours)
+        es = _mul_owned(d, ours, scale)
         _zero_unless(ok, es)
-        full: list[Optional[Tensor]] = [None] * (len(self._hook_layers) + len(self._data_params))
-        for j, e in zip(idx, es):
-            full[j] = e
-        self._e_prev = full
+        self._e_prev = self._per_target(idx, es)
 
     @torch.no_grad()
     def _update_gv(self, g_first: Optional[list[Optional[Tensor]]]) -> None:
@@ -924,6 +913,17 @@ class SAQ(torch.optim.Optimizer):
         _map(torch._foreach_add_, [g for g, _ in pairs], add)
 
     # -- small utilities ------------------------------------------------------------------------------------
+    def _num_targets(self) -> int:
+        """Perturbation targets: the hook-perturbed layers, then the data-perturbed parameters."""
+        return len(self._hook_layers) + len(self._data_params)
+
+    def _per_target(self, idx: list[int], es: list[Tensor]) -> list[Optional[Tensor]]:
+        """The perturbations ``es`` of targets ``idx`` as a list over all targets (None: not perturbed)."""
+        full: list[Optional[Tensor]] = [None] * self._num_targets()
+        for j, e in zip(idx, es):
+            full[j] = e
+        return full
+
     def _set_capture(self, on: bool) -> None:
         if self._need_capture:
             for layer in self._hook_layers:
@@ -933,12 +933,6 @@ class SAQ(torch.optim.Optimizer):
         for layer in self._hook_layers:
             layer.qweight_grad = None
             layer.qweight = None
-
-    def _zero_grads(self) -> None:
-        """Clear the first pass's gradients (base parameters and Q(w) gradients)."""
-        self.base_optimizer.zero_grad(set_to_none=True)
-        for layer in self._quant_layers:
-            layer.zero_qweight_grad()
 
     def _bn_buffers(self) -> list[Tensor]:
         return [b for m in self._norm_modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)

@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ._io import atomic_write_text
+from ._io import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import TrainConfig
 from .convert import calibrate, quantize, trace
@@ -387,16 +386,10 @@ def plot_history(history: list[dict[str, Any]], path: Union[str, Path], title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return path
 
 
 class _TensorBoard:
@@ -680,11 +673,13 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                 with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain
                     warnings.simplefilter("ignore", UserWarning)
                     scheduler.step()
-                loss_f = float(loss.detach())
+                hits = (logits_box[0].argmax(1) == y).sum()
+                # one host-device read per step for both numbers (exact: float64 holds either one)
+                loss_f, hits_f = torch.stack([loss.detach().double(), hits.double()]).tolist()
                 if math.isfinite(loss_f):
                     n = y.numel()
                     loss_sum += loss_f * n
-                    correct += float((logits_box[0].argmax(1) == y).sum())
+                    correct += hits_f
                     count += n
                 elif scaler is None:  # with fp16 AMP the scaler skips such steps and lowers its scale
                     raise FloatingPointError(
