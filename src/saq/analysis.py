@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._io import atomic_write, atomic_write_text
 from .layers import QuantLayer, quant_layers
 from .quantizer import LSQQuantizer
 
@@ -448,8 +449,11 @@ def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
                   "meta": np.array(json.dumps(landscape.meta))}
         if landscape.betas is not None:
             arrays["betas"] = landscape.betas
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
     elif path.suffix == ".csv":
         lines = ["alpha,loss,accuracy" if landscape.dims == 1 else "alpha,beta,loss,accuracy"]
         for i, a in enumerate(landscape.alphas):
@@ -458,7 +462,7 @@ def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
             else:
                 for j, b in enumerate(landscape.betas):  # type: ignore[arg-type]
                     lines.append(f"{a:.6g},{b:.6g},{landscape.losses[i, j]:.9g},{landscape.accuracies[i, j]:.6g}")
-        path.write_text("\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
     else:
         raise ValueError(f"landscape files are .npz or .csv, got {path.name!r}")
     return path
@@ -518,7 +522,7 @@ def plot_landscapes(landscapes: dict[str, Landscape], path: Union[str, Path], ti
             fig.colorbar(cs, ax=list(axes), label="loss")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))
     return path
 
 
