@@ -75,11 +75,31 @@ def _config(dataset: str, method: str, bits: int, seed: int, rho: Optional[float
     if args.epochs:
         cfg["epochs"] = args.epochs
     cfg.update(METHODS[method])
+    if args.finetune and method != "full precision":
+        # the paper's regime: QAT starts from the float model trained with the same seed
+        cfg["pretrained"] = str(_float_checkpoint(dataset, seed, args))
+        cfg["lr"] = cfg["lr"] * args.finetune_lr_factor
     if rho is not None:
         cfg["rho"] = rho
     if test and args.keep_checkpoints and seed == args.seed0 and method in (BASE, "SAQ (case 3)"):
         cfg["save"] = True
-        cfg["output"] = str(Path(args.out) / "checkpoints" / f"{dataset}_w{bits}a{bits}_{method.split()[0].lower()}")
+        cfg["output"] = str(Path(args.out) / f"checkpoints{args.tag}" /
+                            f"{dataset}_w{bits}a{bits}_{method.split()[0].lower()}")
+    return cfg
+
+
+def _float_checkpoint(dataset: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.out) / "pretrained" / f"{dataset}_seed{seed}" / "checkpoint.pt"
+
+
+def _float_config(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The full-precision run whose checkpoint --finetune starts QAT from (same seed and split)."""
+    model, opts = DATASETS[dataset]
+    cfg: dict[str, Any] = dict(dataset=dataset, model=model, seed=seed, val_split=args.val_split, **opts,
+                               **METHODS["full precision"], save=True,
+                               output=str(_float_checkpoint(dataset, seed, args).parent))
+    if args.epochs:
+        cfg["epochs"] = args.epochs
     return cfg
 
 
@@ -139,11 +159,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="save base and SAQ checkpoints of the first seed (for `saq sharpness` / `saq landscape`)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--finetune", action="store_true",
+                   help="the paper's regime: QAT (every method) starts from the float model of the same seed, "
+                        "trained first, at --finetune-lr-factor x the learning rate")
+    p.add_argument("--finetune-lr-factor", type=float, default=0.2)
     args = p.parse_args(argv)
+    args.tag = "_finetune" if args.finetune else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out / "accuracy_runs.jsonl", args.workers)
     t_start = time.perf_counter()
+
+    # 0. --finetune: the float models QAT starts from, one per data set and seed
+    if args.finetune:
+        seeds = [1000 + s for s in range(args.sweep_seeds)] + list(range(args.seed0, args.seed0 + args.seeds))
+        floats = [_float_config(ds, s, args) for ds in args.datasets for s in seeds]
+        for c in floats:  # a cached run whose checkpoint was deleted is trained again
+            if not Path(c["output"], "checkpoint.pt").exists():
+                runner.done.pop(_key(c), None)
+        runner.run(floats, "float models to fine-tune from")
 
     # 1. rho sweep on the validation split (seeds disjoint from the final ones)
     chosen: dict[tuple[str, int, str], float] = {}
@@ -185,7 +219,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = [f"Test accuracy (%), mean +- std over {args.seeds} seeds; gain = paired difference to the base optimizer "
              f"(same seeds), mean and 95% t-interval; rho chosen on a {args.val_split:.0%} validation split of the "
              f"training set from {args.rhos} ({args.sweep_seeds} seed each; the efficient strategies use SAQ's). Epochs: "
-             + ", ".join(f"{ds} {e}" for ds, e in ep.items()) + ". First/last layer 8-bit.",
+             + ", ".join(f"{ds} {e}" for ds, e in ep.items()) + ". First/last layer 8-bit."
+             + (f" Every QAT run starts from the float model of its seed (the full-precision row) at "
+                f"{args.finetune_lr_factor}x the learning rate." if args.finetune else " Trained from scratch."),
              "", "| data set | bits | method | rho | test acc | gain vs base | train s/run |",
              "|---|---|---|---:|---:|---:|---:|"]
     summary = []
@@ -209,12 +245,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     gain=gain, time_s=statistics.fmean(secs[(ds, b, m)])))
     table = "\n".join(lines) + "\n"
     cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "accuracy.md").write_text(f"Command: `{cmd.strip()}`\n\n" + table)
-    (out / "accuracy.json").write_text(json.dumps(dict(chosen_rho={f"{k[0]}/w{k[1]}/{k[2]}": v for k, v in chosen.items()},
+    (out / f"accuracy{args.tag}.md").write_text(f"Command: `{cmd.strip()}`\n\n" + table)
+    (out / f"accuracy{args.tag}.json").write_text(json.dumps(dict(chosen_rho={f"{k[0]}/w{k[1]}/{k[2]}": v for k, v in chosen.items()},
                                                        rows=summary), indent=1))
-    plot(summary, args, out / "accuracy.png")
+    plot(summary, args, out / f"accuracy{args.tag}.png")
     print(table)
-    print(f"written {out / 'accuracy.md'}, accuracy.json, accuracy.png in {time.perf_counter() - t_start:.0f}s")
+    print(f"written {out / f'accuracy{args.tag}.md'} (.json, .png) in {time.perf_counter() - t_start:.0f}s")
     return 0
 
 
