@@ -32,19 +32,17 @@ DATASETS = {  # data set -> (model, training options)
     "digits": ("cnn_digits", dict(epochs=15, batch_size=64, lr=0.05, weight_decay=5e-4)),
 }
 
-METHODS = {  # method -> TrainConfig overrides (rho is added by the sweep)
+METHODS = {  # method -> TrainConfig overrides (rho is added by the sweep); strategies explicit, never defaults
     "full precision": dict(sharpness="none", w_bits=32, a_bits=32, first_last_bits=32),
     "base (LSQ QAT)": dict(sharpness="none"),
-    "SAM": dict(sharpness="sam"),
-    "case 1": dict(sharpness="case1"),
-    "case 2": dict(sharpness="case2"),
-    "SAQ (case 3)": dict(sharpness="case3"),
+    "SAM": dict(sharpness="sam", strategy="full"),
+    "case 1": dict(sharpness="case1", strategy="full"),
+    "case 2": dict(sharpness="case2", strategy="full"),
+    "SAQ (case 3)": dict(sharpness="case3", strategy="full"),
     "SAQ every_k": dict(sharpness="case3", strategy="every_k", strategy_k=5),
     "SAQ prev_grad": dict(sharpness="case3", strategy="prev_grad"),
 }
-SWEPT = ["SAM", "case 1", "case 2", "SAQ (case 3)"]
-# the efficient strategies approximate SAQ's full step: they use the rho chosen for it
-RHO_FROM = {"SAQ every_k": "SAQ (case 3)", "SAQ prev_grad": "SAQ (case 3)"}
+SWEPT = [m for m, o in METHODS.items() if o["sharpness"] != "none"]  # each method gets its own rho
 BASE = "base (LSQ QAT)"
 
 
@@ -184,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sweep_cfgs, sweep_index = [], []
     for ds in args.datasets:
         for b in args.bits:
-            for m in (m for m in SWEPT if m in args.methods or m in [RHO_FROM.get(a) for a in args.methods]):
+            for m in (m for m in SWEPT if m in args.methods):
                 for rho in args.rhos:
                     for s in range(args.sweep_seeds):
                         sweep_cfgs.append(_config(ds, m, b, 1000 + s, rho, args, test=False))
@@ -203,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for ds in args.datasets:
         for b in args.bits:
             for m in args.methods:
-                rho = chosen.get((ds, b, RHO_FROM.get(m, m)))
+                rho = chosen.get((ds, b, m))
                 for s in range(args.seed0, args.seed0 + args.seeds):
                     final_cfgs.append(_config(ds, m, b, s, rho, args, test=True))
                     index.append((ds, b, m, s))
@@ -218,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ep = {ds: args.epochs or DATASETS[ds][1]["epochs"] for ds in args.datasets}
     lines = [f"Test accuracy (%), mean +- std over {args.seeds} seeds; gain = paired difference to the base optimizer "
              f"(same seeds), mean and 95% t-interval; rho chosen on a {args.val_split:.0%} validation split of the "
-             f"training set from {args.rhos} ({args.sweep_seeds} seed each; the efficient strategies use SAQ's). Epochs: "
+             f"training set from {args.rhos} ({args.sweep_seeds} seed each). Epochs: "
              + ", ".join(f"{ds} {e}" for ds, e in ep.items()) + ". First/last layer 8-bit."
              + (f" Every QAT run starts from the float model of its seed (the full-precision row) at "
                 f"{args.finetune_lr_factor}x the learning rate." if args.finetune else " Trained from scratch."),
@@ -237,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     g, hw = t_interval([a[s] - base[s] for s in sorted(a) if s in base])
                     gain = (g, hw)
                     gain_txt = f"{g:+.2f} [{g - hw:+.2f}, {g + hw:+.2f}]"
-                rho = chosen.get((ds, b, RHO_FROM.get(m, m)))
+                rho = chosen.get((ds, b, m))
                 bits_txt = "fp32" if m == "full precision" else f"w{b}a{b}"
                 lines.append(f"| {ds} | {bits_txt} | {m} | {rho if rho is not None else '-'} | {mean:.2f} +- {std:.2f} "
                              f"| {gain_txt or '-'} | {statistics.fmean(secs[(ds, b, m)]):.1f} |")
