@@ -96,6 +96,12 @@ def params0(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def assert_params_equal(model, before):
+    """Every parameter bit-for-bit equal to its :func:`params0` snapshot."""
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+
+
 def ref_grads(model, P0, x, y, pre=None, post=None, delta=None, stats=None):
     """Plain-autograd gradients w.r.t. every parameter and w.r.t. each Q(w), and the Q(w) values."""
     P = {k: (v + delta[k] if delta and k in delta else v).detach().clone().requires_grad_() for k, v in P0.items()}
@@ -346,8 +352,7 @@ def test_sam_mode_restore_is_bit_exact_and_bn_updated_once():
     rec = Recorder(model, x, y)
     opt.step(rec)
     assert any(not torch.equal(rec.calls[1]["params"][k], before[k]) for k in before)  # it was perturbed
-    for k, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[k]), k  # lr=0: exactly back
+    assert_params_equal(model, before)  # lr=0: exactly back
     for b, c in zip(model[1].buffers(), plain[1].buffers()):
         assert torch.equal(b, c)
 
@@ -602,8 +607,7 @@ def test_grad_scaler_matches_unscaled_and_inf_skips_exactly():
     # no perturbation: the hook holds zeros (decided on the device, without a host read), the data is unchanged
     assert all(v is None or torch.equal(v, torch.zeros_like(v)) for v in rec.calls[1]["post"].values())
     assert all(torch.equal(rec.calls[1]["params"][k], before[k]) for k in before)
-    for k, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[k]), k
+    assert_params_equal(model, before)
     assert scaler.get_scale() < s0
 
 
@@ -648,8 +652,7 @@ def test_nonfinite_raise_and_skip_leave_weights_unchanged(where, message):
     opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2)
     with pytest.raises(FloatingPointError, match=f"non-finite {message}"):
         opt.step(Recorder(model, x, y, inject=inject))
-    for k, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[k]), k
+    assert_params_equal(model, before)
     for b, s in zip(model[1].buffers(), stats):
         assert torch.equal(b, s)
     assert opt.step_count == 0
@@ -658,8 +661,7 @@ def test_nonfinite_raise_and_skip_leave_weights_unchanged(where, message):
     opt_skip = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, nonfinite="skip")
     opt_skip.zero_grad()
     opt_skip.step(Recorder(model, x, y, inject=inject))
-    for k, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[k]), k
+    assert_params_equal(model, before)
     for b, s in zip(model[1].buffers(), stats):
         assert torch.equal(b, s)
     assert opt_skip.step_count == 1
@@ -794,8 +796,7 @@ def test_every_k_with_grad_scaler_overflow_keeps_g_v():
     assert any(t is not None and t.abs().sum() > 0 for t in gv) and sd["gv_norm"] > 0
     passes, before = run(2, inf)                   # overflowing full step: skipped, g_v kept bit for bit
     assert passes == 2
-    for k, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[k]), k
+    assert_params_equal(model, before)
     sd2 = opt.state_dict()["saq"]
     assert sd2["gv_norm"] == sd["gv_norm"]
     for a, b in zip(gv, sd2["gv"]):
