@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._io import atomic_write, atomic_write_text
+from .convert import eval_mode
 from .layers import QuantLayer, quant_layers
 from .quantizer import LSQQuantizer
 
@@ -114,19 +115,16 @@ class _Space:
 @contextlib.contextmanager
 def _measuring(model: nn.Module) -> Iterator[None]:
     """Eval mode, hooks cleared, qweight capture off; everything restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
     layers = [m for _, m in quant_layers(model)]
     saved = [(m.perturb_pre, m.perturb_post, m.capture_qweight) for m in layers]
-    try:
-        model.eval()
-        for m in layers:
-            m.perturb_pre, m.perturb_post, m.capture_qweight = None, None, False
-        yield
-    finally:
-        for m, (pre, post, cap) in zip(layers, saved):
-            m.perturb_pre, m.perturb_post, m.capture_qweight = pre, post, cap
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        try:
+            for m in layers:
+                m.perturb_pre, m.perturb_post, m.capture_qweight = None, None, False
+            yield
+        finally:
+            for m, (pre, post, cap) in zip(layers, saved):
+                m.perturb_pre, m.perturb_post, m.capture_qweight = pre, post, cap
 
 
 def _device(model: nn.Module) -> torch.device:

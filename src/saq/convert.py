@@ -1,10 +1,11 @@
 """Model conversion: :class:`QuantConfig`, :func:`quantize` (torchao-style, in place) and :func:`calibrate`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from .layers import QUANT_CLASSES, QuantLayer, quant_layers
 from .quantizer import LSQQuantizer, check_bits
 
-__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced"]
+__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode"]
 
 Bits = Union[int, tuple[int, int], list]
 
@@ -143,6 +144,18 @@ def _drop_trace_hook(model: nn.Module) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and give every module back its own training flag afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def _float_pass(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     """One float forward in eval mode that records each quantized layer's MACs per sample; returns the order.
 
@@ -150,19 +163,15 @@ def _float_pass(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]
     """
     layers = [m for _, m in quant_layers(model)]
     order: list = []
-    modes = {m: m.training for m in model.modules()}
     for m in layers:
         m._saq_trace = order
         m._saq_macs = 0  # the float forward adds each call's MACs per sample (see QuantLayer.forward)
     try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
     finally:
         for m in layers:
             m._saq_trace = None
-        for m, mode in modes.items():
-            m.training = mode
     return order
 
 
@@ -226,36 +235,33 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     quantizers: list[LSQQuantizer] = []  # collected after the trace, which may change first/last bits
-    modes = {m: m.training for m in model.modules()}
     fresh_bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 and m.track_running_stats and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
     bn_buffers = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in fresh_bn]
     seen = 0
-    model.eval()
-    for m in fresh_bn:
-        m.train()
-    try:
-        for i, batch in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
-                break
-            args = tuple(a.to(device) for a in _inputs(batch))
-            if i == 0:
-                trace(model, *args)
-                quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.enabled]
-                for q in quantizers:
-                    q.start_calibration()
-            model(*args)
-            seen += 1
-        if seen == 0:
-            raise ValueError("calibrate: no batch was given")
-        for q in quantizers:
-            q.finish_calibration()
-    finally:
-        for q in quantizers:
-            q._calib = None
-        for m, buffers in bn_buffers:
-            for k, b in buffers.items():
-                getattr(m, k).copy_(b)
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        for m in fresh_bn:
+            m.train()
+        try:
+            for i, batch in enumerate(batches):
+                if num_batches is not None and i >= num_batches:
+                    break
+                args = tuple(a.to(device) for a in _inputs(batch))
+                if i == 0:
+                    trace(model, *args)
+                    quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.enabled]
+                    for q in quantizers:
+                        q.start_calibration()
+                model(*args)
+                seen += 1
+            if seen == 0:
+                raise ValueError("calibrate: no batch was given")
+            for q in quantizers:
+                q.finish_calibration()
+        finally:
+            for q in quantizers:
+                q._calib = None
+            for m, buffers in bn_buffers:
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
     return model
