@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ._io import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import TrainConfig
-from .convert import calibrate, quantize, trace
+from .convert import calibrate, eval_mode, quantize, trace
 from .quantizer import LSQQuantizer
 
 __all__ = ["train", "evaluate", "build_model", "build_optimizer", "wrap_sharpness", "build_scheduler",
@@ -260,10 +260,8 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def _eval_sums(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
                limit: int = 0) -> torch.Tensor:
     """[sum of losses, top-1 correct, top-5 correct, count] over the loader (float64, on ``device``)."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    try:
+    with eval_mode(model):  # every module gets its own training flag back
         for i, (x, y) in enumerate(loader):
             if limit and i >= limit:
                 break
@@ -277,8 +275,6 @@ def _eval_sums(model: nn.Module, loader: Any, device: torch.device, amp_dtype: O
             sums += torch.stack([nn.functional.cross_entropy(out, y, reduction="sum").double(),
                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-    finally:
-        model.train(was_training)
     return sums
 
 
