@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,9 +104,10 @@ def _float_config(dataset: str, seed: int, args: argparse.Namespace) -> dict[str
 class Runner:
     """Runs jobs in a process pool, caching each result by its configuration."""
 
-    def __init__(self, cache: Path, workers: int):
+    def __init__(self, cache: Path, workers: int, job: Callable[[dict[str, Any]], dict[str, Any]] = _run):
         self.cache = cache
         self.workers = workers
+        self.job = job
         self.done: dict[str, dict[str, Any]] = {}
         if cache.exists():
             for line in cache.read_text().splitlines():
@@ -122,7 +123,7 @@ class Runner:
             t0 = time.perf_counter()
             ctx = mp.get_context("spawn")
             with ctx.Pool(self.workers) as pool, self.cache.open("a") as f:
-                for i, rec in enumerate(pool.imap_unordered(_run, [{"config": c} for c in todo]), 1):
+                for i, rec in enumerate(pool.imap_unordered(self.job, [{"config": c} for c in todo]), 1):
                     self.done[_key(rec["job"]["config"])] = rec
                     f.write(json.dumps(rec) + "\n")
                     f.flush()

@@ -456,8 +456,11 @@ def _unflat(v, like, keys):
     return out
 
 
-def test_every_k_matches_looksam_reference():
-    rho, k, alpha, n_it = 0.3, 2, 0.7, 5
+@pytest.mark.parametrize("alpha", [0.7, "auto"])
+def test_every_k_matches_looksam_reference(alpha):
+    """LookSAM: g + alpha * ||g|| / ||g_v|| * g_v; alpha="auto": g + ||g|| / ||g_full|| * g_v (g_v kept at the
+    size it had relative to the gradient of the full step that measured it)."""
+    rho, k, n_it = 0.3, 2, 5
     model = make_model(bn=False)
     P = params0(model)
     keys = list(P)
@@ -473,10 +476,12 @@ def test_every_k_matches_looksam_reference():
             Gs, _, _, _ = ref_grads(model, Pc, x, y, post=hook_e, delta=data_e)
             g, gs = _flat(G, keys), _flat(Gs, keys)
             gv = gs - (gs @ g) / (g @ g) * g
+            g_full_norm = g.norm()
             final = Gs
         else:
             g = _flat(G, keys)
-            final = _unflat(g + alpha * g.norm() / gv.norm() * gv, G, keys)
+            a = gv.norm() / g_full_norm if alpha == "auto" else alpha
+            final = _unflat(g + a * g.norm() / gv.norm() * gv, G, keys)
         for kk, p in ref_opt_params.items():
             p.grad = final[kk].clone()
         ref_sgd.step()

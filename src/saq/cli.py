@@ -54,7 +54,8 @@ TRAIN_HELP = {
     "adaptive": "adaptive (ASAM) perturbation",
     "strategy": "prev_grad (default): one pass at the point perturbed by the previous gradient; full: two passes every step (the paper); every_k: LookSAM reuse",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
-    "strategy_alpha": "every_k: weight of the stored sharp gradient component",
+    "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "
+                      "size; 0.7 is LookSAM's published value)",
     "rho_warmup_epochs": "warm rho up from 0 over this many epochs",
     "seed": "random seed (weights, data order, dropout)",
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",

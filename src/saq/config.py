@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -59,7 +60,7 @@ class TrainConfig:
     adaptive: bool = False
     strategy: str = "prev_grad"     # default chosen by benchmarks (README): ~1 pass, keeps full SAQ accuracy
     strategy_k: int = 5             # every_k: a full step every k iterations
-    strategy_alpha: float = 0.7     # every_k: weight of the stored sharp component
+    strategy_alpha: Optional[float] = None  # every_k: weight of the stored sharp component; None: auto (measured)
     rho_warmup_epochs: float = 0.0
     # run
     seed: int = 0
@@ -107,6 +108,8 @@ class TrainConfig:
             bad("warmup_epochs and rho_warmup_epochs must be >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.strategy_alpha is not None and not (math.isfinite(self.strategy_alpha) and self.strategy_alpha >= 0):
+            bad(f"strategy_alpha must be a finite number >= 0 (or unset for auto), got {self.strategy_alpha}")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         return self

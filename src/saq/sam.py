@@ -40,7 +40,9 @@ Strategies (SPEC "The efficient training strategy"):
 * ``"every_k"`` (LookSAM): a full step every ``k`` iterations, which stores the component of the sharp
   gradient orthogonal to the plain one, ``g_v = g_s - (g_s.g / ||g||^2) g`` (global dot and norms over the
   base optimizer's parameters); the other iterations do one pass and step with
-  ``g + alpha * (||g|| / ||g_v||) * g_v``. Cost: about ``1 + 1/k`` passes per iteration.
+  ``g + alpha * (||g|| / ||g_v||) * g_v``. Cost: about ``1 + 1/k`` passes per iteration. ``alpha="auto"``
+  (default) takes alpha = ||g_v|| / ||g|| of the full step that measured g_v; LookSAM's fixed 0.7 adds the
+  stored component at 0.7 ||g|| whatever its measured size (2-5x larger here), see ``docs``/README.
 * ``"prev_grad"``: one pass per iteration, at the point perturbed by ``e_prev``, the perturbation built
   from the previous iteration's gradient (case 3: w.r.t. the quantized weights; case 1/2/sam: their own
   gradients and places) captured in that same single pass. The first iteration is unperturbed. Cost: 1 pass.
@@ -102,7 +104,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -346,7 +348,9 @@ class SAQ(torch.optim.Optimizer):
             perturbation to the weights of quantized / Conv / Linear layers.
         perturb_steps: perturb the quantizer step sizes too; ``None`` means True for ``"sam"``, False otherwise.
         strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1).
-        k, alpha: the ``every_k`` period and the weight of the stored orthogonal component.
+        k, alpha: the ``every_k`` period and the weight of the stored orthogonal component. ``"auto"``
+            (default) re-adds g_v at the size it had relative to the gradient when it was measured; 0.7 is
+            LookSAM's published value, which over-weights a g_v that is mostly mini-batch noise (README).
         grad_scaler: a ``torch.amp.GradScaler`` for AMP (see the module docstring).
         max_grad_norm: clip the final (unscaled) gradient to this global norm before the base step.
         nonfinite: ``"raise"`` or ``"skip"`` on a non-finite loss or gradient (without a grad scaler).
@@ -355,7 +359,7 @@ class SAQ(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
                  mode: str = "case3", *, adaptive: bool = False, eta: float = 0.01,
                  perturb_unquantized: bool = True, perturb_steps: Optional[bool] = None,
-                 strategy: str = "full", k: int = 5, alpha: float = 0.7,
+                 strategy: str = "full", k: int = 5, alpha: Union[float, str] = "auto",
                  rho_schedule: Optional[Callable[[int], float]] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, nonfinite: str = "raise"):
@@ -371,8 +375,9 @@ class SAQ(torch.optim.Optimizer):
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k (the every_k period) must be an int >= 1, got {k!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if alpha != "auto" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                    and math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0 or 'auto', got {alpha!r}")
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         if nonfinite not in NONFINITE:
@@ -441,7 +446,7 @@ class SAQ(torch.optim.Optimizer):
         self.perturb_steps = bool(perturb_steps)
         self.strategy = strategy
         self.k = k
-        self.alpha = float(alpha)
+        self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
         self.rho_schedule = rho_schedule
         self.grad_scaler = grad_scaler
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -460,6 +465,7 @@ class SAQ(torch.optim.Optimizer):
         self._step = 0
         self._gv: Optional[list[Optional[Tensor]]] = None
         self._gv_norm: Optional[Tensor] = None  # ||g_v|| on the device
+        self._gv_ratio: Optional[Tensor] = None  # ||g_v|| / ||g|| at the full step that built g_v (alpha="auto")
         self._gv_unconfirmed: Optional[Tensor] = None  # device bool: whether a first g_v (no older one) is finite
         self._e_prev: Optional[list[Optional[Tensor]]] = None
         # transient state (never saved); the snapshots keep their buffers from step to step
@@ -592,6 +598,7 @@ class SAQ(torch.optim.Optimizer):
             self._confirm_gv()
             saq["gv"] = None if self._gv is None else list(self._gv)
             saq["gv_norm"] = 0.0 if self._gv_norm is None else float(self._gv_norm)
+            saq["gv_ratio"] = 0.0 if self._gv_ratio is None else float(self._gv_ratio)
         if self.strategy == "prev_grad":
             saq["e_prev"] = None if self._e_prev is None else list(self._e_prev)
         out: dict[str, Any] = {"base": self.base_optimizer.state_dict(), "saq": saq}
@@ -626,6 +633,8 @@ class SAQ(torch.optim.Optimizer):
             dev = next((t.device for t in self._gv or [] if t is not None), None)
             self._gv_norm = (None if self._gv is None
                              else torch.tensor(float(saq.get("gv_norm", 0.0)), dtype=torch.float32, device=dev))
+            self._gv_ratio = (None if self._gv is None
+                              else torch.tensor(float(saq.get("gv_ratio", 0.0)), dtype=torch.float64, device=dev))
             self._gv_unconfirmed = None
         if self.strategy == "prev_grad":
             ep = saq.get("e_prev")
@@ -878,6 +887,7 @@ class SAQ(torch.optim.Optimizer):
         _map(torch._foreach_add_, gf, gs)
         gvn = _norm(gf)
         ok = torch.isfinite(gg) & torch.isfinite(dot) & torch.isfinite(gvn)
+        ratio = torch.where(gg > 0, gvn.double() / gg.sqrt(), 0.0)
         gv: list[Optional[Tensor]] = [None] * len(params)
         for (i, _, _), t in zip(pairs, gf):
             gv[i] = t
@@ -885,9 +895,12 @@ class SAQ(torch.optim.Optimizer):
         if old is not None and self._gv_norm is not None and [t is None for t in old] == [t is None for t in gv]:
             _select_(ok, gf, [old[i] for i, _, _ in pairs])  # type: ignore[misc]
             self._gv_norm = torch.where(ok, gvn, self._gv_norm.to(gvn.device))
+            prev = self._gv_ratio if self._gv_ratio is not None else torch.zeros((), dtype=torch.float64)
+            self._gv_ratio = torch.where(ok, ratio, prev.to(ratio.device))
         else:  # no previous g_v to keep: zeros for now, dropped at the next step if it was not finite
             _zero_unless(ok, gf)
             self._gv_norm = torch.where(ok, gvn, 0.0)
+            self._gv_ratio = torch.where(ok, ratio, 0.0)
             self._gv_unconfirmed = ok
         self._gv = gv
 
@@ -895,20 +908,25 @@ class SAQ(torch.optim.Optimizer):
         """every_k: drop a first g_v that was not finite (one host read, only until a finite g_v exists)."""
         if self._gv_unconfirmed is not None:
             if not bool(self._gv_unconfirmed):
-                self._gv = self._gv_norm = None
+                self._gv = self._gv_norm = self._gv_ratio = None
             self._gv_unconfirmed = None
 
     @torch.no_grad()
     def _apply_gv(self) -> None:
-        """every_k plain iteration: g <- g + alpha * (||g|| / ||g_v||) * g_v (coefficient on the device)."""
+        """every_k plain iteration: g <- g + alpha * (||g|| / ||g_v||) * g_v (coefficient on the device).
+
+        ``alpha="auto"`` uses the ratio ||g_v|| / ||g|| measured at the full step that built g_v, i.e.
+        g <- g + (||g|| / ||g_full||) * g_v: the stored component keeps the size it had relative to the gradient.
+        """
         assert self._gv is not None and self._gv_norm is not None
         params = self._params()
         grads = [p.grad for p in params if p.grad is not None]
         pairs = [(p.grad, v) for p, v in zip(params, self._gv) if p.grad is not None and v is not None]
-        if not pairs or self.alpha == 0:
+        if not pairs or self.alpha == 0 or (self.alpha == "auto" and self._gv_ratio is None):
             return
         gvn = self._gv_norm.double()
-        coef = torch.where(gvn > 0, self.alpha * _norm(grads).double().to(gvn.device) / gvn, 0.0)
+        alpha: Union[float, Tensor] = self.alpha if self.alpha != "auto" else self._gv_ratio.to(gvn.device)  # type: ignore[union-attr]
+        coef = torch.where(gvn > 0, alpha * _norm(grads).double().to(gvn.device) / gvn, 0.0)
         add = _map(lambda v: torch._foreach_mul(v, _on(coef, v[0])), [v for _, v in pairs])
         _map(torch._foreach_add_, [g for g, _ in pairs], add)
 

@@ -1,0 +1,287 @@
+"""Fashion-MNIST benchmark in the paper's regime: does SAQ beat plain QAT on real images, and why (not)?
+
+Protocol (per seed): train a float model, then fine-tune it with quantization-aware training at w2a2, w3a3 and
+w4a4 (first/last layer 8-bit) with every method below, from that same float model. rho is chosen per method
+and bit-width by a sweep scored on a validation split carved from the training set (never the test set); the
+final runs use paired seeds (same float model, same data order) so gains are paired differences with a 95%
+t-interval. Every run is cached in ``<out>/fashion_runs<tag>.jsonl``: an interrupted benchmark resumes.
+
+    python benchmarks/fashion.py                       # CPU preset: small CNN, training subset (see --help)
+    python benchmarks/fashion.py --preset gpu --device cuda --workers 12   # ResNet-20 (1 channel), full set
+    python benchmarks/fashion.py --diagnose            # + the ablations that explain the result (w2a2)
+
+Needs the data: ``apt-get install dataset-fashion-mnist`` or ``--data-dir`` with the four IDX files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from accuracy import Runner, _key, t_interval  # noqa: E402  (the cached process pool and the paired interval)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores: a 5-layer CNN on a 15k-image subset (the full 60k x 3 bit-widths x 10 methods does not fit
+    # the ~4 h budget); QAT for as long as plain QAT needs to converge (see the curves in the report)
+    "cpu": dict(model="cnn_fmnist", model_kwargs={}, train_subset=15000, float_epochs=15, qat_epochs=15,
+                batch_size=128, lr=0.05, qat_lr=0.01, weight_decay=5e-4),
+    # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
+    "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=30, qat_epochs=20,
+                batch_size=128, lr=0.1, qat_lr=0.01, weight_decay=5e-4),
+}
+
+# method -> (TrainConfig overrides, seed tier); tier "paired" gets --seeds seeds, "other" gets --other-seeds
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "base (LSQ QAT)": (dict(sharpness="none"), "paired"),
+    "SAM": (dict(sharpness="sam", strategy="full"), "other"),
+    "case 1": (dict(sharpness="case1", strategy="full"), "other"),
+    "case 2": (dict(sharpness="case2", strategy="full"), "other"),
+    "SAQ (case 3)": (dict(sharpness="case3", strategy="full"), "paired"),
+    "SAQ prev_grad": (dict(sharpness="case3", strategy="prev_grad"), "paired"),
+    "SAQ every_k a=0.7": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7), "other"),
+    "SAQ every_k a=auto": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "other"),
+    "base (LIQ_wn)": (dict(sharpness="none", quantizer="liq"), "paired"),
+    "SAQ (LIQ_wn)": (dict(sharpness="case3", strategy="full", quantizer="liq"), "paired"),
+}
+BASE = "base (LSQ QAT)"
+PAIRS = {"SAQ (LIQ_wn)": "base (LIQ_wn)"}  # a method's own baseline when it is not BASE
+
+# the diagnosis: what could make SAQ fail to help here (w2a2 only, base vs SAQ under each change)
+DIAGNOSES: dict[str, dict[str, Any]] = {
+    "2x QAT epochs": dict(_epochs_factor=2),
+    "no perturbation of norm/bias": dict(perturb_unquantized=False),
+    "LSQ act. step grad over the batch": dict(act_grad_scale="batch"),
+    "rho warm-up (2 epochs)": dict(rho_warmup_epochs=2),
+}
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration in a worker process (one thread) and return its metrics and curve."""
+    import torch
+
+    torch.set_num_threads(1)
+    from saq.config import TrainConfig
+    from saq.train import train
+
+    t0 = time.perf_counter()
+    res = train(TrainConfig(**job["config"]), progress=False)
+    keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device")
+    curve = [{k: r.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
+             for r in res.get("history", [])]
+    return {"job": job, "result": {k: res.get(k) for k in keep}, "curve": curve,
+            "time_s": time.perf_counter() - t0}
+
+
+def _float_dir(seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.out) / f"fashion_float{args.tag}" / f"seed{seed}"
+
+
+def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    p = PRESETS[args.preset]
+    return dict(dataset="fashion_mnist", data_dir=args.data_dir, model=p["model"], model_kwargs=dict(p["model_kwargs"]),
+                seed=seed, val_split=args.val_split, train_subset=p["train_subset"], batch_size=p["batch_size"],
+                weight_decay=p["weight_decay"], device=args.device)
+
+
+def float_config(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    p = PRESETS[args.preset]
+    return dict(_common(args, seed), sharpness="none", w_bits=32, a_bits=32, first_last_bits=32,
+                epochs=args.float_epochs or p["float_epochs"], lr=p["lr"], save=True,
+                output=str(_float_dir(seed, args)))
+
+
+def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: argparse.Namespace,
+               extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    p = PRESETS[args.preset]
+    over = dict(METHODS[method][0])
+    over.update(extra or {})
+    epochs = (args.qat_epochs or p["qat_epochs"]) * over.pop("_epochs_factor", 1)
+    cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
+               pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False, **over)
+    if rho is not None and cfg["sharpness"] != "none":
+        cfg["rho"] = rho
+    return cfg
+
+
+def _mean_sd(vals: list[float]) -> str:
+    return f"{statistics.fmean(vals):.2f} +- {statistics.stdev(vals) if len(vals) > 1 else 0.0:.2f}"
+
+
+def _gain(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    common = sorted(set(a) & set(b))
+    m, hw = t_interval([a[s] - b[s] for s in common])
+    return m, hw, len(common)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, default=5, help="paired seeds of base, SAQ and the LIQ_wn pair")
+    ap.add_argument("--other-seeds", type=int, default=3, help="seeds of the other methods")
+    ap.add_argument("--rhos", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--sweep-bits", nargs="+", type=int, default=None,
+                    help="bit-widths swept (default: all); others reuse the rho of the nearest swept bit-width")
+    ap.add_argument("--val-split", type=float, default=0.1)
+    ap.add_argument("--float-epochs", type=int, default=0)
+    ap.add_argument("--qat-epochs", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
+    ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
+                    help="stop after this stage (the cache keeps what is done)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    args.tag = "" if args.preset == "cpu" else f"_{args.preset}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out / f"fashion_runs{args.tag}.jsonl", args.workers, job=_run)
+    t_start = time.perf_counter()
+    n_paired, n_other = args.seeds, min(args.other_seeds, args.seeds)
+    seeds = {"paired": list(range(n_paired)), "other": list(range(n_other))}
+    sweep_seed = 1000
+
+    # 0. float models (the final seeds and the sweep seed)
+    floats = [float_config(s, args) for s in [sweep_seed] + seeds["paired"]]
+    for c in floats:  # a cached float run whose checkpoint is gone is trained again
+        if not Path(c["output"], "checkpoint.pt").exists():
+            runner.done.pop(_key(c), None)
+    frec = runner.run(floats, "float models")
+    if args.stage == "float":
+        return 0
+
+    # 1. rho sweep on the validation split, one seed (disjoint from the final seeds)
+    sweep_bits = args.sweep_bits or args.bits
+    swept = [m for m in args.methods if METHODS[m][0]["sharpness"] != "none"]
+    sweep_cfgs, sweep_index = [], []
+    for b in sweep_bits:
+        for m in swept:
+            for rho in args.rhos:
+                sweep_cfgs.append(qat_config(m, b, sweep_seed, rho, args))
+                sweep_index.append((b, m, rho))
+    sweep = runner.run(sweep_cfgs, "rho sweep (validation split)")
+    val: dict[tuple[int, str], dict[float, float]] = {}
+    for (b, m, rho), rec in zip(sweep_index, sweep):
+        val.setdefault((b, m), {})[rho] = rec["result"]["val_acc"]
+    chosen = {k: max(v, key=lambda r: (v[r], -r)) for k, v in val.items()}
+    for b in args.bits:  # bit-widths not swept take the rho of the nearest swept one
+        for m in swept:
+            if (b, m) not in chosen:
+                nb = min(sweep_bits, key=lambda x: abs(x - b))
+                chosen[(b, m)] = chosen[(nb, m)]
+    if args.stage == "sweep":
+        return 0
+
+    # 2. final runs on the test set
+    final_cfgs, index = [], []
+    for b in args.bits:
+        for m in args.methods:
+            for s in seeds[METHODS[m][1]]:
+                final_cfgs.append(qat_config(m, b, s, chosen.get((b, m)), args))
+                index.append((b, m, s))
+    if args.diagnose:
+        for name, extra in DIAGNOSES.items():
+            for m in (BASE, "SAQ (case 3)"):
+                for s in seeds["paired"]:
+                    final_cfgs.append(qat_config(m, 2, s, chosen.get((2, m)), args, extra))
+                    index.append((2, f"{m} | {name}", s))
+    final = runner.run(final_cfgs, "final runs (test set)")
+    acc: dict[tuple[int, str], dict[int, float]] = {}
+    secs: dict[tuple[int, str], list[float]] = {}
+    curves: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for (b, m, s), rec in zip(index, final):
+        acc.setdefault((b, m), {})[s] = rec["result"]["test_acc"]
+        secs.setdefault((b, m), []).append(rec["time_s"])
+        if s == 0:
+            curves[(b, m)] = rec.get("curve", [])
+    fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if c["seed"] != sweep_seed}
+    report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start)
+    return 0
+
+
+def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs: dict, curves: dict, chosen: dict,
+           val: dict, fp: dict[int, float], frec: list[dict[str, Any]], t_start: float) -> None:
+    """Markdown table (mean +- sd, paired gain with 95% interval, share of the quantization gap closed), JSON, plot."""
+    p = PRESETS[args.preset]
+    fp_vals = [fp[s] for s in sorted(fp)]
+    lines = [f"Fashion-MNIST, {p['model']} {p['model_kwargs'] or ''}, training subset "
+             f"{p['train_subset'] or 'all 60000'} images minus a {args.val_split:.0%} validation split; float model "
+             f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning {args.qat_epochs or p['qat_epochs']} "
+             f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
+             f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
+             f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
+             f"rho from {args.rhos} on the validation split (one seed).",
+             "", f"Full precision: {_mean_sd(fp_vals)} ({len(fp_vals)} seeds)", "",
+             "| bits | method | rho | seeds | test acc | gain vs baseline | gap closed | s/run |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    fp_mean = statistics.fmean(fp_vals)
+    for (b, m), a in sorted(acc.items(), key=lambda kv: (kv[0][0], list(acc).index(kv[0]))):
+        basename = m.split(" | ")[0]
+        ref = PAIRS.get(basename, BASE)
+        if " | " in m:
+            ref = f"{BASE} | {m.split(' | ')[1]}"
+        vals = [a[s] for s in sorted(a)]
+        gain_txt = gap_txt = "-"
+        gain = None
+        if (b, ref) in acc and ref != m:
+            g, hw, n = _gain(a, acc[(b, ref)])
+            gain = (g, hw, n)
+            gain_txt = f"{g:+.2f} [{g - hw:+.2f}, {g + hw:+.2f}]"
+            gap = fp_mean - statistics.fmean(acc[(b, ref)].values())
+            gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 else "-"
+        rho = chosen.get((b, basename))
+        lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
+                     f"{gain_txt} | {gap_txt} | {statistics.fmean(secs[(b, m)]):.0f} |")
+        rows.append(dict(bits=b, method=m, rho=rho, accs=vals, gain=gain, time_s=statistics.fmean(secs[(b, m)])))
+    sweep_lines = ["", "rho sweep (validation accuracy, sweep seed):", "",
+                   "| bits | method | " + " | ".join(str(r) for r in args.rhos) + " |",
+                   "|---|---|" + "---:|" * len(args.rhos)]
+    for (b, m), v in sorted(val.items()):
+        sweep_lines.append(f"| w{b}a{b} | {m} | " + " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in args.rhos) + " |")
+    cmd = "python benchmarks/fashion.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines + sweep_lines) + "\n"
+    (out / f"fashion{args.tag}.md").write_text(text)
+    (out / f"fashion{args.tag}.json").write_text(json.dumps(dict(
+        rows=rows, float=fp_vals, chosen_rho={f"w{b}/{m}": r for (b, m), r in chosen.items()},
+        curves={f"w{b}/{m}": c for (b, m), c in curves.items()},
+        float_curves=[r.get("curve", []) for r in frec]), indent=1))
+    plot_curves(curves, args, out / f"fashion{args.tag}_curves.png")
+    print(text)
+    print(f"written {out / f'fashion{args.tag}.md'} (.json, _curves.png) in {time.perf_counter() - t_start:.0f}s")
+
+
+def plot_curves(curves: dict, args: argparse.Namespace, path: Path) -> None:
+    """Test accuracy per QAT epoch (seed 0) of base and SAQ at each bit-width: has plain QAT converged?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.bits), figsize=(4 * len(args.bits), 3.2), squeeze=False)
+    for ax, b in zip(axes[0], args.bits):
+        for m in (BASE, "SAQ (case 3)", "SAQ prev_grad", "base (LIQ_wn)", "SAQ (LIQ_wn)"):
+            c = curves.get((b, m))
+            if c:
+                ax.plot([r["epoch"] for r in c], [r["test_acc"] for r in c], label=m)
+        ax.set_title(f"w{b}a{b} (seed 0)", fontsize=9)
+        ax.set_xlabel("QAT epoch", fontsize=8)
+        ax.set_ylabel("test accuracy (%)", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
