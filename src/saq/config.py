@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .convert import QuantConfig
+from .data import DATASETS, default_model
 from .quantizer import check_bits
 
 __all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES"]
@@ -26,12 +27,13 @@ class TrainConfig:
     # data and model
     dataset: str = "mnist1d"
     data_dir: Optional[str] = None
-    model: str = "cnn1d"
+    model: Optional[str] = None     # None: the data set's default (saq.data.DEFAULT_MODELS: mnist1d -> cnn1d, ...)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: Optional[str] = None
     img_size: Optional[int] = None
     val_split: float = 0.0          # fraction of the training set held out for validation (never the test set)
     workers: int = 0
+    augment: bool = True            # random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST)
     # quantization
     w_bits: int = 4
     a_bits: int = 4
@@ -73,12 +75,22 @@ class TrainConfig:
     limit_eval_batches: int = 0     # >0: at most this many batches per evaluation (smoke tests)
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = default_model(self.dataset)  # an unknown data set fails here, with suggestions
         self.validate()
 
     def validate(self) -> "TrainConfig":
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
+        if self.dataset not in DATASETS:
+            default_model(self.dataset)  # raises the unknown-data-set error
+        if not isinstance(self.model, str) or not self.model:
+            bad(f"model must be a model name, got {self.model!r}")
+        fixed = sorted({"num_classes", "in_chans", "img_size"} & set(self.model_kwargs))
+        if fixed:
+            bad(f"model_kwargs may not set {', '.join(fixed)}: the data set gives num_classes and in_chans "
+                "(fashion_mnist: 1 channel), and img_size is its own option")
         for b in ("w_bits", "a_bits", "first_last_bits"):
             check_bits(getattr(self, b), b.replace("_", "-"))
         if self.sharpness not in SHARPNESS:
