@@ -512,17 +512,18 @@ def _reference_augment(img: torch.Tensor, oy: int, ox: int, flip: int, pad: int,
     return out.flip(-1) if flip else out
 
 
-def test_tensor_augment_is_crop_with_padding_and_flip():
-    aug = TensorAugment(pad=2, flip=True, fill=-0.81)
+@pytest.mark.parametrize("pad,flip", [(2, True), (3, False), (0, True)])
+def test_tensor_augment_is_crop_with_padding_and_flip(pad, flip):
+    aug = TensorAugment(pad=pad, flip=flip, fill=-0.81)
     x = torch.randn(64, 2, 9, 7)
     params = aug.draw(64, torch.Generator().manual_seed(0))
-    assert params.shape == (64, 3) and params[:, :2].min() == 0 and params[:, :2].max() == 4
-    assert set(params[:, 2].tolist()) == {0, 1}
+    assert params.shape == (64, 3) and params[:, :2].min() == 0 and params[:, :2].max() == 2 * pad
+    assert set(params[:, 2].tolist()) == ({0, 1} if flip else {0})
     out = aug.apply(x, params)
     for i in range(64):
-        torch.testing.assert_close(out[i], _reference_augment(x[i], *params[i].tolist(), pad=2, fill=-0.81),
+        torch.testing.assert_close(out[i], _reference_augment(x[i], *params[i].tolist(), pad=pad, fill=-0.81),
                                    rtol=0, atol=0)
-    centre = torch.tensor([[2, 2, 0]]).expand(64, 3)
+    centre = torch.tensor([[pad, pad, 0]]).expand(64, 3)
     assert torch.equal(aug.apply(x, centre), x)  # no shift, no flip: the image itself
     assert torch.equal(TensorAugment().apply(x, params), x)  # nothing enabled: identity
     assert aug(x[0]).shape == (2, 9, 7)  # one item, global generator

@@ -130,18 +130,19 @@ class TensorAugment:
 
     def apply(self, x: Tensor, params: Tensor) -> Tensor:
         """Crop and flip each image of ``x`` (B, C, H, W) as its row of ``params`` (B, 3) says; same shape."""
+        if not (self.pad or self.flip):
+            return x
         b, c, h, w = x.shape
+        p = self.pad
         params = params.to(x.device)
-        if self.pad:
-            p = self.pad
-            padded = F.pad(x, (p, p, p, p), value=self.fill)
-            rows = params[:, :1] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
-            cols = params[:, 1:2] + torch.arange(w, device=x.device)
-            x = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * p))
-            x = x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
-        if self.flip:
-            x = torch.where(params[:, 2].bool()[:, None, None, None], x.flip(3), x)
-        return x
+        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
+        cols = torch.arange(w, device=x.device)
+        # output pixel (i, j) <- padded pixel (oy + i, ox + j), or (oy + i, ox + w - 1 - j) when flipped
+        col = params[:, 1:2] + torch.where(params[:, 2:3].bool(), w - 1 - cols, cols) if self.flip else \
+            params[:, 1:2] + cols
+        row = params[:, :1] + torch.arange(h, device=x.device)
+        flat = (row[:, :, None] * (w + 2 * p) + col[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+        return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
 
     def __call__(self, x: Tensor) -> Tensor:
         """One augmented (C, H, W) item, its parameters drawn from the global torch generator."""
