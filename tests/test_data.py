@@ -476,8 +476,15 @@ def test_every_data_set_has_a_registered_default_model():
     assert TrainConfig.from_dict(TrainConfig(dataset="digits").to_dict()).model == "cnn_digits"  # stored resolved
     with pytest.raises(ValueError, match="unknown data set 'fashion-mnist' \\(did you mean fashion_mnist\\?\\)"):
         TrainConfig(dataset="fashion-mnist")
-    with pytest.raises(ValueError, match="model_kwargs may not set in_chans: the data set gives"):
-        TrainConfig(dataset="fashion_mnist", model="resnet20", model_kwargs={"in_chans": 1})
+    with pytest.raises(ValueError, match="model_kwargs may not set num_classes: the data set gives"):
+        TrainConfig(dataset="fashion_mnist", model="resnet20", model_kwargs={"num_classes": 10})
+    with pytest.raises(ValueError, match="in_chans must be a positive int"):
+        TrainConfig(model_kwargs={"in_chans": "1"})
+    # in_chans in model_kwargs (the paper's ResNet-20 on grey-scale images) is accepted where it matches the data
+    cfg = TrainConfig(dataset="fashion_mnist", model="resnet20", model_kwargs={"in_chans": 1, "shortcut": "B"})
+    assert cfg.model_options(1) == {"shortcut": "B"}
+    with pytest.raises(ValueError, match="in_chans=1 does not match the fashion_mnist inputs \\(3 channel"):
+        cfg.model_options(3)
 
 
 @pytest.mark.parametrize("name", ["cnn_fmnist", "resnet20", "preresnet20"])
@@ -635,6 +642,12 @@ def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
     assert state["global_step"] == 2 and 0 <= state["metrics"]["test_acc"] <= 100
     assert main(["eval", str(out / "checkpoint.pt")]) == 0
     assert "(40 samples)" in capsys.readouterr().out
+    # the paper's ResNet-20 with one input channel, asked for as in model_kwargs, trains and reloads
+    assert main(["train", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "fm"), "--model", "resnet20",
+                 "--model-kwargs", "{in_chans: 1}", "--epochs", "1", "--limit-train-batches", "1",
+                 "--batch-size", "32", "--output", str(tmp_path / "r20")]) == 0
+    assert main(["summary", str(tmp_path / "r20" / "checkpoint.pt")]) == 0
+    assert "resnet20 on fashion_mnist" in capsys.readouterr().out
 
 
 def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_system_fmnist):

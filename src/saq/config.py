@@ -87,10 +87,13 @@ class TrainConfig:
             default_model(self.dataset)  # raises the unknown-data-set error
         if not isinstance(self.model, str) or not self.model:
             bad(f"model must be a model name, got {self.model!r}")
-        fixed = sorted({"num_classes", "in_chans", "img_size"} & set(self.model_kwargs))
+        fixed = sorted({"num_classes", "img_size"} & set(self.model_kwargs))
         if fixed:
-            bad(f"model_kwargs may not set {', '.join(fixed)}: the data set gives num_classes and in_chans "
-                "(fashion_mnist: 1 channel), and img_size is its own option")
+            bad(f"model_kwargs may not set {', '.join(fixed)}: the data set gives num_classes, and img_size is "
+                "its own option")
+        chans = self.model_kwargs.get("in_chans", 1)
+        if isinstance(chans, bool) or not isinstance(chans, int) or chans < 1:
+            bad(f"model_kwargs in_chans must be a positive int, got {chans!r}")
         for b in ("w_bits", "a_bits", "first_last_bits"):
             check_bits(getattr(self, b), b.replace("_", "-"))
         if self.sharpness not in SHARPNESS:
@@ -122,6 +125,15 @@ class TrainConfig:
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         return self
+
+    def model_options(self, in_chans: int) -> dict[str, Any]:
+        """``model_kwargs`` for create_model beside the data's ``in_chans`` (an ``in_chans`` in them must match it)."""
+        options = dict(self.model_kwargs)
+        chans = options.pop("in_chans", in_chans)
+        if chans != in_chans:
+            raise ValueError(f"model_kwargs in_chans={chans} does not match the {self.dataset} inputs "
+                             f"({in_chans} channel(s)); drop it, the data set gives it")
+        return options
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
