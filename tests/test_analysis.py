@@ -351,7 +351,7 @@ def fake_ckpt(monkeypatch):
     def load_model(path, device):
         return models[path].to(device), cfg, {}
 
-    def build_datasets(name, data_dir, img_size=None, val_split=0.0, seed=0):
+    def build_datasets(name, data_dir, img_size=None, val_split=0.0, seed=0, augment=True):
         augment = lambda t: t + 100.0  # noqa: E731 - a training augmentation the analysis must not use
         return types.SimpleNamespace(train=_TfDataset(x, y, augment), val=None, test=_TfDataset(x, y, lambda t: t))
 

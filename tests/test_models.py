@@ -10,7 +10,7 @@ import saq
 from saq.models import ModelInfo, create_model, list_models, model_info, register_model
 from saq.models import _registry
 
-SMALL = ["cnn1d", "cnn_digits", "vit_tiny_digits", "resnet20", "resnet32", "resnet56", "preresnet20",
+SMALL = ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "resnet32", "resnet56", "preresnet20",
          "preresnet32", "preresnet56", "mobilenetv2_cifar"]
 IMAGENET = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_base_patch16_224", "deit_tiny_patch16_224",
             "deit_small_patch16_224", "deit_base_patch16_224"]
@@ -28,7 +28,7 @@ def test_registry_names_and_info():
     for name in names:
         info = model_info(name)
         assert isinstance(info, ModelInfo) and info.name == name
-        assert info.family in ("mnist1d", "digits", "cifar", "imagenet")
+        assert info.family in ("mnist1d", "digits", "fashion_mnist", "cifar", "imagenet")
         assert info.input_shape and info.num_classes
     assert model_info("cnn1d").input_shape == (1, 40)
     assert model_info("vit_tiny_digits").input_shape == (1, 8, 8)
@@ -86,7 +86,7 @@ def test_register_model_bare_and_with_metadata():
         _registry._REGISTRY.pop("_test_meta", None)
 
 
-@pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "resnet20", "preresnet20",
+@pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "preresnet20",
                                   "mobilenetv2_cifar"])
 def test_small_models_forward_shape(name):
     info = model_info(name)
@@ -213,7 +213,7 @@ def test_in_chans_and_img_size_pass_through():
     assert tiny.patch_embed.num_patches == 16 and tiny.embed_dim == 64 and len(tiny.blocks) == 4
 
 
-@pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "resnet20", "preresnet20",
+@pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "preresnet20",
                                   "mobilenetv2_cifar"])
 def test_quantize_and_one_training_step(name):
     info = model_info(name)

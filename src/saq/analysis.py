@@ -551,7 +551,8 @@ def _fixed_batches(cfg: Any, num_samples: int, batch_size: int, seed: int, devic
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    bundle = build_datasets(cfg.dataset, cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split, seed=cfg.seed)
+    bundle = build_datasets(cfg.dataset, cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split, seed=cfg.seed,
+                            augment=False)
     ds = _eval_transform_view(bundle)
     idx = torch.randperm(len(ds), generator=_generator(seed))[:num_samples].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, shuffle=False)

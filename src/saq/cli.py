@@ -20,16 +20,21 @@ __all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
 
 #: extra help for the generated `saq train` flags (a field without an entry still gets its flag)
 TRAIN_HELP = {
-    "dataset": "data set: mnist1d (embedded, default), digits (embedded), cifar10, cifar100, imagenet, "
-               "imagefolder, flowers102, pets",
-    "data_dir": "folder of the data set (image data sets; never downloaded)",
-    "model": "model name (see saq.list_models()): cnn1d, cnn_digits, vit_tiny_digits, resnet20/32/56, "
-             "mobilenetv2_cifar, resnet18/34/50, mobilenet_v2, vit_base_patch16_224, deit_*_patch16_224",
+    "dataset": "data set: mnist1d (embedded, default), digits (embedded), fashion_mnist, cifar10, cifar100, "
+               "imagenet, imagefolder, flowers102, pets",
+    "data_dir": "folder of the data set (never downloaded; fashion_mnist: its four IDX files, default "
+                "/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
+    "model": "model name (see saq.list_models()): cnn1d, cnn_digits, vit_tiny_digits, cnn_fmnist, resnet20/32/56, "
+             "mobilenetv2_cifar, resnet18/34/50, mobilenet_v2, vit_base_patch16_224, deit_*_patch16_224; default: "
+             "the data set's (mnist1d cnn1d, digits cnn_digits, fashion_mnist cnn_fmnist, cifar10/100 resnet20, "
+             "the ImageNet-style sets resnet18)",
     "model_kwargs": "extra model options as a YAML/JSON mapping, e.g. '{drop_path_rate: 0.1}'",
     "pretrained": "float checkpoint (state dict or .safetensors) to start quantization-aware training from",
     "img_size": "image side for image data sets",
     "val_split": "fraction of the training set held out for validation",
-    "workers": "data loader worker processes",
+    "workers": "data loader worker processes (image data sets; the tensor data sets are batched on the device)",
+    "augment": "random training augmentation: CIFAR crop+flip, ImageNet-style resized crop+flip, "
+               "fashion_mnist crop 28 (padding 2)+flip; mnist1d and digits have none",
     "w_bits": "weight bits (2..8, 32 = float)",
     "a_bits": "activation bits (2..8, 32 = float)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",

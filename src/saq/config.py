@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .convert import QuantConfig
+from .data import DATASETS, default_model
 from .quantizer import check_bits
 
 __all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES"]
@@ -27,12 +28,13 @@ class TrainConfig:
     # data and model
     dataset: str = "mnist1d"
     data_dir: Optional[str] = None
-    model: str = "cnn1d"
+    model: Optional[str] = None     # None: the data set's default (saq.data.DEFAULT_MODELS: mnist1d -> cnn1d, ...)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: Optional[str] = None
     img_size: Optional[int] = None
     val_split: float = 0.0          # fraction of the training set held out for validation (never the test set)
     workers: int = 0
+    augment: bool = True            # random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST)
     # quantization
     w_bits: int = 4
     a_bits: int = 4
@@ -74,12 +76,25 @@ class TrainConfig:
     limit_eval_batches: int = 0     # >0: at most this many batches per evaluation (smoke tests)
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = default_model(self.dataset)  # an unknown data set fails here, with suggestions
         self.validate()
 
     def validate(self) -> "TrainConfig":
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
+        if self.dataset not in DATASETS:
+            default_model(self.dataset)  # raises the unknown-data-set error
+        if not isinstance(self.model, str) or not self.model:
+            bad(f"model must be a model name, got {self.model!r}")
+        fixed = sorted({"num_classes", "img_size"} & set(self.model_kwargs))
+        if fixed:
+            bad(f"model_kwargs may not set {', '.join(fixed)}: the data set gives num_classes, and img_size is "
+                "its own option")
+        chans = self.model_kwargs.get("in_chans", 1)
+        if isinstance(chans, bool) or not isinstance(chans, int) or chans < 1:
+            bad(f"model_kwargs in_chans must be a positive int, got {chans!r}")
         for b in ("w_bits", "a_bits", "first_last_bits"):
             check_bits(getattr(self, b), b.replace("_", "-"))
         if self.sharpness not in SHARPNESS:
@@ -113,6 +128,15 @@ class TrainConfig:
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         return self
+
+    def model_options(self, in_chans: int) -> dict[str, Any]:
+        """``model_kwargs`` for create_model beside the data's ``in_chans`` (an ``in_chans`` in them must match it)."""
+        options = dict(self.model_kwargs)
+        chans = options.pop("in_chans", in_chans)
+        if chans != in_chans:
+            raise ValueError(f"model_kwargs in_chans={chans} does not match the {self.dataset} inputs "
+                             f"({in_chans} channel(s)); drop it, the data set gives it")
+        return options
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,

@@ -1,32 +1,51 @@
-"""Data sets: two embedded ones (MNIST-1D, scikit-learn digits) and the paper's image sets from a local path.
+"""Data sets: two embedded ones (MNIST-1D, scikit-learn digits), Fashion-MNIST and the paper's image sets.
 
     bundle = saq.data.build_datasets("cifar100", data_dir="/data", val_split=0.1)
     bundle.train, bundle.val, bundle.test, bundle.num_classes, bundle.input_shape
 
-Nothing is downloaded: "mnist1d" is generated locally, "digits" ships with scikit-learn, and the image
-sets are read from ``data_dir`` in the layout torchvision uses (a wrong path raises ValueError showing
-the layout expected). Transforms follow the paper's setting: CIFAR random crop (padding 4) + flip;
-ImageNet-style random-resized crop + flip for training and resize to size/0.875 + center crop for
-evaluation. The embedded sets get no augmentation. ``val_split`` carves a seeded validation subset out
-of the *training* set (evaluated with the evaluation transform); the test set is never used for it.
+Nothing is downloaded: "mnist1d" is generated locally, "digits" ships with scikit-learn, "fashion_mnist"
+is read from its four IDX files (``data_dir``, else the Debian package's folder), and the image sets are
+read from ``data_dir`` in the layout torchvision uses (a wrong path raises ValueError showing the layout
+expected). Transforms follow the paper's setting: CIFAR random crop (padding 4) + flip; ImageNet-style
+random-resized crop + flip for training and resize to size/0.875 + center crop for evaluation.
+Fashion-MNIST trains with random crop 28 (padding 2) + horizontal flip. The embedded sets get no
+augmentation. ``augment=False`` turns training augmentation off (training items then look like evaluation
+items). ``val_split`` carves a seeded validation subset out of the *training* set (evaluated with the
+evaluation transform); the test set is never used for it.
+
+The tensor data sets (mnist1d, digits, fashion_mnist) are :class:`~torch.utils.data.TensorDataset` s;
+:class:`DeviceLoader` keeps such a split whole on the training device and makes shuffled, augmented
+batches there (``saq train`` uses it for them instead of a DataLoader).
 """
 from __future__ import annotations
 
 import functools
+import gzip
+import math
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-__all__ = ["DATASETS", "DataBundle", "TransformSubset", "build_datasets", "image_transforms",
-           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["DATASETS", "DEFAULT_MODELS", "DataBundle", "TransformSubset", "TensorAugment", "AugmentedTensorDataset",
+           "DeviceLoader", "build_datasets", "default_model", "image_transforms", "read_idx",
+           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+           "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_FILES", "FASHION_MNIST_SYSTEM_DIR"]
 
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100", "imagenet", "imagefolder", "flowers102", "pets")
+DATASETS = ("mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "imagenet", "imagefolder", "flowers102",
+            "pets")
+#: the model ``saq train --dataset NAME`` trains when no ``--model`` is given
+DEFAULT_MODELS = {"mnist1d": "cnn1d", "digits": "cnn_digits", "fashion_mnist": "cnn_fmnist", "cifar10": "resnet20",
+                  "cifar100": "resnet20", "imagenet": "resnet18", "imagefolder": "resnet18", "flowers102": "resnet18",
+                  "pets": "resnet18"}
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -35,6 +54,14 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # eval: resize to size / 0.875 (256 for 224), then center-crop size
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the 60,000 training images, pixels in [0, 1]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+#: (train images, train labels, test images, test labels), each read as NAME or NAME.gz
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian/Ubuntu package dataset-fashion-mnist
+FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,6 +107,67 @@ class TransformSubset(Dataset):
         return f"TransformSubset(n={len(self)}, transform={self.transform})"
 
 
+@dataclass(frozen=True)
+class TensorAugment:
+    """Random crop with ``pad`` pixels of ``fill`` on each side, then a random horizontal flip (``flip``).
+
+    torchvision's ``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip()`` on images that are already
+    tensors (``fill`` is the normalised value of a black pixel), batched: :meth:`draw` the parameters,
+    :meth:`apply` them to a (B, C, H, W) batch on any device. Calling it on one (C, H, W) item draws from
+    the global torch generator, as torchvision's transforms do.
+    """
+
+    pad: int = 0
+    flip: bool = False
+    fill: float = 0.0
+
+    def draw(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """(n, 3) int64 parameters on the CPU: row offset and column offset in 0..2*pad, flip 0/1."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
+        flips = (torch.randint(0, 2, (n, 1), generator=generator) if self.flip
+                 else torch.zeros(n, 1, dtype=torch.int64))
+        return torch.cat([offsets, flips], 1)
+
+    def apply(self, x: Tensor, params: Tensor) -> Tensor:
+        """Crop and flip each image of ``x`` (B, C, H, W) as its row of ``params`` (B, 3) says; same shape."""
+        if not (self.pad or self.flip):
+            return x
+        b, c, h, w = x.shape
+        p = self.pad
+        params = params.to(x.device)
+        padded = F.pad(x, (p, p, p, p), value=self.fill) if p else x
+        cols = torch.arange(w, device=x.device)
+        # output pixel (i, j) <- padded pixel (oy + i, ox + j), or (oy + i, ox + w - 1 - j) when flipped
+        col = params[:, 1:2] + torch.where(params[:, 2:3].bool(), w - 1 - cols, cols) if self.flip else \
+            params[:, 1:2] + cols
+        row = params[:, :1] + torch.arange(h, device=x.device)
+        flat = (row[:, :, None] * (w + 2 * p) + col[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+        return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """One augmented (C, H, W) item, its parameters drawn from the global torch generator."""
+        return self.apply(x[None], self.draw(1))[0]
+
+
+class AugmentedTensorDataset(TensorDataset):
+    """(input, label) tensors whose items are augmented by ``augment`` (a training set).
+
+    Read item by item (a DataLoader) each item is augmented with the global torch generator;
+    :class:`DeviceLoader` augments whole batches on the device instead, from a seeded generator.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, augment: TensorAugment):
+        super().__init__(x, y)
+        self.augment = augment
+
+    def __getitem__(self, i: Any) -> tuple[Tensor, Tensor]:
+        x, y = super().__getitem__(i)
+        return self.augment(x), y
+
+    def __repr__(self) -> str:
+        return f"AugmentedTensorDataset(n={len(self)}, augment={self.augment})"
+
+
 # -- helpers -------------------------------------------------------------------------------------------
 
 def _split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -97,17 +185,19 @@ def _check_no_img_size(name: str, img_size: Optional[int], native: int) -> None:
         raise ValueError(f"{name} has a fixed input size ({native}); img_size={img_size} is not supported")
 
 
-def _tensor_bundle(name: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, num_classes: int,
-                   val_split: float, seed: int) -> DataBundle:
-    X, Y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
-    Xt, Yt = torch.tensor(xt, dtype=torch.float32), torch.tensor(yt, dtype=torch.long)
+def _tensor_bundle(name: str, x: Any, y: Any, xt: Any, yt: Any, num_classes: int, val_split: float, seed: int,
+                   augment: Optional[TensorAugment] = None, classes: Optional[list[str]] = None) -> DataBundle:
+    """A bundle of TensorDatasets; numpy arrays are copied, tensors used as they are; ``augment``: training set only."""
+    X, Y, Xt, Yt = (a if isinstance(a, Tensor) else torch.tensor(a) for a in (x, y, xt, yt))
+    X, Xt, Y, Yt = X.float(), Xt.float(), Y.long(), Yt.long()
     val = None
     if val_split > 0:
         tr, va = _split_indices(len(X), val_split, seed)
         val = TensorDataset(X[va], Y[va])
         X, Y = X[tr], Y[tr]
-    return DataBundle(name, TensorDataset(X, Y), val, TensorDataset(Xt, Yt), num_classes,
-                      int(X.shape[1]), tuple(X.shape[1:]))
+    train = AugmentedTensorDataset(X, Y, augment) if augment is not None else TensorDataset(X, Y)
+    return DataBundle(name, train, val, TensorDataset(Xt, Yt), num_classes, int(X.shape[1]), tuple(X.shape[1:]),
+                      classes)
 
 
 # -- embedded data sets --------------------------------------------------------------------------------
@@ -149,6 +239,96 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     for a in arrays:
         a.setflags(write=False)
     return arrays
+
+
+# -- Fashion-MNIST (IDX files) -------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: PathLike, magic: Optional[int] = None) -> np.ndarray:
+    """The array in an IDX file (gzip-compressed or not); a ValueError naming the file if it is not a valid one.
+
+    Format (big-endian): two zero bytes, a dtype code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), the number of dimensions, one uint32 per dimension, then the data.
+    ``magic``: the expected first four bytes as an int (2051 for uint8 images N x H x W, 2049 for labels).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip, whatever the file is called
+            raw = gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: damaged or truncated gzip file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than the 4-byte magic number)")
+    found = int.from_bytes(raw[:4], "big")
+    if raw[0] or raw[1] or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (magic number 0x{found:08x}"
+                         f"{f', expected {magic} = 0x{magic:08x}' if magic is not None else ''})")
+    if magic is not None and found != magic:
+        raise ValueError(f"{path}: wrong IDX magic number {found} (0x{found:08x}), expected {magic} (0x{magic:08x})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than its {header}-byte header)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    need = math.prod(dims) * dtype.itemsize
+    have = len(raw) - header
+    if have != need:
+        what = "truncated IDX file" if have < need else "IDX file with trailing bytes"
+        raise ValueError(f"{path}: {what}: its header announces {'x'.join(map(str, dims))} {dtype.name} "
+                         f"({need} data bytes), the file holds {have}")
+    return np.frombuffer(raw, dtype, math.prod(dims), header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _fashion_mnist_files(data_dir: Optional[PathLike]) -> list[Path]:
+    """The four IDX files, from ``data_dir`` if it holds them, else from the Debian package's folder."""
+    folders = ([Path(data_dir).expanduser()] if data_dir is not None else []) + [Path(FASHION_MNIST_SYSTEM_DIR)]
+    for folder in folders:
+        found = [next((folder / n for n in (stem, stem + ".gz") if (folder / n).is_file()), None)
+                 for stem in FASHION_MNIST_FILES]
+        if all(found):
+            return found  # type: ignore[return-value]
+        if any(found):  # some but not all: the user meant this folder
+            missing = ", ".join(stem for stem, f in zip(FASHION_MNIST_FILES, found) if f is None)
+            raise ValueError(f"fashion_mnist: {str(folder)!r} holds only some of the four IDX files: missing {missing} "
+                             f"(or .gz); download them from {FASHION_MNIST_URL} into that folder")
+    searched = " and ".join(f"{str(f)!r}" + (" (--data-dir)" if i == 0 and data_dir is not None else
+                                                " (Debian package dataset-fashion-mnist)")
+                            for i, f in enumerate(folders))
+    raise ValueError(f"fashion_mnist: the four IDX files ({', '.join(FASHION_MNIST_FILES)}, each .gz or not) are "
+                     f"not in {searched}; install them with 'apt-get install dataset-fashion-mnist', or download "
+                     f"the four files from {FASHION_MNIST_URL} into DIR and pass --data-dir DIR")
+
+
+def _fashion_mnist_split(images: Path, labels: Path) -> tuple[Tensor, Tensor]:
+    """(N, 1, 28, 28) float images normalised with the training mean/std, (N,) int64 labels; checked."""
+    x = read_idx(images, magic=0x0803)
+    y = read_idx(labels, magic=0x0801)
+    if x.shape[1:] != (28, 28):
+        raise ValueError(f"{images}: expected 28x28 images, found {x.shape[1]}x{x.shape[2]}")
+    if len(x) != len(y):
+        raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    bad = np.flatnonzero(y > 9)
+    if bad.size:
+        raise ValueError(f"{labels}: label {int(y[bad[0]])} at index {int(bad[0])} is outside 0..9 "
+                         f"({bad.size} labels out of range)")
+    xt = torch.from_numpy(x).unsqueeze(1).float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+    return xt, torch.from_numpy(y.astype(np.int64))
+
+
+def _fashion_mnist_bundle(data_dir: Optional[PathLike], val_split: float, seed: int, augment: bool) -> DataBundle:
+    files = _fashion_mnist_files(data_dir)
+    try:
+        (x, y), (xt, yt) = _fashion_mnist_split(files[0], files[1]), _fashion_mnist_split(files[2], files[3])
+    except ValueError as e:
+        raise ValueError(f"fashion_mnist: {e}") from None
+    aug = TensorAugment(pad=2, flip=True, fill=-FASHION_MNIST_MEAN / FASHION_MNIST_STD) if augment else None
+    return _tensor_bundle("fashion_mnist", x, y, xt, yt, 10, val_split, seed, aug, list(FASHION_MNIST_CLASSES))
 
 
 # -- transforms ----------------------------------------------------------------------------------------
@@ -296,22 +476,37 @@ def _path_dataset(name: str, data_dir: Optional[PathLike]) -> tuple[Dataset, Dat
     raise AssertionError(name)
 
 
+def _unknown_dataset(name: str) -> ValueError:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), DATASETS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ValueError(f"unknown data set {name!r}{hint}; choose one of {', '.join(DATASETS)}")
+
+
+def default_model(dataset: str) -> str:
+    """The model trained on ``dataset`` when none is named (:data:`DEFAULT_MODELS`)."""
+    if dataset not in DEFAULT_MODELS:
+        raise _unknown_dataset(dataset)
+    return DEFAULT_MODELS[dataset]
+
+
 def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, img_size: Optional[int] = None,
-                   val_split: float = 0.0, seed: int = 0) -> DataBundle:
+                   val_split: float = 0.0, seed: int = 0, augment: bool = True) -> DataBundle:
     """Build the train / val / test sets of data set ``name`` (one of :data:`DATASETS`).
 
-    ``data_dir`` is required for the image sets (never downloaded). ``img_size``: image side for the
+    ``data_dir`` is required for the image sets (never downloaded); "fashion_mnist" reads its four IDX
+    files from ``data_dir``, or from /usr/share/datasets/fashion-mnist (Debian package
+    dataset-fashion-mnist) when ``data_dir`` is None or holds none of them. ``img_size``: image side for the
     image sets (default 32 for CIFAR, 224 otherwise). ``val_split``: fraction of the training set held
     out as a validation set, chosen with a ``seed``-ed generator (deterministic; evaluation transforms).
+    ``augment``: random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST); False gives
+    the training set the evaluation transform. Validation and test sets are never augmented.
     "imagefolder" tests on ``data_dir/test`` if present (else ``data_dir/val``); with both present,
     ``data_dir/val`` becomes the validation set. Flowers-102 trains on its train+val splits.
     """
     if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, DATASETS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown data set {name!r}{hint}; choose one of {', '.join(DATASETS)}")
+        raise _unknown_dataset(name)
     if not 0 <= val_split < 1:
         raise ValueError(f"val_split must be in [0, 1), got {val_split}")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
@@ -323,9 +518,14 @@ def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, i
     if name == "digits":
         _check_no_img_size(name, img_size, 8)
         return _tensor_bundle(name, *_digits_arrays(), num_classes=10, val_split=val_split, seed=seed)
+    if name == "fashion_mnist":
+        _check_no_img_size(name, img_size, 28)
+        return _fashion_mnist_bundle(data_dir, val_split, seed, augment)
 
     train_base, test_base, own_val, num_classes, classes = _path_dataset(name, data_dir)
     train_tf, eval_tf = image_transforms(name, img_size)
+    if not augment:
+        train_tf = eval_tf
     size = img_size or (32 if name.startswith("cifar") else 224)
     if own_val is not None and val_split > 0:
         raise ValueError(f"{name}: {data_dir!r} has its own val/ folder next to test/; drop val_split "
@@ -338,3 +538,78 @@ def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, i
         val = TransformSubset(own_val, None, eval_tf) if own_val is not None else None
     return DataBundle(name, train, val, TransformSubset(test_base, None, eval_tf), num_classes, 3,
                       (3, size, size), classes)
+
+
+# -- batches made on the device ------------------------------------------------------------------------
+
+def _augment_seed(seed: int, epoch: int) -> int:
+    """A generator seed for the augmentation of (seed, epoch), apart from the shuffling's seed + epoch."""
+    return (int(seed) * 0x9E3779B1 + int(epoch) * 0x85EBCA77 + 0x5A17) % (2**63)
+
+
+class DeviceLoader:
+    """Batches of a TensorDataset kept whole on ``device``, shuffled and augmented there: no per-item work.
+
+    Stands in for ``DataLoader(dataset, batch_size, sampler=DistributedSampler(...))``: with ``shuffle``
+    the order is the DistributedSampler's (``randperm`` seeded with ``seed + epoch``; rank ``rank`` of
+    ``world`` takes every world-th index, padded so all ranks get ``ceil(N / world)``), and sample i of
+    epoch e is augmented (the dataset's ``augment``, if any) with parameters drawn for (seed, e) -- so the
+    batches depend only on (seed, epoch) and a run resumed at an epoch boundary, or ``start`` samples into
+    one, sees exactly the batches of an uninterrupted run. The random numbers are drawn on the CPU once
+    per epoch (CPU and GPU runs see the same data); gathering, cropping and flipping run on ``device``.
+    Without ``shuffle`` (evaluation) it yields the rank's indices rank, rank + world, ... in order, unpadded
+    and never augmented. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, device: Union[str, torch.device] = "cpu",
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, rank: int = 0, world: int = 1):
+        tensors = getattr(dataset, "tensors", None)
+        if tensors is None or len(tensors) != 2:
+            raise ValueError("DeviceLoader needs a TensorDataset of (inputs, labels)")
+        if batch_size < 1 or not 0 <= rank < world:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world, got {batch_size}, {rank}, {world}")
+        self.device = torch.device(device)
+        self.x, self.y = (t.to(self.device) for t in tensors)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = int(batch_size), int(seed), shuffle, drop_last
+        self.rank, self.world = rank, world
+        self.augment: Optional[TensorAugment] = getattr(dataset, "augment", None) if shuffle else None
+        n = len(self.x)
+        self.num_samples = math.ceil(n / world) if shuffle else len(range(rank, n, world))
+        self.epoch = 0
+        self.start = 0  # samples of this rank's epoch to skip (resuming mid-epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def indices(self) -> Tensor:
+        """This rank's sample indices for the current epoch, from ``start`` on (CPU, int64)."""
+        n = len(self.x)
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.world)[self.start:]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        total = self.num_samples * self.world
+        if total > n:
+            idx = idx.repeat(math.ceil(total / n))[:total]
+        return idx[self.rank:total:self.world][self.start:]
+
+    def __len__(self) -> int:
+        left = max(self.num_samples - self.start, 0)
+        return left // self.batch_size if self.drop_last else math.ceil(left / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        idx = self.indices().to(self.device)
+        params = None
+        if self.augment is not None:  # per sample of the whole data set: independent of rank, world and start
+            gen = torch.Generator().manual_seed(_augment_seed(self.seed, self.epoch))
+            params = self.augment.draw(len(self.x), gen).to(self.device)
+        for b in range(len(self)):
+            j = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.x[j]
+            if params is not None:
+                x = self.augment.apply(x, params[j])  # type: ignore[union-attr]
+            yield x, self.y[j]
+
+    def __repr__(self) -> str:
+        return (f"DeviceLoader(n={len(self.x)}, batch_size={self.batch_size}, device={self.device}, "
+                f"shuffle={self.shuffle}, augment={self.augment}, rank={self.rank}/{self.world})")

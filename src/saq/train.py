@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from ._io import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
@@ -159,7 +159,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """create_model -> optional float ``cfg.pretrained`` weights -> :func:`saq.quantize` (not yet traced)."""
     from .models import create_model
 
-    model = create_model(cfg.model, num_classes, in_chans=in_chans, img_size=cfg.img_size, **dict(cfg.model_kwargs))
+    model = create_model(cfg.model, num_classes, in_chans=in_chans, img_size=cfg.img_size, **cfg.model_options(in_chans))
     if cfg.pretrained:
         skipped = load_pretrained(model, cfg.pretrained)
         if skipped:
@@ -496,7 +496,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
 def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[int], None]],
            device: torch.device, rank: int, world: int, main: bool, out: Path, ckpt_path: Path) -> dict[str, Any]:
-    from .data import build_datasets
+    from .data import DeviceLoader, build_datasets
 
     distributed = world > 1
     save = cfg.save
@@ -515,22 +515,31 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
 
     _seed_all(cfg.seed)
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
-                            seed=cfg.seed)
+                            seed=cfg.seed, augment=cfg.augment)
     input_shape = tuple(int(s) for s in bundle.input_shape)
     data_info = {"dataset": cfg.dataset, "num_classes": int(bundle.num_classes), "in_chans": int(bundle.in_chans),
                  "input_shape": list(input_shape)}
 
     # -- data loaders: order = f(seed, epoch); the loader's generator keeps the global RNG untouched --------
+    # tensor data sets (mnist1d, digits, fashion_mnist) stay whole on the device and are batched there by a
+    # DeviceLoader: the same order as the sampler's, set_epoch/start alike, augmentation drawn per (seed, epoch)
     pin = device.type == "cuda"
-    sampler = _ResumableSampler(bundle.train, world, rank, cfg.seed)
+    sampler: Any = _ResumableSampler(bundle.train, world, rank, cfg.seed)
     per_rank = sampler.num_samples
     loader_gen = torch.Generator()
-    train_loader = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=per_rank >= cfg.batch_size, generator=loader_gen)
+    train_loader: Any
+    if isinstance(bundle.train, TensorDataset):
+        sampler = train_loader = DeviceLoader(bundle.train, cfg.batch_size, device, cfg.seed, shuffle=True,
+                                              drop_last=per_rank >= cfg.batch_size, rank=rank, world=world)
+    else:
+        train_loader = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                  pin_memory=pin, drop_last=per_rank >= cfg.batch_size, generator=loader_gen)
     full_steps = (per_rank // cfg.batch_size) if per_rank >= cfg.batch_size else 1
     steps_per_epoch = min(full_steps, cfg.limit_train_batches) if cfg.limit_train_batches else full_steps
 
-    def eval_loader(ds: Dataset) -> DataLoader:
+    def eval_loader(ds: Dataset) -> Any:
+        if isinstance(ds, TensorDataset):
+            return DeviceLoader(ds, cfg.batch_size, device, shuffle=False, rank=rank, world=world)
         return DataLoader(_shard(ds, rank, world), batch_size=cfg.batch_size, shuffle=False,
                           num_workers=cfg.workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
 

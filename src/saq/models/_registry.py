@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Builder)
 class ModelInfo:
     """What a registered model is for: its data family, default per-sample input shape and class count.
 
-    ``family``: "mnist1d", "digits", "cifar", "imagenet" (or "" when unknown); ``dataset``: the
+    ``family``: "mnist1d", "digits", "fashion_mnist", "cifar", "imagenet" (or "" when unknown); ``dataset``: the
     :mod:`saq.data` data set it is meant for by default; ``input_shape``: (C, ...) of one sample;
     ``source``: "saq", "torchvision" or "timm".
     """

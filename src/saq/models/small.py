@@ -1,4 +1,4 @@
-"""Small models for the embedded data sets (MNIST-1D, scikit-learn digits): fast enough for CPU benchmarks."""
+"""Small models for the embedded data sets (MNIST-1D, scikit-learn digits) and Fashion-MNIST: fast enough for CPUs."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ._registry import register_model
 
-__all__ = ["CNN1d", "CNNDigits", "cnn1d", "cnn_digits", "vit_tiny_digits"]
+__all__ = ["CNN1d", "CNNDigits", "CNNFashion", "cnn1d", "cnn_digits", "cnn_fmnist", "vit_tiny_digits"]
 
 
 def _conv_bn_relu(conv: type, bn: type, cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
@@ -59,6 +59,31 @@ class CNNDigits(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class CNNFashion(nn.Module):
+    """Four 3x3 Conv-BN-ReLU (w, 2w, 2w, 4w channels; 2x2 max-pool after the first and third), GAP, linear head.
+
+    For 28x28 grey-scale images (Fashion-MNIST): 28x28 -> 14x14 -> 7x7 feature maps. With ``width=32``:
+    130k parameters, 14.6M multiply-accumulates per image.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
+        super().__init__()
+        w = int(width)
+        if w < 1:
+            raise ValueError(f"width must be >= 1, got {width!r}")
+        self.features = nn.Sequential(
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, in_chans, w, 3, 1), nn.MaxPool2d(2),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, 2 * w, 3, 1),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 2 * w, 3, 1), nn.MaxPool2d(2),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 4 * w, 3, 1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 @register_model(family="mnist1d", dataset="mnist1d", input_shape=(1, 40), num_classes=10)
 def cnn1d(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
           channels: Sequence[int] = (32, 64, 64, 64)) -> nn.Module:
@@ -71,6 +96,13 @@ def cnn_digits(num_classes: int = 10, in_chans: Optional[int] = None, img_size: 
                width: int = 32) -> nn.Module:
     """Small 2-D CNN for scikit-learn digits (input (B, 1, 8, 8)); any image size works (global pooling)."""
     return CNNDigits(num_classes, in_chans or 1, width)
+
+
+@register_model(family="fashion_mnist", dataset="fashion_mnist", input_shape=(1, 28, 28), num_classes=10)
+def cnn_fmnist(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
+               width: int = 32) -> nn.Module:
+    """Small 2-D CNN for Fashion-MNIST (input (B, 1, 28, 28)); any image size >= 4 works (global pooling)."""
+    return CNNFashion(num_classes, in_chans or 1, width)
 
 
 @register_model(family="digits", dataset="digits", input_shape=(1, 8, 8), num_classes=10, source="timm")
