@@ -33,8 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(model="cnn_fmnist", model_kwargs={}, train_subset=15000, float_epochs=15, qat_epochs=15,
                 batch_size=128, lr=0.05, qat_lr=0.01, weight_decay=5e-4),
     # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
-    "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=30, qat_epochs=20,
-                batch_size=128, lr=0.1, qat_lr=0.01, weight_decay=5e-4),
+    "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=15, qat_epochs=10,
+                batch_size=256, lr=0.2, qat_lr=0.02, weight_decay=5e-4),
 }
 
 # method -> (TrainConfig overrides, seed tier); tier "paired" gets --seeds seeds, "other" gets --other-seeds
@@ -80,14 +80,17 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _float_dir(seed: int, args: argparse.Namespace) -> Path:
-    return Path(args.out) / f"fashion_float{args.tag}" / f"seed{seed}"
+    return Path(args.float_dir or Path(args.out) / f"fashion_float{args.tag}") / f"seed{seed}"
 
 
 def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     p = PRESETS[args.preset]
-    return dict(dataset="fashion_mnist", data_dir=args.data_dir, model=p["model"], model_kwargs=dict(p["model_kwargs"]),
-                seed=seed, val_split=args.val_split, train_subset=p["train_subset"], batch_size=p["batch_size"],
-                weight_decay=p["weight_decay"], device=args.device)
+    cfg = dict(dataset="fashion_mnist", data_dir=args.data_dir, model=p["model"], model_kwargs=dict(p["model_kwargs"]),
+               seed=seed, val_split=args.val_split, train_subset=p["train_subset"], batch_size=p["batch_size"],
+               weight_decay=p["weight_decay"], device=args.device)
+    if args.smoke:  # a few batches per epoch: checks the whole pipeline in seconds
+        cfg.update(limit_train_batches=2, limit_eval_batches=2)
+    return cfg
 
 
 def float_config(seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -111,6 +114,8 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
 
 
 def _mean_sd(vals: list[float]) -> str:
+    if not vals:
+        return "n/a"
     return f"{statistics.fmean(vals):.2f} +- {statistics.stdev(vals) if len(vals) > 1 else 0.0:.2f}"
 
 
@@ -140,20 +145,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
                     help="stop after this stage (the cache keeps what is done)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--float-dir", default=None, help="where the float checkpoints go (default: under --out)")
+    ap.add_argument("--smoke", action="store_true", help="2 batches per epoch: check the pipeline, not results")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args(argv)
-    args.tag = "" if args.preset == "cpu" else f"_{args.preset}"
+    args.tag = ("" if args.preset == "cpu" else f"_{args.preset}") + ("_smoke" if args.smoke else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out / f"fashion_runs{args.tag}.jsonl", args.workers, job=_run)
+    if args.report_only:  # tables from the cached runs only (e.g. a GPU run cut off by its time limit)
+        runner.run = lambda configs, label: [runner.done.get(_key(c)) for c in configs]  # type: ignore[method-assign]
     t_start = time.perf_counter()
     n_paired, n_other = args.seeds, min(args.other_seeds, args.seeds)
     seeds = {"paired": list(range(n_paired)), "other": list(range(n_other))}
     sweep_seed = 1000
 
     # 0. float models (the final seeds and the sweep seed)
-    floats = [float_config(s, args) for s in [sweep_seed] + seeds["paired"]]
+    floats = [float_config(s, args) for s in ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]]
     for c in floats:  # a cached float run whose checkpoint is gone is trained again
-        if not Path(c["output"], "checkpoint.pt").exists():
+        if not args.report_only and not Path(c["output"], "checkpoint.pt").exists():
             runner.done.pop(_key(c), None)
     frec = runner.run(floats, "float models")
     if args.stage == "float":
@@ -168,11 +178,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             for rho in args.rhos:
                 sweep_cfgs.append(qat_config(m, b, sweep_seed, rho, args))
                 sweep_index.append((b, m, rho))
+    if len(args.rhos) == 1:  # a fixed rho: nothing to sweep
+        sweep_cfgs, sweep_index = [], []
     sweep = runner.run(sweep_cfgs, "rho sweep (validation split)")
     val: dict[tuple[int, str], dict[float, float]] = {}
     for (b, m, rho), rec in zip(sweep_index, sweep):
-        val.setdefault((b, m), {})[rho] = rec["result"]["val_acc"]
+        if rec is not None:
+            val.setdefault((b, m), {})[rho] = rec["result"]["val_acc"]
     chosen = {k: max(v, key=lambda r: (v[r], -r)) for k, v in val.items()}
+    if len(args.rhos) == 1:
+        chosen = {(b, m): args.rhos[0] for b in sweep_bits for m in swept}
     for b in args.bits:  # bit-widths not swept take the rho of the nearest swept one
         for m in swept:
             if (b, m) not in chosen:
@@ -183,11 +198,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # 2. final runs on the test set
     final_cfgs, index = [], []
-    for b in args.bits:
-        for m in args.methods:
-            for s in seeds[METHODS[m][1]]:
-                final_cfgs.append(qat_config(m, b, s, chosen.get((b, m)), args))
-                index.append((b, m, s))
+    for s in seeds["paired"]:  # seed-major: runs cut off by a time limit leave whole seeds behind
+        for b in args.bits:
+            for m in args.methods:
+                if s in seeds[METHODS[m][1]]:
+                    final_cfgs.append(qat_config(m, b, s, chosen.get((b, m)), args))
+                    index.append((b, m, s))
     if args.diagnose:
         for name, extra in DIAGNOSES.items():
             for m in (BASE, "SAQ (case 3)"):
@@ -199,11 +215,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     secs: dict[tuple[int, str], list[float]] = {}
     curves: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for (b, m, s), rec in zip(index, final):
+        if rec is None:
+            continue
         acc.setdefault((b, m), {})[s] = rec["result"]["test_acc"]
         secs.setdefault((b, m), []).append(rec["time_s"])
         if s == 0:
             curves[(b, m)] = rec.get("curve", [])
-    fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if c["seed"] != sweep_seed}
+    fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if r is not None and c["seed"] != sweep_seed}
+    frec = [r for r in frec if r is not None]
     report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start)
     return 0
 
@@ -224,7 +243,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              "| bits | method | rho | seeds | test acc | gain vs baseline | gap closed | s/run |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     rows = []
-    fp_mean = statistics.fmean(fp_vals)
+    fp_mean = statistics.fmean(fp_vals) if fp_vals else float("nan")
     for (b, m), a in sorted(acc.items(), key=lambda kv: (kv[0][0], list(acc).index(kv[0]))):
         basename = m.split(" | ")[0]
         ref = PAIRS.get(basename, BASE)
@@ -238,7 +257,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
             gain = (g, hw, n)
             gain_txt = f"{g:+.2f} [{g - hw:+.2f}, {g + hw:+.2f}]"
             gap = fp_mean - statistics.fmean(acc[(b, ref)].values())
-            gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 else "-"
+            gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 else "-"  # False for NaN too
         rho = chosen.get((b, basename))
         lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
                      f"{gain_txt} | {gap_txt} | {statistics.fmean(secs[(b, m)]):.0f} |")

@@ -673,3 +673,20 @@ def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_syst
     a, b = load_checkpoint(ref["checkpoint"])["model"], load_checkpoint(out["checkpoint"])["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert out["test_acc"] == ref["test_acc"]
+
+
+def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
+    from saq.data import build_datasets, subset_train
+
+    full = build_datasets("digits", val_split=0.1, seed=3)
+    a = subset_train(full, 100)
+    b = subset_train(build_datasets("digits", val_split=0.1, seed=3), 100)
+    assert len(a.train) == 100 and torch.equal(a.train.tensors[0], b.train.tensors[0])
+    # the kept rows are rows of the full training split, each once
+    rows = {tuple(r.tolist()) for r in full.train.tensors[0].flatten(1)}
+    kept = [tuple(r.tolist()) for r in a.train.tensors[0].flatten(1)]
+    assert all(r in rows for r in kept)
+    assert a.val is full.val and a.test is full.test
+    assert subset_train(full, 0) is full and subset_train(full, 10**6) is full
+    with pytest.raises(ValueError, match="train_subset"):
+        subset_train(full, -1)

@@ -69,6 +69,7 @@ TRAIN_HELP = {
     "resume": "continue the run in --output from its checkpoint",
     "log_every": "also log the step loss to TensorBoard every N steps",
     "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
+    "train_subset": "train on N examples only: a fixed subset, the same for every seed (0: all)",
     "limit_train_batches": "at most N training batches per epoch (smoke tests)",
     "limit_eval_batches": "at most N batches per evaluation (smoke tests)",
 }

@@ -34,6 +34,7 @@ class TrainConfig:
     img_size: Optional[int] = None
     val_split: float = 0.0          # fraction of the training set held out for validation (never the test set)
     workers: int = 0
+    train_subset: int = 0           # >0: train on this many examples (a fixed subset, the same for every seed)
     augment: bool = True            # random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST)
     # quantization
     w_bits: int = 4
@@ -123,6 +124,8 @@ class TrainConfig:
             bad("warmup_epochs and rho_warmup_epochs must be >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.train_subset < 0:
+            bad(f"train_subset must be >= 0 (0: the whole training set), got {self.train_subset}")
         if self.strategy_alpha is not None and not (math.isfinite(self.strategy_alpha) and self.strategy_alpha >= 0):
             bad(f"strategy_alpha must be a finite number >= 0 (or unset for auto), got {self.strategy_alpha}")
         if self.strategy_k < 1:

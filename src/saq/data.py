@@ -25,6 +25,7 @@ import math
 import os
 import random
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 __all__ = ["DATASETS", "DEFAULT_MODELS", "DataBundle", "TransformSubset", "TensorAugment", "AugmentedTensorDataset",
            "DeviceLoader", "build_datasets", "default_model", "image_transforms", "read_idx",
@@ -538,6 +539,25 @@ def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, i
         val = TransformSubset(own_val, None, eval_tf) if own_val is not None else None
     return DataBundle(name, train, val, TransformSubset(test_base, None, eval_tf), num_classes, 3,
                       (3, size, size), classes)
+
+
+def subset_train(bundle: DataBundle, n: int) -> DataBundle:
+    """Keep ``n`` training examples (0: all): the first ``n`` of a permutation with a fixed seed, so every
+    run seed trains on the same images (paired comparisons); the validation and test sets are unchanged."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"train_subset must be an int >= 0 (0: the whole training set), got {n!r}")
+    size = len(bundle.train)  # type: ignore[arg-type]
+    if n == 0 or n >= size:
+        return bundle
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    ds = bundle.train
+    if isinstance(ds, AugmentedTensorDataset):
+        train: Dataset = AugmentedTensorDataset(ds.tensors[0][keep], ds.tensors[1][keep], ds.augment)
+    elif isinstance(ds, TensorDataset):
+        train = TensorDataset(*(t[keep] for t in ds.tensors))
+    else:
+        train = Subset(ds, keep.tolist())
+    return dataclasses.replace(bundle, train=train)
 
 
 # -- batches made on the device ------------------------------------------------------------------------

@@ -496,7 +496,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
 def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[int], None]],
            device: torch.device, rank: int, world: int, main: bool, out: Path, ckpt_path: Path) -> dict[str, Any]:
-    from .data import DeviceLoader, build_datasets
+    from .data import DeviceLoader, build_datasets, subset_train
 
     distributed = world > 1
     save = cfg.save
@@ -516,6 +516,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     _seed_all(cfg.seed)
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
                             seed=cfg.seed, augment=cfg.augment)
+    bundle = subset_train(bundle, cfg.train_subset)
     input_shape = tuple(int(s) for s in bundle.input_shape)
     data_info = {"dataset": cfg.dataset, "num_classes": int(bundle.num_classes), "in_chans": int(bundle.in_chans),
                  "input_shape": list(input_shape)}
