@@ -19,10 +19,14 @@ def ste_round(u):
     return u + (torch.round(u) - u).detach()
 
 
-def ref_weight(w, c, k):
-    """LIQ_wn weights: whole-tensor mean/std (detached), clamp(w_std/|c|, -1, 1), 2^k levels from -|c| to |c|."""
-    mean, std = w.detach().mean(), w.detach().std()
-    x = torch.clamp((w - mean) / std / c.abs(), -1, 1)
+def ref_weight(w, c, k, standardize=True):
+    """LIQ_wn weights: whole-tensor mean/std (detached), clamp(w_std/|c|, -1, 1), 2^k levels from -|c| to |c|.
+
+    ``standardize=False``: the official code's Linear layer, the same without the standardisation.
+    """
+    if standardize:
+        w = (w - w.detach().mean()) / w.detach().std()
+    x = torch.clamp(w / c.abs(), -1, 1)
     n = 2**k - 1
     return (ste_round((x + 1) / 2 * n) / n * 2 - 1) * c.abs()
 
@@ -114,6 +118,25 @@ def test_weight_statistics_are_detached():
     assert not torch.allclose(w.grad, in_graph.grad, atol=1e-6)
 
 
+def test_linear_form_has_no_standardisation_and_clips_from_max():
+    """The official QLinear: weights quantized as they are, clips starting at 0.8 * max|x| of the first data."""
+    w = (torch.randn(5, 7, dtype=f64) * 0.2).requires_grad_()
+    q = LIQWeightQuantizer(3, standardize=False).double().train()
+    up = torch.randn(5, 7, dtype=f64)
+    q(w).backward(up)
+    assert q.clip.item() == pytest.approx(0.8 * w.detach().abs().max().item())
+    c = torch.tensor(q.clip.item(), dtype=f64, requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_()
+    ref_weight(w_ref, c, 3, standardize=False).backward(up)
+    torch.testing.assert_close(q(w), ref_weight(w.detach(), c.detach(), 3, standardize=False), rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.clip.grad, c.grad.reshape(1), rtol=1e-10, atol=1e-12)
+    a = torch.rand(4, 9, dtype=f64) * 3
+    qa = LIQActQuantizer(4, init_fraction=0.8).double().train()
+    qa(a)
+    assert qa.clip.item() == pytest.approx(0.8 * a.max().item())
+
+
 def test_weight_32_bits_is_not_quantized_nor_standardised():
     w = torch.randn(4, 3)
     assert LIQWeightQuantizer(32)(w) is w
@@ -163,12 +186,21 @@ def test_act_eval_before_init_raises_and_calibrate_inits():
     q = LIQActQuantizer(4).eval()
     with pytest.raises(saq.NotInitializedError):
         q(torch.rand(3))
-    model = saq.quantize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), saq.QuantConfig(quantizer="liq"))
-    saq.calibrate(model, [torch.randn(5, 4)])
-    for _, m in saq.quant_layers(model):
-        for qq in (m.weight_quantizer, m.act_quantizer):
-            assert qq.is_initialized and qq.clip.item() == 1.0
-    assert model[0].act_quantizer.signed is True and model[2].act_quantizer.signed is False
+    model = saq.quantize(nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 3)),
+                         saq.QuantConfig(quantizer="liq"))
+    batches = [torch.randn(5, 2, 6), torch.randn(5, 2, 6) * 3]
+    saq.calibrate(model, batches)
+    conv, lin = model[0], model[3]
+    assert all(q.is_initialized for q in (conv.weight_quantizer, conv.act_quantizer, lin.weight_quantizer,
+                                          lin.act_quantizer))
+    # convolutions (LIQ_wn): clips start at 1.0; Linear (the official QLinear): 0.8 * max|x| (batch mean)
+    assert conv.weight_quantizer.clip.item() == 1.0 and conv.act_quantizer.clip.item() == 1.0
+    assert lin.weight_quantizer.clip.item() == pytest.approx(0.8 * lin.weight.abs().max().item())
+    with torch.no_grad():
+        maxes = [torch.relu(conv._conv_forward(b, conv.weight, conv.bias)).abs().max().item() for b in batches]
+    assert lin.act_quantizer.clip.item() == pytest.approx(0.8 * sum(maxes) / 2, rel=1e-5)
+    assert conv.act_quantizer.signed is True and lin.act_quantizer.signed is False
+    assert conv.weight_quantizer.standardize and not lin.weight_quantizer.standardize
 
 
 # -- layers, config --------------------------------------------------------------------------------------
@@ -224,17 +256,20 @@ def test_capture_qweight_and_its_gradient():
     up = torch.randn(5, 4)
     (model(x) * up).sum().backward()
     with torch.no_grad():
-        torch.testing.assert_close(lin.qweight, lin.weight_quantizer(lin.weight))
+        expected = ref_weight(lin.weight.double(), lin.weight_quantizer.clip.double(), 3, standardize=False)
+        torch.testing.assert_close(lin.qweight, expected.float())
         torch.testing.assert_close(lin.qweight_grad, up.t() @ lin.act_quantizer(x))
 
 
 def test_case2_standardises_the_perturbed_weight():
-    lin = one_linear()[0]
-    e = torch.randn(4, 6) * 0.05
-    lin.perturb_pre = e
+    model = saq.quantize(nn.Sequential(nn.Conv1d(2, 4, 3)), saq.QuantConfig(quantizer="liq", first_last_bits=3))
+    model.train()(torch.randn(2, 2, 5))
+    conv = model[0]
+    e = torch.randn(4, 2, 3) * 0.05
+    conv.perturb_pre = e
     with torch.no_grad():
-        expected = ref_weight((lin.weight + e).double(), lin.weight_quantizer.clip.double(), 3).float()
-        torch.testing.assert_close(lin.quantized_weight(), expected)
+        expected = ref_weight((conv.weight + e).double(), conv.weight_quantizer.clip.double(), 3).float()
+        torch.testing.assert_close(conv.quantized_weight(), expected)
 
 
 def test_config_options():
@@ -304,7 +339,8 @@ def test_export_round_trip_is_exact(tmp_path, w_bits, into):
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     layers = json.loads(header["__metadata__"]["layers"])
-    assert all(info["quantizer"] == "liq" and info["weight_standardized"] for info in layers.values())
+    assert all(info["quantizer"] == "liq" for info in layers.values())
+    assert [info["weight_standardized"] for info in layers.values()] == [True, True, False]  # the fc: Linear
     mid = layers["3"]
     w = model[3].weight.detach()
     assert mid["w_mean"] == pytest.approx(w.mean().item()) and mid["w_std"] == pytest.approx(w.std().item())

@@ -27,8 +27,9 @@ class QuantConfig:
 
     ``w_bits``/``a_bits``: 2..8, or 32 for not quantized. ``first_last_bits``: bits (weights and input
     activations) of the first and the last quantized layer in execution order (8, or 32 to keep them
-    float). ``quantizer``: ``"lsq"`` (learned step) or ``"liq"`` (the official SAQ code's LIQ_wn: learned
-    clip, weights standardised with the whole tensor's detached mean and std; see
+    float). ``quantizer``: ``"lsq"`` (learned step) or ``"liq"`` (the official SAQ code's quantizer: learned
+    clips; convolutions as its LIQ_wn, weights standardised with the whole tensor's detached mean and std,
+    clips from 1.0; Linear layers as its QLinear, no standardisation, clips from 0.8 * max|x|; see
     :class:`saq.quantizer.LIQWeightQuantizer`). ``per_channel``: one LSQ weight step per output channel
     (LIQ has one clip per tensor). ``weight_standardize`` (LSQ only): quantize ``(w-mean)/(std+eps)`` with
     per-output-channel statistics kept in the graph (use only where a normalisation layer follows); this is
@@ -245,7 +246,8 @@ def _inputs(batch: Any) -> tuple:
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None,
               device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """Initialise every quantizer from data: LSQ's step 2*mean|x|/sqrt(Qp) (mean|x| averaged over the
-    batches); LIQ's clips start at 1.0 whatever the data. Undecided activation signedness comes from the data.
+    batches); LIQ's clips start at 1.0 in convolutions whatever the data, at 0.8 * max|x| (averaged over the
+    batches) in Linear layers. Undecided activation signedness comes from the data.
 
     Runs in eval mode (BatchNorm statistics untouched) with quantization off, so each layer sees float
     inputs. A BatchNorm whose running statistics were never updated (a model trained from scratch)

@@ -303,7 +303,8 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         kind = info.get("quantizer", "lsq")
         if kind != layers[name].weight_quantizer.kind:
             swaps[name] = make_quantizers(kind, int(info["w_bits"]), int(info["a_bits"]), layers[name].weight.shape[0],
-                                          per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"])
+                                          per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"],
+                                          linear=isinstance(layers[name], nn.Linear))
 
     # every other tensor: exact key set and shapes (quantizer scales are checked against the metadata)
     prefixes = _quantizer_prefixes(target)

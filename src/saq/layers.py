@@ -8,8 +8,9 @@ their parameters, names and hooks. Each exposes the hook the sharpness-aware opt
 * ``capture_qweight = True`` -- the forward keeps the quantized weight it used (``qweight``) and the
   backward accumulates the gradient w.r.t. it in ``qweight_grad`` (the gradient SAQ case 3 perturbs with).
 
-The quantizers are LSQ or LIQ (:class:`saq.quantizer.Quantizer`); for LIQ the quantized weight is in the
-standardised domain (what the official code convolves with), and the hooks act on it all the same.
+The quantizers are LSQ or LIQ (:class:`saq.quantizer.Quantizer`); for LIQ the quantized weight of a
+convolution is in the standardised domain (what the official code convolves with), and the hooks act on it
+all the same.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class QuantLayer:
         """Attach the quantizers (kind ``quantizer``) and the hooks; see :class:`saq.QuantConfig`."""
         wq, aq = make_quantizers(quantizer, w_bits, a_bits, num_channels=self.weight.shape[0],
                                  per_channel=per_channel, a_signed=a_signed,
-                                 per_sample_grad_scale=act_grad_scale == "per_sample")
+                                 per_sample_grad_scale=act_grad_scale == "per_sample",
+                                 linear=isinstance(self, nn.Linear))
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
         self.weight_standardize = weight_standardize

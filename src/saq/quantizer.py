@@ -227,21 +227,25 @@ class Quantizer(nn.Module):
             return x.abs().mean().reshape(1)
         return x.abs().mean(dim=[d for d in range(x.dim()) if d != self.channel_dim])
 
+    def _statistic(self, x: Tensor) -> Tensor:
+        """The data statistic the scale is initialised from (averaged over calibration batches)."""
+        return self._mean_abs(x)
+
     @torch.no_grad()
-    def init_from(self, x: Tensor, mean_abs: Optional[Tensor] = None) -> None:
+    def init_from(self, x: Tensor, stat: Optional[Tensor] = None) -> None:
         """Decide the signedness (if undecided) and initialise the scale from data (each kind's own rule)."""
         if self.signed is None:
             self.signed = bool((x < 0).any())
-        self._init_scale(self._mean_abs(x) if mean_abs is None else mean_abs)
+        self._init_scale(self._statistic(x) if stat is None else stat)
         self.initialized.fill_(True)
         self._initialized = True
 
-    def _init_scale(self, mean_abs: Tensor) -> None:  # pragma: no cover - abstract
+    def _init_scale(self, stat: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def start_calibration(self) -> None:
         """Collect statistics on the next forward passes instead of quantizing (see :func:`saq.calibrate`)."""
-        self._calib = [0, None, False]  # batches, sum of mean|x|, saw negatives
+        self._calib = [0, None, False]  # batches, sum of the statistic, saw negatives
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -253,7 +257,7 @@ class Quantizer(nn.Module):
         self._calib = None
         if self.signed is None:
             self.signed = neg
-        self.init_from(torch.zeros(()), mean_abs=total / n)
+        self.init_from(torch.zeros(()), stat=total / n)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, samples: int = 1) -> Tensor:
@@ -262,7 +266,7 @@ class Quantizer(nn.Module):
             return x
         if self._calib is not None:  # calibration: collect statistics, do not quantize
             with torch.no_grad():
-                m = self._mean_abs(x.detach().float())
+                m = self._statistic(x.detach().float())
                 self._calib[0] += 1
                 self._calib[1] = m if self._calib[1] is None else self._calib[1] + m
                 self._calib[2] = self._calib[2] or bool((x < 0).any())
@@ -334,9 +338,9 @@ class LSQQuantizer(Quantizer):
         return f"{super().extra_repr()}, grad_scale={self.grad_scale if self.grad_scale is not None else g}"
 
     @torch.no_grad()
-    def _init_scale(self, mean_abs: Tensor) -> None:
+    def _init_scale(self, stat: Tensor) -> None:
         _, qp = qrange(self.bits, bool(self.signed))
-        step = 2.0 * mean_abs.to(self.step) / math.sqrt(qp)
+        step = 2.0 * stat.to(self.step) / math.sqrt(qp)  # stat: mean|x|
         # a channel that is all zeros would get step 0: fall back to a tiny positive step
         self.step.copy_(step.clamp_min(1e-6).reshape(self.step.shape))
 
@@ -364,15 +368,32 @@ class LSQQuantizer(Quantizer):
 
 
 class _LIQ(Quantizer):
-    """What both LIQ quantizers share: one learned clip per tensor, used as ``|c|``, initialised to 1.0."""
+    """What both LIQ quantizers share: one learned clip per tensor, used as ``|c|``.
+
+    The clip starts at 1.0 (LIQ_wn's convolutions), or at ``init_fraction * max|x|`` of the first data
+    (0.8 in the official code's Linear layer).
+    """
 
     kind = "liq"
     param_name = "clip"
 
+    def __init__(self, bits: int, signed: Optional[bool], init_fraction: Optional[float]):
+        super().__init__(bits, signed)
+        self.init_fraction = init_fraction
+
+    def _statistic(self, x: Tensor) -> Tensor:
+        return x.abs().max().reshape(1) if x.numel() else x.new_zeros(1)
+
     @torch.no_grad()
-    def _init_scale(self, mean_abs: Tensor) -> None:
-        # LIQ_wn starts every clip at 1.0 (its data-driven 0.8*max initialisation is commented out)
-        self.clip.fill_(1.0)
+    def _init_scale(self, stat: Tensor) -> None:
+        if self.init_fraction is None:
+            self.clip.fill_(1.0)
+        else:
+            self.clip.copy_((self.init_fraction * stat.to(self.clip)).clamp_min(1e-6).reshape(1))
+
+    def extra_repr(self) -> str:
+        init = "1.0" if self.init_fraction is None else f"{self.init_fraction}*max|x|"
+        return f"{super().extra_repr()}, clip init {init}"
 
     def _abs_clip(self) -> Tensor:
         return self.clip.abs().clamp_min(STEP_EPS).reshape(())
@@ -383,15 +404,16 @@ class LIQWeightQuantizer(_LIQ):
 
     ``w_std = (w - mean) / std`` with the whole tensor's mean and (unbiased) std, both detached; then
     ``x = clamp(w_std / c, -1, 1)`` and ``Q = (round((x + 1) / 2 * (2^k - 1)) / (2^k - 1) * 2 - 1) * c``
-    with ``c = |clip|``: 2^k levels from -c to c, no zero level, straight-through round; the gradient
-    reaches the clip through the division and the multiplication. ``Q`` is in the standardised domain
-    and is what the layer computes with (as the official code's convolution). Codes are ``0..2^k-1``.
+    with ``c = |clip|`` (starting at 1.0, one standard deviation): 2^k levels from -c to c, no zero level,
+    straight-through round; the gradient reaches the clip through the division and the multiplication.
+    ``Q`` is in the standardised domain and is what the layer computes with (as the official code's
+    convolution). Codes are ``0..2^k-1``. ``standardize=False`` is the official code's Linear layer:
+    no standardisation, the clip starting at ``0.8 * max|w|``.
     """
 
-    standardize = True
-
-    def __init__(self, bits: int):
-        super().__init__(bits, signed=True)
+    def __init__(self, bits: int, standardize: bool = True):
+        super().__init__(bits, signed=True, init_fraction=None if standardize else 0.8)
+        self.standardize = standardize
 
     def _standardized(self, w: Tensor) -> Tensor:
         if not self.standardize:
@@ -436,11 +458,12 @@ class LIQActQuantizer(_LIQ):
     ``Q = round(clamp(a / c, -1, 1) * m) / m * c`` with ``m = 2^(k-1) - 1`` (2^k - 1 levels).
     Computed as LSQ's Function with step ``c / levels`` and gradient scale 1, which is the same function
     with the same straight-through gradients (for ``a`` inside the range, and for ``c`` through the
-    division and the multiplication), at LSQ's memory cost.
+    division and the multiplication), at LSQ's memory cost. The clip starts at 1.0, or at
+    ``init_fraction * max|a|`` of the first data (the official Linear layer: 0.8).
     """
 
-    def __init__(self, bits: int, signed: Optional[bool] = None):
-        super().__init__(bits, signed)
+    def __init__(self, bits: int, signed: Optional[bool] = None, init_fraction: Optional[float] = None):
+        super().__init__(bits, signed, init_fraction)
 
     def code_range(self) -> tuple[int, int]:
         if self.signed:
@@ -467,16 +490,19 @@ class LIQActQuantizer(_LIQ):
 
 
 def make_quantizers(kind: str, w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
-                    a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True) -> tuple[Quantizer, Quantizer]:
+                    a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
+                    linear: bool = False) -> tuple[Quantizer, Quantizer]:
     """The (weight, input-activation) quantizers of one layer of the given kind ("lsq" or "liq").
 
     LSQ: signed weight steps (per output channel if ``per_channel``); the activation step's gradient
     scale counts one sample if ``per_sample_grad_scale``. LIQ: one clip per tensor (``per_channel`` and
-    the gradient scale do not apply).
+    the gradient scale do not apply); a convolution gets LIQ_wn (standardised weights, clips from 1.0),
+    a ``linear`` layer the official code's QLinear (no standardisation, clips from 0.8 * max|x|).
     """
     if kind == "lsq":
         return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None, num_channels=num_channels),
                 LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=per_sample_grad_scale))
     if kind == "liq":
-        return LIQWeightQuantizer(w_bits), LIQActQuantizer(a_bits, signed=a_signed)
+        return (LIQWeightQuantizer(w_bits, standardize=not linear),
+                LIQActQuantizer(a_bits, signed=a_signed, init_fraction=0.8 if linear else None))
     raise ValueError(f"unknown quantizer {kind!r}; choose one of {', '.join(QUANTIZERS)}")
