@@ -282,6 +282,13 @@ def test_config_options():
     with pytest.raises(ValueError, match="weight_standardize"):
         saq.TrainConfig(quantizer="liq", weight_standardize=True)
     assert saq.QuantConfig.from_dict(saq.QuantConfig(quantizer="liq").to_dict()).quantizer == "liq"
+    from saq.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--quantizer", "liq", "--act-grad-scale", "batch"])
+    qc = config_from_args(args).quant_config()
+    assert (qc.quantizer, qc.act_grad_scale) == ("liq", "batch")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--quantizer", "pact"])
 
 
 # -- SAQ ------------------------------------------------------------------------------------------------

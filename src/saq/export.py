@@ -165,7 +165,7 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     }
     if wq.standardize and wq.enabled:
         w = layer.weight.detach().float()
-        meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std())
+        meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
     return meta
 
 

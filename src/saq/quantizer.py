@@ -179,6 +179,7 @@ class Quantizer(nn.Module):
 
     @property
     def bits(self) -> int:
+        """The bit-width; setting 32 (disabled) freezes the scale, which then never gets a gradient."""
         return self._bits
 
     @bits.setter
@@ -188,6 +189,7 @@ class Quantizer(nn.Module):
 
     @property
     def signed(self) -> Optional[bool]:
+        """Whether the input's range is signed; ``None`` until decided from the first data."""
         return self._signed
 
     @signed.setter
@@ -197,10 +199,12 @@ class Quantizer(nn.Module):
 
     @property
     def is_initialized(self) -> bool:
+        """Whether the scale has been initialised (from data, a checkpoint or an export)."""
         return self._initialized
 
     @property
     def enabled(self) -> bool:
+        """False at 32 bits (not quantized)."""
         return self.bits != FLOAT_BITS
 
     def _sync_flags(self) -> None:
