@@ -268,3 +268,56 @@ def test_infinite_inputs_clip_with_finite_gradients():
     torch.testing.assert_close(y.detach(), torch.tensor([0.7, -0.8, 0.3]))
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 1.0]))
     assert torch.isfinite(s.grad) and s.grad.item() == pytest.approx(7 - 8 + (3 - 0.3 / 0.1), abs=1e-5)
+
+
+# -- LSQ's activation step-gradient scale: N counts one sample ---------------------------------------------
+def step_grad_sum(x, s, bits, signed, upstream=None):
+    """LSQ's unscaled step gradient (round(v) - v inside, Qn/Qp outside, times upstream) summed, float64."""
+    up = torch.ones_like(x, dtype=torch.float64) if upstream is None else upstream
+    _, _, g = ref_lsq(x, torch.tensor(s, dtype=torch.float64), bits, signed, up)
+    return float(g) * math.sqrt(x.numel() * ref_range(bits, signed)[1])  # undo the reference's 1/sqrt(N*Qp)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_act_step_grad_scale_batch_1_vs_8(per_sample):
+    """Per-sample rule: g = 1/sqrt(C*H*W*Qp) whatever the batch, so 8 copies of a sample give exactly 8 times
+    the step gradient of one (summed loss); the whole-batch rule gives sqrt(8) times."""
+    bits, s = 4, 0.1
+    x1 = torch.rand(1, 3, 5, 5, dtype=torch.float64) * 2  # x/s up to 20 > Qp = 15: inside and clipped
+    x8 = x1.repeat(8, 1, 1, 1)
+
+    def grad(x):
+        q = LSQQuantizer(bits, signed=False, per_sample_grad_scale=per_sample).double().train()
+        q.init_from(x)
+        q.step.data.fill_(s)
+        q(x, samples=x.shape[0]).sum().backward()
+        return q.step.grad.item()
+
+    closed_1 = step_grad_sum(x1, s, bits, False) / math.sqrt(3 * 5 * 5 * 15)
+    assert grad(x1) == pytest.approx(closed_1, rel=1e-12)
+    assert grad(x8) == pytest.approx(closed_1 * (8 if per_sample else math.sqrt(8)), rel=1e-12)
+
+
+@pytest.mark.parametrize("act_grad_scale", ["per_sample", "batch"])
+def test_layer_act_step_grad_counts_tokens_per_sample(act_grad_scale):
+    """A Linear on (B, T, features): N = T * features per sample (default), or B * T * features ("batch")."""
+    model = saq.quantize(nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)),
+                         saq.QuantConfig(a_bits=4, first_last_bits=4, act_grad_scale=act_grad_scale)).double()
+    x = torch.randn(8, 5, 6, dtype=torch.float64)
+    saq.calibrate(model, [x])
+    aq = model[0].act_quantizer
+    assert aq.signed is True and aq.per_sample_grad_scale == (act_grad_scale == "per_sample")
+    seen = []
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        seen.append(out)
+
+    aq.register_forward_hook(keep)
+    model.train()(x).sum().backward()
+    n = 5 * 6 if act_grad_scale == "per_sample" else 8 * 5 * 6
+    expected = step_grad_sum(x, aq.step.item(), 4, True, seen[0].grad) / math.sqrt(n * 7)
+    assert aq.step.grad.item() == pytest.approx(expected, rel=1e-10)
+    # weights: N stays the number of weights sharing a step (6 per output channel)
+    wq = model[0].weight_quantizer
+    assert wq.per_sample_grad_scale is False and wq.step.numel() == 4

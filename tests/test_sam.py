@@ -52,12 +52,15 @@ def make_model(bn: bool = True, dropout: bool = False, a_bits: int = 3, seed: in
 
 
 # ------------------------------------------------------------------------------------- the reference
-def fq(x, step, bits, signed):
-    """LSQ fake-quantizer written out: round(clamp(x/s)) * s, STE for x, LSQ gradient scaled by 1/sqrt(N Qp)."""
+def fq(x, step, bits, signed, samples=1):
+    """LSQ fake-quantizer written out: round(clamp(x/s)) * s, STE for x, LSQ gradient scaled by 1/sqrt(N Qp).
+
+    N counts the elements sharing one step in one of the `samples` samples of x (LSQ: per sample for activations).
+    """
     if bits == 32:
         return x
     qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    g = 1.0 / math.sqrt((x.numel() // step.numel()) * qp)
+    g = 1.0 / math.sqrt((x.numel() // samples // step.numel()) * qp)  # activations: N per sample
     s = step.detach() + (step * g - (step * g).detach())  # value = step, gradient scaled by g
     s = s.view(-1, *([1] * (x.dim() - 1))) if step.numel() > 1 else s.reshape(())
     v = torch.clamp(x / s, qn, qp)
@@ -69,7 +72,7 @@ def ref_forward(model, P, x, pre=None, post=None, qw=None, stats=None):
     for i, m in enumerate(model):
         n = str(i)
         if isinstance(m, QuantLayer):
-            a = fq(h, P[f"{n}.act_quantizer.step"], m.a_bits, m.act_quantizer.signed)
+            a = fq(h, P[f"{n}.act_quantizer.step"], m.a_bits, m.act_quantizer.signed, samples=h.shape[0])
             w = P[f"{n}.weight"]
             if pre and n in pre:
                 w = w + pre[n]

@@ -82,10 +82,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- reference
-def fq(x, step, bits, signed):
+def fq(x, step, bits, signed, samples=1):
     """LSQ written out: round(clamp(x/s)) * s, STE for x, step gradient scaled by 1/sqrt(N Qp)."""
     qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    g = 1.0 / math.sqrt((x.numel() // step.numel()) * qp)
+    g = 1.0 / math.sqrt((x.numel() // samples // step.numel()) * qp)  # activations: N per sample
     s = step.detach() + (step * g - (step * g).detach())
     s = s.view(-1, *([1] * (x.dim() - 1))) if step.numel() > 1 else s.reshape(())
     v = torch.clamp(x / s, qn, qp)
@@ -101,7 +101,7 @@ def ref_grads(model, P0, x, y, post=None, delta=None):
         if isinstance(m, nn.ReLU):
             h = F.relu(h)
             continue
-        a = fq(h, P[f"{n}.act_quantizer.step"], m.a_bits, m.act_quantizer.signed)
+        a = fq(h, P[f"{n}.act_quantizer.step"], m.a_bits, m.act_quantizer.signed, samples=h.shape[0])
         wq = fq(P[f"{n}.weight"], P[f"{n}.weight_quantizer.step"], m.w_bits, True)
         wq.retain_grad()
         qw[n] = wq

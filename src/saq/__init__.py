@@ -11,7 +11,7 @@ from typing import Any
 
 from .convert import QuantConfig, calibrate, quantize
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, quant_layers
-from .quantizer import LSQQuantizer, NotInitializedError, lsq, qrange
+from .quantizer import LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotInitializedError, Quantizer, lsq, qrange
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "QuantConfig", "quantize", "calibrate", "lsq", "qrange", "LSQQuantizer", "NotInitializedError",
+    "QuantConfig", "quantize", "calibrate", "lsq", "qrange", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer",
+    "LIQActQuantizer", "NotInitializedError",
     "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "quant_layers", *_LAZY,
 ]
 

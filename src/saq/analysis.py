@@ -10,13 +10,14 @@ What is differentiated / perturbed (``wrt`` for the measures, ``where`` for the 
   perturbation is put on the layer hook ``perturb_post`` (added after quantizing), so derivatives are
   taken w.r.t. Q(w) itself: the quantity SAQ (case 3) makes flat.
 * ``"latent"`` -- the float weights w, perturbed with ``perturb_pre`` (added before quantizing). Derivatives
-  go through the LSQ straight-through estimator (zero where w/s is clipped), and the landscape is the
+  go through the quantizer's straight-through estimator (zero where w/s is clipped), and the landscape is the
   staircase the optimizer of the float weights actually walks on.
 
 For the sharpness measures the float parameters that are not quantized (biases, BatchNorm/LayerNorm affine,
 weights of layers left in float) are included too (``include_float=True``, as SAQ perturbs them); quantizer
-step sizes never are. Curvature through the activation quantizers is the straight-through one (rounding is
-treated as the identity inside the clipping range), which is the curvature the training gradients see.
+scales (LSQ steps, LIQ clips) never are. Curvature through the activation quantizers is the straight-through
+one (rounding is treated as the identity inside the clipping range), which is the curvature the training
+gradients see.
 
 All functions run the model in eval mode (BatchNorm running statistics, no dropout), restore each module's
 mode and the perturbation hooks afterwards, and never write to the parameters: perturbed parameters are
@@ -42,7 +43,7 @@ from torch.func import functional_call
 from ._io import atomic_write, atomic_write_text
 from .convert import eval_mode
 from .layers import QuantLayer, quant_layers
-from .quantizer import LSQQuantizer
+from .quantizer import Quantizer
 
 __all__ = [
     "hessian_top_eigenvalue", "hessian_trace", "sam_sharpness", "random_directions", "loss_landscape",
@@ -71,7 +72,7 @@ class _Space:
         self.hooks: dict[str, QuantLayer] = {}
         for name, layer in quant_layers(model):
             self.hooks[f"{name}.weight" if name else "weight"] = layer
-        steps = {id(q.step) for q in model.modules() if isinstance(q, LSQQuantizer)}
+        steps = {id(q.scale) for q in model.modules() if isinstance(q, Quantizer)}
         self.floats: list[str] = []
         if include_float:
             for n, p in model.named_parameters():

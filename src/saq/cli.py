@@ -38,8 +38,13 @@ TRAIN_HELP = {
     "w_bits": "weight bits (2..8, 32 = float)",
     "a_bits": "activation bits (2..8, 32 = float)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
-    "per_channel": "one weight step per output channel",
-    "weight_standardize": "quantize (w-mean)/std per output channel (official SAQ code)",
+    "quantizer": "lsq: learned step (LSQ); liq: the official SAQ code's LIQ_wn (learned clip, weights "
+                 "standardised per tensor with detached mean/std)",
+    "per_channel": "one LSQ weight step per output channel (LIQ: one clip per tensor)",
+    "weight_standardize": "LSQ: quantize (w-mean)/std with per-output-channel statistics kept in the graph "
+                          "(not the official code's per-tensor detached one: that is --quantizer liq)",
+    "act_grad_scale": "LSQ activation step-gradient scale 1/sqrt(N*Qp): N counts one sample's elements "
+                      "(per_sample, the LSQ paper) or the whole batch's",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
@@ -107,9 +112,10 @@ def _strip_optional(tp: Any) -> Any:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
-    from .config import OPTIMIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
+    from .config import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
 
-    choices = {"sharpness": SHARPNESS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "strategy": STRATEGIES}
+    choices = {"sharpness": SHARPNESS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "strategy": STRATEGIES,
+               "quantizer": QUANTIZERS, "act_grad_scale": ACT_GRAD_SCALES}
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (TrainConfig fields; default in brackets)")
     for f in dataclasses.fields(TrainConfig):

@@ -9,11 +9,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .convert import QuantConfig
+from .convert import ACT_GRAD_SCALES, QuantConfig
 from .data import DATASETS, default_model
-from .quantizer import check_bits
+from .quantizer import QUANTIZERS, check_bits
 
-__all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES"]
+__all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES", "QUANTIZERS",
+           "ACT_GRAD_SCALES"]
 
 SHARPNESS = ("none", "sam", "case1", "case2", "case3")
 OPTIMIZERS = ("sgd", "adamw")
@@ -40,8 +41,10 @@ class TrainConfig:
     w_bits: int = 4
     a_bits: int = 4
     first_last_bits: int = 8
-    per_channel: bool = True
-    weight_standardize: bool = False
+    quantizer: str = "lsq"          # lsq (learned step) or liq (the official SAQ code's LIQ_wn, learned clip)
+    per_channel: bool = True        # LSQ: one weight step per output channel (LIQ: one clip per tensor)
+    weight_standardize: bool = False  # LSQ: per-channel (w-mean)/std, statistics in the graph
+    act_grad_scale: str = "per_sample"  # LSQ activation step gradient: N counts one sample, or the batch
     calib_batches: int = 1
     # optimisation
     epochs: int = 30
@@ -130,6 +133,7 @@ class TrainConfig:
             bad(f"strategy_alpha must be a finite number >= 0 (or unset for auto), got {self.strategy_alpha}")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
+        self.quant_config()  # the quantizer options (quantizer, act_grad_scale, weight_standardize)
         return self
 
     def model_options(self, in_chans: int) -> dict[str, Any]:
@@ -142,8 +146,10 @@ class TrainConfig:
         return options
 
     def quant_config(self) -> QuantConfig:
+        """The :class:`saq.QuantConfig` these options describe."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
-                           per_channel=self.per_channel, weight_standardize=self.weight_standardize)
+                           per_channel=self.per_channel, weight_standardize=self.weight_standardize,
+                           quantizer=self.quantizer, act_grad_scale=self.act_grad_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, quant_layers
-from .quantizer import LSQQuantizer, check_bits
+from .quantizer import QUANTIZERS, Quantizer, check_bits
 
-__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode"]
+__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
+
+#: what N counts in LSQ's activation step-gradient scale 1/sqrt(N*Qp): one sample's elements, or the batch's
+ACT_GRAD_SCALES = ("per_sample", "batch")
 
 Bits = Union[int, tuple[int, int], list]
 
@@ -24,11 +27,18 @@ class QuantConfig:
 
     ``w_bits``/``a_bits``: 2..8, or 32 for not quantized. ``first_last_bits``: bits (weights and input
     activations) of the first and the last quantized layer in execution order (8, or 32 to keep them
-    float). ``per_channel``: one weight step per output channel. ``weight_standardize``: quantize
-    ``(w-mean)/std`` per output channel, as the official SAQ code does (use only where a normalisation
-    layer follows). ``a_signed``: signed activation range; ``None`` decides per layer from the data.
-    ``layer_bits``: glob pattern on module names -> bits (int for both, or ``(w_bits, a_bits)``); wins over
-    everything else. ``exclude``: glob patterns of layers left as float modules.
+    float). ``quantizer``: ``"lsq"`` (learned step) or ``"liq"`` (the official SAQ code's quantizer: learned
+    clips; convolutions as its LIQ_wn, weights standardised with the whole tensor's detached mean and std,
+    clips from 1.0; Linear layers as its QLinear, no standardisation, clips from 0.8 * max|x|; see
+    :class:`saq.quantizer.LIQWeightQuantizer`). ``per_channel``: one LSQ weight step per output channel
+    (LIQ has one clip per tensor). ``weight_standardize`` (LSQ only): quantize ``(w-mean)/(std+eps)`` with
+    per-output-channel statistics kept in the graph (use only where a normalisation layer follows); this is
+    not the official code's per-tensor detached standardisation, which ``quantizer="liq"`` does by itself.
+    ``act_grad_scale``: N of LSQ's activation step-gradient scale ``1/sqrt(N*Qp)`` counts the elements of
+    one sample (``"per_sample"``, the LSQ paper) or of the whole batch (``"batch"``). ``a_signed``: signed
+    activation range; ``None`` decides per layer from the data. ``layer_bits``: glob pattern on module
+    names -> bits (int for both, or ``(w_bits, a_bits)``); wins over everything else. ``exclude``: glob
+    patterns of layers left as float modules.
     """
 
     w_bits: int = 4
@@ -39,11 +49,21 @@ class QuantConfig:
     a_signed: Optional[bool] = None
     layer_bits: dict[str, Bits] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
+    quantizer: str = "lsq"
+    act_grad_scale: str = "per_sample"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.first_last_bits, "first_last_bits")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+        if self.act_grad_scale not in ACT_GRAD_SCALES:
+            raise ValueError(f"unknown act_grad_scale {self.act_grad_scale!r}; choose one of "
+                             f"{', '.join(ACT_GRAD_SCALES)}")
+        if self.quantizer == "liq" and self.weight_standardize:
+            raise ValueError("weight_standardize is an LSQ option (per-channel statistics in the graph); "
+                             "quantizer='liq' already standardises each weight tensor (detached statistics)")
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"layer_bits must be a dict of pattern -> bits, got {type(self.layer_bits).__name__}")
         self.layer_bits = {str(k): _pair(v, f"layer_bits[{k!r}]") for k, v in self.layer_bits.items()}
@@ -115,7 +135,8 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
     for name, m in targets:
         bits = _override(name, config) or (config.w_bits, config.a_bits)
         m.__class__ = QUANT_CLASSES[type(m)]
-        m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed)
+        m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
+                      config.quantizer, config.act_grad_scale)
         m._saq_name = name
     model._saq_config = config  # type: ignore[attr-defined]
     model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
@@ -224,17 +245,19 @@ def _inputs(batch: Any) -> tuple:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None,
               device: Optional[Union[str, torch.device]] = None) -> nn.Module:
-    """Initialise every step size from data: LSQ's 2*mean|x|/sqrt(Qp), averaged over the batches.
+    """Initialise every quantizer from data: LSQ's step 2*mean|x|/sqrt(Qp) (mean|x| averaged over the
+    batches); LIQ's clips start at 1.0 in convolutions whatever the data, at 0.8 * max|x| (averaged over the
+    batches) in Linear layers. Undecided activation signedness comes from the data.
 
     Runs in eval mode (BatchNorm statistics untouched) with quantization off, so each layer sees float
     inputs. A BatchNorm whose running statistics were never updated (a model trained from scratch)
     normalises with batch statistics instead, as it will in training; its buffers are restored afterwards.
-    Re-initialises steps that were already set. Returns ``model``.
+    Re-initialises quantizers that were already initialised. Returns ``model``.
     """
     if not quant_layers(model):
         raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    quantizers: list[LSQQuantizer] = []  # collected after the trace, which may change first/last bits
+    quantizers: list[Quantizer] = []  # collected after the trace, which may change first/last bits
     fresh_bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 and m.track_running_stats and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
     bn_buffers = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in fresh_bn]
@@ -249,7 +272,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 args = tuple(a.to(device) for a in _inputs(batch))
                 if i == 0:
                     trace(model, *args)
-                    quantizers = [q for q in model.modules() if isinstance(q, LSQQuantizer) and q.enabled]
+                    quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
                     for q in quantizers:
                         q.start_calibration()
                 model(*args)

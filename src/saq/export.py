@@ -1,18 +1,23 @@
-"""Export a trained quantized model as real low-bit integers plus step sizes (safetensors, no pickle).
+"""Export a trained quantized model as real low-bit integers plus scales (safetensors, no pickle).
 
 Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version": "1", "layers": JSON}``):
 
 * ``<layer>.weight_codes``: the weight's integer codes. 2-bit codes are packed four per byte, 3/4-bit
   codes two per byte (nibbles), both stored as ``code - Qn`` in ``uint8``, first element in the low bits;
   5..8-bit codes are ``int8`` (signed range) or ``uint8`` (unsigned range). Weights kept at 32 bits are
-  stored as float under their usual ``<layer>.weight`` key.
-* ``<layer>.weight_quantizer.step`` / ``<layer>.act_quantizer.step``: the learned steps (float32).
+  stored as float under their usual ``<layer>.weight`` key. LSQ codes are signed (``value = code * step``);
+  LIQ codes are ``0..2^k-1`` (``value = (code / (2^k-1) * 2 - 1) * |clip|``, in the standardised domain).
+* ``<layer>.weight_quantizer.step`` / ``.act_quantizer.step`` (LSQ) or ``.clip`` (LIQ): the learned
+  scales (float32).
 * every other ``state_dict`` tensor (biases, BatchNorm/LayerNorm, layers left in float) unchanged.
-* ``layers``: per quantized layer its type, weight shape, bits, signedness, per-channel dim, whether the
-  codes are of the standardised weight, its role (first/last), and MACs per sample when known.
+* ``layers``: per quantized layer its quantizer kind, type, weight shape, bits, signedness, per-channel
+  dim, whether the codes are of the standardised weight, its role (first/last), MACs per sample when
+  known, and for LIQ the weight's mean and std the codes were standardised with (``w_mean``/``w_std``;
+  informative: the layer computes with the standardised values, so outputs do not depend on them).
 
-:func:`load_exported` rebuilds ``weight = codes * step`` in a freshly converted model, so ``Q(weight)``
-reproduces the exported integers exactly and the model computes what the exporting model computed.
+:func:`load_exported` rebuilds the weight as the quantizer's values of the codes in a freshly converted
+model and turns standardisation off there, so ``Q(weight) = weight`` reproduces the exported integers
+exactly and the model computes what the exporting model computed.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from torch import Tensor, nn
 from ._io import atomic_write
 from .convert import _drop_trace_hook, is_traced
 from .layers import QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, STEP_EPS, LSQQuantizer, check_bits, qrange
+from .quantizer import FLOAT_BITS, Quantizer, check_bits, make_quantizers, qrange
 
 __all__ = ["export", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
 
@@ -127,7 +132,7 @@ def _is_quantizer_flag(key: str, quantizer_prefixes: set[str]) -> bool:
 
 
 def _quantizer_prefixes(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+    return {n for n, m in model.named_modules() if isinstance(m, Quantizer)}
 
 
 def _float_bytes(state: dict[str, Tensor], quantizer_prefixes: set[str]) -> int:
@@ -140,18 +145,28 @@ def _float_bytes(state: dict[str, Tensor], quantizer_prefixes: set[str]) -> int:
     return total
 
 
+def _codes_signed(q: Quantizer) -> bool:
+    """Whether a quantizer's integer codes need the signed range (LIQ weight codes do not)."""
+    return q.code_range()[0] < 0
+
+
 def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     wq, aq = layer.weight_quantizer, layer.act_quantizer
-    return {
+    meta = {
+        "quantizer": wq.kind,
         "type": type(layer).__name__,
         "shape": list(layer.weight.shape),
         "w_bits": wq.bits, "w_signed": wq.signed, "w_channel_dim": wq.channel_dim,
         "a_bits": aq.bits, "a_signed": aq.signed, "a_channel_dim": aq.channel_dim,
         "w_initialized": wq.is_initialized, "a_initialized": aq.is_initialized,
-        "weight_standardized": bool(layer.weight_standardize and wq.enabled),
+        "weight_standardized": bool((layer.weight_standardize or wq.standardize) and wq.enabled),
         "role": layer.quant_role,
         "macs": getattr(layer, "_saq_macs", None),
     }
+    if wq.standardize and wq.enabled:
+        w = layer.weight.detach().float()
+        meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
+    return meta
 
 
 # -- export -------------------------------------------------------------------------------------------------
@@ -190,10 +205,11 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
         wq = layer.weight_quantizer
         if wq.enabled:
             codes = wq.integer(layer.standardized_weight(layer.weight.detach().float()))
-            tensors[name + _CODES] = pack_codes(codes, wq.bits, bool(wq.signed))
+            signed = _codes_signed(wq)
+            tensors[name + _CODES] = pack_codes(codes, wq.bits, signed)
             state.pop(name + ".weight")
             info["numel"] = layer.weight.numel()
-            info["packing"] = {1: "int8" if wq.signed else "uint8", 2: "nibble", 4: "crumb"}[_per_byte(wq.bits)]
+            info["packing"] = {1: "int8" if signed else "uint8", 2: "nibble", 4: "crumb"}[_per_byte(wq.bits)]
     for key, value in state.items():
         if _is_quantizer_flag(key, prefixes):
             continue
@@ -234,20 +250,21 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, layers
 
 
-def _configure(q: LSQQuantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
-               step: Optional[Tensor], initialized: bool, what: str) -> None:
-    """Set a quantizer's bits/signedness/per-channel step from the export."""
+def _configure(q: Quantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
+               scale: Optional[Tensor], initialized: bool, what: str) -> None:
+    """Set a quantizer's bits/signedness/per-channel scale (LSQ step, LIQ clip) from the export."""
     q.bits = check_bits(int(bits), what)
     q.signed = signed
     q.channel_dim = channel_dim
-    if step is not None:
-        step = step.to(device=q.step.device, dtype=q.step.dtype)
-        if step.dim() != 1 or (channel_dim is None and step.numel() != 1):
-            raise ValueError(f"load_exported: {what} step has shape {tuple(step.shape)}")
-        if step.shape == q.step.shape:
-            q.step.data.copy_(step)
+    if scale is not None:
+        old = q.scale
+        scale = scale.to(device=old.device, dtype=old.dtype)
+        if scale.dim() != 1 or (channel_dim is None and scale.numel() != 1):
+            raise ValueError(f"load_exported: {what} {q.param_name} has shape {tuple(scale.shape)}")
+        if scale.shape == old.shape:
+            old.data.copy_(scale)
         else:  # per-channel in the file, per-tensor in the fresh model (or vice versa)
-            q.step = nn.Parameter(step.clone(), requires_grad=q.step.requires_grad)
+            setattr(q, q.param_name, nn.Parameter(scale.clone(), requires_grad=old.requires_grad))
     q.initialized.fill_(bool(initialized))
     q._initialized = bool(initialized)
 
@@ -256,9 +273,10 @@ def _configure(q: LSQQuantizer, bits: int, signed: Optional[bool], channel_dim: 
 def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     """Fill ``model`` (same architecture, converted by :func:`saq.quantize`) from an :func:`export` file.
 
-    Weights become ``codes * step`` (weight standardisation is switched off where the codes are of the
-    standardised weight), steps/bits/signedness/roles come from the file, and the model is marked traced,
-    so it computes exactly what the exported model computed. Returns ``model``.
+    Weights become the quantizer's values of the codes (``codes * step`` for LSQ; weight standardisation is
+    switched off, the codes being of the standardised weight where it was on); the quantizer kind,
+    scales, bits, signedness and roles come from the file, and the model is marked traced, so it computes
+    exactly what the exported model computed. Returns ``model``.
     """
     tensors, meta = _read(path)
     target = _unwrap(model)
@@ -279,10 +297,24 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         if list(layer.weight.shape) != list(info["shape"]):
             raise ValueError(f"load_exported: layer {name} weight shape {list(layer.weight.shape)} in the model, "
                              f"{info['shape']} in the file")
+    # the file's quantizer kind wins, as its bits do: new quantizers, attached once the checks pass
+    swaps: dict[str, tuple[Quantizer, Quantizer]] = {}
+    for name, info in meta.items():
+        kind = info.get("quantizer", "lsq")
+        if kind != layers[name].weight_quantizer.kind:
+            swaps[name] = make_quantizers(kind, int(info["w_bits"]), int(info["a_bits"]), layers[name].weight.shape[0],
+                                          per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"],
+                                          linear=isinstance(layers[name], nn.Linear))
 
-    # every other tensor: exact key set and shapes (quantizer steps are checked against the metadata)
+    # every other tensor: exact key set and shapes (quantizer scales are checked against the metadata)
     prefixes = _quantizer_prefixes(target)
-    expected = {k: v for k, v in target.state_dict().items() if not _is_quantizer_flag(k, prefixes)}
+    state = target.state_dict()
+    for name, pair in swaps.items():
+        for role, q in zip(("weight_quantizer", "act_quantizer"), pair):
+            old = f"{name}.{role}."
+            state = {k: v for k, v in state.items() if not k.startswith(old)}
+            state.update({old + k: v for k, v in q.state_dict().items()})
+    expected = {k: v for k, v in state.items() if not _is_quantizer_flag(k, prefixes)}
     provided = {(k[: -len(_CODES)] + ".weight" if k.endswith(_CODES) else k) for k in tensors}
     missing_keys = sorted(set(expected) - provided)
     extra_keys = sorted(provided - set(expected))
@@ -299,12 +331,16 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
                              f"model, {tuple(value.shape)} in the file")
         rest[key] = value
 
+    for name, (wq, aq) in swaps.items():
+        layer = layers[name]
+        layer.weight_quantizer, layer.act_quantizer = wq.to(layer.weight.device), aq.to(layer.weight.device)
     for name, info in meta.items():
         layer = layers[name]
-        _configure(layer.weight_quantizer, info["w_bits"], info["w_signed"], info["w_channel_dim"],
-                   tensors.get(f"{name}.weight_quantizer.step"), info["w_initialized"], f"{name} weights")
-        _configure(layer.act_quantizer, info["a_bits"], info["a_signed"], info["a_channel_dim"],
-                   tensors.get(f"{name}.act_quantizer.step"), info["a_initialized"], f"{name} activations")
+        wq, aq = layer.weight_quantizer, layer.act_quantizer
+        _configure(wq, info["w_bits"], info["w_signed"], info["w_channel_dim"],
+                   tensors.get(f"{name}.weight_quantizer.{wq.param_name}"), info["w_initialized"], f"{name} weights")
+        _configure(aq, info["a_bits"], info["a_signed"], info["a_channel_dim"],
+                   tensors.get(f"{name}.act_quantizer.{aq.param_name}"), info["a_initialized"], f"{name} activations")
         layer.quant_role = info["role"]
         layer._saq_macs = info.get("macs")
     # float tensors first (a 32-bit weight is among them), then the integer weights
@@ -317,11 +353,12 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         key = name + _CODES
         if key not in tensors:
             raise ValueError(f"load_exported: the file has no integer weight for layer {name}")
-        codes = unpack_codes(tensors[key], wq.bits, bool(wq.signed), math.prod(info["shape"]))
-        w = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
-        step = wq._step_view(w).detach().float().clamp_min(STEP_EPS)
-        layer.weight.copy_((w * step).to(layer.weight.dtype))
-        layer.weight_standardize = False  # the codes already are of the standardised weight, if it was
+        codes = unpack_codes(tensors[key], wq.bits, _codes_signed(wq), math.prod(info["shape"]))
+        codes = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
+        layer.weight.copy_(wq.dequantize(codes).to(layer.weight.dtype))
+        # the codes already are of the standardised weight, if it was: Q(weight) = weight from now on
+        layer.weight_standardize = False
+        wq.standardize = False
     _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
     return model
 

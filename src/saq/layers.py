@@ -7,6 +7,10 @@ their parameters, names and hooks. Each exposes the hook the sharpness-aware opt
 * ``perturb_post`` -- a tensor added to the quantized weight *after* quantization (cases 1 and 3),
 * ``capture_qweight = True`` -- the forward keeps the quantized weight it used (``qweight``) and the
   backward accumulates the gradient w.r.t. it in ``qweight_grad`` (the gradient SAQ case 3 perturbs with).
+
+The quantizers are LSQ or LIQ (:class:`saq.quantizer.Quantizer`); for LIQ the quantized weight of a
+convolution is in the standardised domain (what the official code convolves with), and the hooks act on it
+all the same.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizer import FLOAT_BITS, LSQQuantizer
+from .quantizer import FLOAT_BITS, Quantizer, make_quantizers
 
 __all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers"]
 
@@ -27,15 +31,18 @@ class QuantLayer:
     """Mixin holding the quantizers and the perturbation hook; concrete classes define ``_float_forward``."""
 
     weight: nn.Parameter
-    weight_quantizer: LSQQuantizer
-    act_quantizer: LSQQuantizer
+    weight_quantizer: Quantizer
+    act_quantizer: Quantizer
 
     def _init_quant(self, w_bits: int, a_bits: int, per_channel: bool, weight_standardize: bool,
-                    a_signed: Optional[bool]) -> None:
-        out_ch = self.weight.shape[0]
-        self.weight_quantizer = LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None,
-                                             num_channels=out_ch).to(self.weight.device)
-        self.act_quantizer = LSQQuantizer(a_bits, signed=a_signed).to(self.weight.device)
+                    a_signed: Optional[bool], quantizer: str = "lsq", act_grad_scale: str = "per_sample") -> None:
+        """Attach the quantizers (kind ``quantizer``) and the hooks; see :class:`saq.QuantConfig`."""
+        wq, aq = make_quantizers(quantizer, w_bits, a_bits, num_channels=self.weight.shape[0],
+                                 per_channel=per_channel, a_signed=a_signed,
+                                 per_sample_grad_scale=act_grad_scale == "per_sample",
+                                 linear=isinstance(self, nn.Linear))
+        self.weight_quantizer = wq.to(self.weight.device)
+        self.act_quantizer = aq.to(self.weight.device)
         self.weight_standardize = weight_standardize
         self.quant_role: Optional[str] = None  # "first" / "last" once the execution order is known
         self.perturb_pre: Optional[Tensor] = None
@@ -63,7 +70,11 @@ class QuantLayer:
 
     # -- the quantized weight and the perturbation hook ------------------------------------------------
     def standardized_weight(self, w: Tensor) -> Tensor:
-        """(w - mean) / std per output channel (the official code's weight normalisation), if enabled."""
+        """(w - mean) / (std + eps) per output channel, statistics kept in the graph, if ``weight_standardize``.
+
+        Not the official code's standardisation (whole tensor, statistics detached), which the LIQ weight
+        quantizer does by construction.
+        """
         if not self.weight_standardize:
             return w
         dims = list(range(1, w.dim()))
@@ -102,16 +113,19 @@ class QuantLayer:
             out = self._float_forward(x, self.weight)
             self._saq_macs = (self._saq_macs or 0) + self._macs_per_sample(x, out)
             return out
-        return self._float_forward(self.act_quantizer(x), self.quantized_weight())
+        return self._float_forward(self.act_quantizer(x, samples=self._samples(x)), self.quantized_weight())
 
-    def _macs_per_sample(self, x: Tensor, out: Tensor) -> int:
-        """MACs of one call per sample: output elements per sample x weight elements per output element."""
+    def _samples(self, x: Tensor) -> int:
+        """How many samples the input holds: its batch size, 1 for an unbatched (or empty) input."""
         if isinstance(self, nn.Linear):
             batched = x.dim() >= 2  # (B, in) or (B, T, in): tokens count per sample
         else:
             batched = x.dim() == self.weight.dim()  # conv: (B, C, ...) vs unbatched (C, ...)
-        batch = x.shape[0] if batched and x.shape[0] > 0 else 1
-        return out.numel() // batch * self.weight[0].numel()
+        return x.shape[0] if batched and x.shape[0] > 0 else 1
+
+    def _macs_per_sample(self, x: Tensor, out: Tensor) -> int:
+        """MACs of one call per sample: output elements per sample x weight elements per output element."""
+        return out.numel() // self._samples(x) * self.weight[0].numel()
 
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -119,7 +133,8 @@ class QuantLayer:
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
         role = f", role={self.quant_role}" if self.quant_role else ""
-        return f"{base}, w_bits={self.w_bits}, a_bits={self.a_bits}{role}"
+        kind = "" if self.weight_quantizer.kind == "lsq" else f", quantizer={self.weight_quantizer.kind}"
+        return f"{base}, w_bits={self.w_bits}, a_bits={self.a_bits}{kind}{role}"
 
 
 class QuantConv1d(QuantLayer, nn.Conv1d):

@@ -1,6 +1,10 @@
-"""The LSQ fake-quantizer (Esser et al., 2020): one autograd Function and the module that owns a step.
+"""The fake-quantizers: LSQ (Esser et al., 2020) and the official SAQ code's LIQ_wn, behind one interface.
 
-Everything that rounds a tensor in saq goes through :func:`lsq` / :class:`LSQQuantizer`.
+Everything that rounds a tensor in saq goes through this module. :class:`Quantizer` is what a quantized
+layer, :func:`saq.calibrate`, export, summary and the sharpness-aware optimizer use; it has two kinds:
+
+* ``"lsq"``: :class:`LSQQuantizer`, a learned step (:func:`lsq` is the functional form);
+* ``"liq"``: :class:`LIQWeightQuantizer` / :class:`LIQActQuantizer`, a learned clip value (SPEC "Quantizer").
 """
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["lsq", "qrange", "check_bits", "LSQQuantizer", "NotInitializedError"]
+__all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
+           "make_quantizers", "QUANTIZERS", "NotInitializedError"]
+
+#: the quantizer kinds of ``QuantConfig(quantizer=...)``
+QUANTIZERS = ("lsq", "liq")
 
 #: smallest step the forward pass will use; keeps a step that an optimizer pushed to <= 0 valid.
 STEP_EPS = 1e-8
@@ -18,7 +26,7 @@ FLOAT_BITS = 32
 
 
 class NotInitializedError(RuntimeError):
-    """A quantizer was asked to quantize before its step size was initialised."""
+    """A quantizer was asked to quantize before its scale (LSQ step, LIQ clip) was initialised."""
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -92,7 +100,9 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[f
 
     Forward: ``round(clamp(x/step, Qn, Qp)) * step``. Backward: straight-through for ``x`` (zero where
     ``x/step`` is clipped) and the LSQ gradient for ``step`` scaled by ``grad_scale``, which defaults to
-    ``1/sqrt(N*Qp)`` with N the number of elements sharing one step (``x.numel() / step.numel()``).
+    ``1/sqrt(N*Qp)`` with N the number of elements sharing one step (``x.numel() / step.numel()``): right
+    for weights; for activations LSQ counts one sample's elements, so pass ``grad_scale`` (as
+    :class:`LSQQuantizer` with ``per_sample_grad_scale=True`` does).
     ``step`` is a scalar or broadcasts against ``x`` (per-channel). ``bits == 32`` returns ``x``.
     Raises ValueError for bad bits, a step that does not broadcast, or a non-positive step (checked for
     CPU steps only, to avoid a device synchronisation per call).
@@ -117,35 +127,69 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[f
     return _LSQFunction.apply(x, step, qn, qp, float(grad_scale))
 
 
-class LSQQuantizer(nn.Module):
-    """Holds a learned step and quantizes with :func:`lsq`.
+class _RoundSTE(torch.autograd.Function):
+    """round(x) forward, identity backward (the straight-through estimator of the official code)."""
 
-    ``channel_dim`` (e.g. 0 for a weight) gives one step per slice along that dim; ``None`` one step for
-    the tensor. ``signed=None`` decides the range from the first data seen (signed iff it has negatives),
-    so negative activations are never clipped silently. The step is initialised by LSQ's rule
-    ``2*mean|x|/sqrt(Qp)`` on the first tensor seen in training mode, or by :func:`saq.calibrate`.
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class Quantizer(nn.Module):
+    """The interface every fake-quantizer of a layer offers (LSQ and LIQ subclass it).
+
+    One learned scale parameter (:attr:`scale`, stored as ``param_name``: LSQ's ``step``, LIQ's ``clip``),
+    a bit-width (``32``: disabled, the input is returned and the parameter frozen, as it never gets a
+    gradient), a signedness (``None``: decided from the first data, so negative values are never clipped
+    silently), an initialisation from data (the first tensor seen in training mode, or
+    :func:`saq.calibrate`), and integer codes for export (:meth:`integer`, :meth:`dequantize`).
     """
 
+    kind: str = ""
+    param_name: str = "step"
+    #: the quantizer standardises its input itself (LIQ weights); load_exported turns it off for grid weights
+    standardize: bool = False
+
     def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
-                 num_channels: int = 1, grad_scale: Optional[float] = None):
+                 num_channels: int = 1):
         super().__init__()
-        self.bits = check_bits(bits)
         self.channel_dim = channel_dim
-        self.grad_scale = grad_scale
         n = num_channels if channel_dim is not None else 1
-        self.step = nn.Parameter(torch.ones(n))
+        setattr(self, self.param_name, nn.Parameter(torch.ones(n)))
         # flags live in buffers (so they travel in state_dicts and checkpoints) and are mirrored in
         # Python attributes so that the forward pass never reads a device tensor (no GPU sync)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("is_signed", torch.tensor(-1, dtype=torch.int8))  # -1 undecided, 0, 1
         self._initialized = False
         self._signed: Optional[bool] = None
+        self.bits = bits
         self.signed = signed
         # calibration accumulators (not saved)
         self._calib: Optional[list] = None
 
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> nn.Parameter:
+        """The learned parameter: LSQ's step, LIQ's clip."""
+        return getattr(self, self.param_name)
+
+    @property
+    def bits(self) -> int:
+        """The bit-width; setting 32 (disabled) freezes the scale, which then never gets a gradient."""
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        self._bits = check_bits(value)
+        self.scale.requires_grad_(self._bits != FLOAT_BITS)
+
     @property
     def signed(self) -> Optional[bool]:
+        """Whether the input's range is signed; ``None`` until decided from the first data."""
         return self._signed
 
     @signed.setter
@@ -155,57 +199,61 @@ class LSQQuantizer(nn.Module):
 
     @property
     def is_initialized(self) -> bool:
+        """Whether the scale has been initialised (from data, a checkpoint or an export)."""
         return self._initialized
+
+    @property
+    def enabled(self) -> bool:
+        """False at 32 bits (not quantized)."""
+        return self.bits != FLOAT_BITS
 
     def _sync_flags(self) -> None:
         self._initialized = bool(self.initialized)
         v = int(self.is_signed)
         self._signed = None if v < 0 else bool(v)
 
-    # -- helpers -------------------------------------------------------------------------------------
-    @property
-    def enabled(self) -> bool:
-        return self.bits != FLOAT_BITS
-
     def extra_repr(self) -> str:
-        kind = "per-tensor" if self.channel_dim is None else f"per-channel(dim={self.channel_dim}, n={self.step.numel()})"
+        kind = "per-tensor" if self.channel_dim is None else f"per-channel(dim={self.channel_dim}, n={self.scale.numel()})"
         return f"bits={self.bits}, signed={self.signed}, {kind}"
 
-    def _step_view(self, x: Tensor) -> Tensor:
+    def _scale_view(self, x: Tensor) -> Tensor:
+        """The scale parameter shaped to broadcast against ``x``."""
         if self.channel_dim is None:
-            return self.step.reshape(())
+            return self.scale.reshape(())
         shape = [1] * x.dim()
         shape[self.channel_dim] = -1
-        return self.step.view(shape)
+        return self.scale.view(shape)
 
-    def _reduce_dims(self, x: Tensor) -> list[int]:
-        return [d for d in range(x.dim()) if d != self.channel_dim]
-
+    # -- initialisation ------------------------------------------------------------------------------
     @torch.no_grad()
     def _mean_abs(self, x: Tensor) -> Tensor:
         if self.channel_dim is None:
             return x.abs().mean().reshape(1)
-        return x.abs().mean(dim=self._reduce_dims(x))
+        return x.abs().mean(dim=[d for d in range(x.dim()) if d != self.channel_dim])
+
+    def _statistic(self, x: Tensor) -> Tensor:
+        """The data statistic the scale is initialised from (averaged over calibration batches)."""
+        return self._mean_abs(x)
 
     @torch.no_grad()
-    def init_from(self, x: Tensor, mean_abs: Optional[Tensor] = None) -> None:
-        """LSQ initialisation from data: step = 2*mean|x|/sqrt(Qp) (per channel where the step is)."""
+    def init_from(self, x: Tensor, stat: Optional[Tensor] = None) -> None:
+        """Decide the signedness (if undecided) and initialise the scale from data (each kind's own rule)."""
         if self.signed is None:
             self.signed = bool((x < 0).any())
-        if mean_abs is None:
-            mean_abs = self._mean_abs(x)
-        _, qp = qrange(self.bits, self.signed)
-        step = 2.0 * mean_abs.to(self.step) / math.sqrt(qp)
-        # a channel that is all zeros would get step 0: fall back to a tiny positive step
-        self.step.copy_(step.clamp_min(1e-6).reshape(self.step.shape))
+        self._init_scale(self._statistic(x) if stat is None else stat)
         self.initialized.fill_(True)
         self._initialized = True
 
+    def _init_scale(self, stat: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def start_calibration(self) -> None:
-        self._calib = [0, None, False]  # batches, sum of mean|x|, saw negatives
+        """Collect statistics on the next forward passes instead of quantizing (see :func:`saq.calibrate`)."""
+        self._calib = [0, None, False]  # batches, sum of the statistic, saw negatives
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
+        """Initialise from the statistics collected since :meth:`start_calibration`."""
         if self._calib is None or self._calib[0] == 0:
             self._calib = None
             return
@@ -213,15 +261,16 @@ class LSQQuantizer(nn.Module):
         self._calib = None
         if self.signed is None:
             self.signed = neg
-        self.init_from(torch.zeros(()), mean_abs=total / n)
+        self.init_from(torch.zeros(()), stat=total / n)
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, samples: int = 1) -> Tensor:
+        """Fake-quantize ``x``, which holds ``samples`` samples (used by LSQ's per-sample gradient scale)."""
         if not self.enabled:
             return x
         if self._calib is not None:  # calibration: collect statistics, do not quantize
             with torch.no_grad():
-                m = self._mean_abs(x.detach().float())
+                m = self._statistic(x.detach().float())
                 self._calib[0] += 1
                 self._calib[1] = m if self._calib[1] is None else self._calib[1] + m
                 self._calib[2] = self._calib[2] or bool((x < 0).any())
@@ -232,28 +281,232 @@ class LSQQuantizer(nn.Module):
                     "quantizer step sizes are not initialised: run saq.calibrate(model, batches) or one "
                     "forward pass in training mode before evaluating (or load a quantized checkpoint)")
             self.init_from(x.detach().float())
-        if self.channel_dim is not None and x.shape[self.channel_dim] != self.step.numel():
-            raise ValueError(f"per-channel quantizer has {self.step.numel()} steps but the tensor has "
+        if self.channel_dim is not None and x.shape[self.channel_dim] != self.scale.numel():
+            raise ValueError(f"per-channel quantizer has {self.scale.numel()} steps but the tensor has "
                              f"{x.shape[self.channel_dim]} channels along dim {self.channel_dim}")
-        qn, qp = qrange(self.bits, bool(self.signed))
-        step = self._step_view(x)
-        g = self.grad_scale
-        if g is None:
-            g = _default_grad_scale(x.numel(), self.step.numel(), qp)
-        return _LSQFunction.apply(x, step.to(x.dtype), qn, qp, g)
+        return self._quantize(x, samples)
 
-    def integer(self, x: Tensor) -> Tensor:
-        """The integer codes round(clamp(x/s)) that :meth:`forward` multiplies by s (for export)."""
-        qn, qp = qrange(self.bits, bool(self.signed))
-        return _codes(x, self._step_view(x).detach().clamp_min(STEP_EPS), qn, qp)
+    def _quantize(self, x: Tensor, samples: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    # -- state: a float state_dict (no step / flags) loads into a converted model -------------------
+    # -- integer codes (export) ----------------------------------------------------------------------
+    def code_range(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        """The integer range of :meth:`integer`'s codes."""
+        raise NotImplementedError
+
+    def integer(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The integer codes of ``x`` (float tensor of whole numbers in :meth:`code_range`)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The values the forward pass gives for ``codes`` (bit-exact: ``dequantize(integer(x))``)."""
+        raise NotImplementedError
+
+    def step_size(self) -> Tensor:  # pragma: no cover - abstract
+        """The spacing between adjacent levels (per channel where the scale is), detached."""
+        raise NotImplementedError
+
+    # -- state: a float state_dict (no scale / flags) loads into a converted model ------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        for key in ("step", "initialized", "is_signed"):
+        for key in (self.param_name, "initialized", "is_signed"):
             if prefix + key in missing_keys and prefix + key not in before:
                 missing_keys.remove(prefix + key)
         self._sync_flags()
+
+
+class LSQQuantizer(Quantizer):
+    """Holds a learned step and quantizes with LSQ (:func:`lsq`).
+
+    ``channel_dim`` (e.g. 0 for a weight) gives one step per slice along that dim; ``None`` one step for
+    the tensor. The step is initialised by LSQ's rule ``2*mean|x|/sqrt(Qp)``. The step-gradient scale is
+    ``grad_scale`` if given, else ``1/sqrt(N*Qp)`` with N the elements sharing one step; with
+    ``per_sample_grad_scale=True`` (activations, as in the LSQ paper) N counts one of the ``samples``
+    samples of the input only, so the step's effective learning rate does not change with the batch size.
+    """
+
+    kind = "lsq"
+    param_name = "step"
+
+    def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
+                 num_channels: int = 1, grad_scale: Optional[float] = None, per_sample_grad_scale: bool = False):
+        super().__init__(bits, signed, channel_dim, num_channels)
+        self.grad_scale = grad_scale
+        self.per_sample_grad_scale = per_sample_grad_scale
+
+    def extra_repr(self) -> str:
+        g = "per-sample" if self.per_sample_grad_scale else "all elements"
+        return f"{super().extra_repr()}, grad_scale={self.grad_scale if self.grad_scale is not None else g}"
+
+    @torch.no_grad()
+    def _init_scale(self, stat: Tensor) -> None:
+        _, qp = qrange(self.bits, bool(self.signed))
+        step = 2.0 * stat.to(self.step) / math.sqrt(qp)  # stat: mean|x|
+        # a channel that is all zeros would get step 0: fall back to a tiny positive step
+        self.step.copy_(step.clamp_min(1e-6).reshape(self.step.shape))
+
+    def _quantize(self, x: Tensor, samples: int) -> Tensor:
+        qn, qp = qrange(self.bits, bool(self.signed))
+        g = self.grad_scale
+        if g is None:
+            n = x.numel() // max(samples, 1) if self.per_sample_grad_scale else x.numel()
+            g = _default_grad_scale(n, self.step.numel(), qp)
+        return _LSQFunction.apply(x, self._scale_view(x).to(x.dtype), qn, qp, g)
+
+    def code_range(self) -> tuple[int, int]:
+        return qrange(self.bits, bool(self.signed))
+
+    def integer(self, x: Tensor) -> Tensor:
+        """The integer codes round(clamp(x/s)) that the forward pass multiplies by s (for export)."""
+        qn, qp = self.code_range()
+        return _codes(x, self._scale_view(x).detach().clamp_min(STEP_EPS), qn, qp)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return codes * self._scale_view(codes).detach().clamp_min(STEP_EPS)
+
+    def step_size(self) -> Tensor:
+        return self.step.detach()
+
+
+class _LIQ(Quantizer):
+    """What both LIQ quantizers share: one learned clip per tensor, used as ``|c|``.
+
+    The clip starts at 1.0 (LIQ_wn's convolutions), or at ``init_fraction * max|x|`` of the first data
+    (0.8 in the official code's Linear layer).
+    """
+
+    kind = "liq"
+    param_name = "clip"
+
+    def __init__(self, bits: int, signed: Optional[bool], init_fraction: Optional[float]):
+        super().__init__(bits, signed)
+        self.init_fraction = init_fraction
+
+    def _statistic(self, x: Tensor) -> Tensor:
+        return x.abs().max().reshape(1) if x.numel() else x.new_zeros(1)
+
+    @torch.no_grad()
+    def _init_scale(self, stat: Tensor) -> None:
+        if self.init_fraction is None:
+            self.clip.fill_(1.0)
+        else:
+            self.clip.copy_((self.init_fraction * stat.to(self.clip)).clamp_min(1e-6).reshape(1))
+
+    def extra_repr(self) -> str:
+        init = "1.0" if self.init_fraction is None else f"{self.init_fraction}*max|x|"
+        return f"{super().extra_repr()}, clip init {init}"
+
+    def _abs_clip(self) -> Tensor:
+        return self.clip.abs().clamp_min(STEP_EPS).reshape(())
+
+
+class LIQWeightQuantizer(_LIQ):
+    """The official SAQ code's weight quantizer (LIQ_wn), for ``bits`` = k.
+
+    ``w_std = (w - mean) / std`` with the whole tensor's mean and (unbiased) std, both detached; then
+    ``x = clamp(w_std / c, -1, 1)`` and ``Q = (round((x + 1) / 2 * (2^k - 1)) / (2^k - 1) * 2 - 1) * c``
+    with ``c = |clip|`` (starting at 1.0, one standard deviation): 2^k levels from -c to c, no zero level,
+    straight-through round; the gradient reaches the clip through the division and the multiplication.
+    ``Q`` is in the standardised domain and is what the layer computes with (as the official code's
+    convolution). Codes are ``0..2^k-1``. ``standardize=False`` is the official code's Linear layer:
+    no standardisation, the clip starting at ``0.8 * max|w|``.
+    """
+
+    def __init__(self, bits: int, standardize: bool = True):
+        super().__init__(bits, signed=True, init_fraction=None if standardize else 0.8)
+        self.standardize = standardize
+
+    def _standardized(self, w: Tensor) -> Tensor:
+        if not self.standardize:
+            return w
+        with torch.no_grad():
+            mean = w.mean()
+            std = w.std() if w.numel() > 1 else torch.ones_like(mean)
+        return (w - mean) / std.clamp_min(1e-12)
+
+    def _unit(self, w: Tensor) -> Tensor:
+        """(clamp(w_std / c, -1, 1) + 1) / 2 * (2^k - 1): the codes before rounding."""
+        x = torch.clamp(self._standardized(w) / self._abs_clip(), -1.0, 1.0)
+        return (x + 1.0) / 2.0 * (2**self.bits - 1)
+
+    def _values(self, codes: Tensor, c: Tensor) -> Tensor:
+        """(codes / (2^k - 1) * 2 - 1) * c: one op sequence for the forward pass and :meth:`dequantize`."""
+        return (codes / (2**self.bits - 1) * 2.0 - 1.0) * c
+
+    def _quantize(self, x: Tensor, samples: int) -> Tensor:
+        return self._values(_RoundSTE.apply(self._unit(x)), self._abs_clip())
+
+    def code_range(self) -> tuple[int, int]:
+        return 0, 2**self.bits - 1
+
+    def integer(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.round(self._unit(x))
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return self._values(codes, self._abs_clip().detach())
+
+    def step_size(self) -> Tensor:
+        return (2.0 * self._abs_clip() / (2**self.bits - 1)).detach().reshape(1)
+
+
+class LIQActQuantizer(_LIQ):
+    """The official SAQ code's activation quantizer (LIQ), for ``bits`` = k.
+
+    Unsigned (after ReLU): ``Q = round(clamp(a / c, 0, 1) * (2^k - 1)) / (2^k - 1) * c``, ``c = |clip|``.
+    The official code has no signed range (it would clip negatives to 0); here a signed input (decided
+    from the data when ``signed=None``, as for LSQ) gets the symmetric range with a zero level,
+    ``Q = round(clamp(a / c, -1, 1) * m) / m * c`` with ``m = 2^(k-1) - 1`` (2^k - 1 levels).
+    Computed as LSQ's Function with step ``c / levels`` and gradient scale 1, which is the same function
+    with the same straight-through gradients (for ``a`` inside the range, and for ``c`` through the
+    division and the multiplication), at LSQ's memory cost. The clip starts at 1.0, or at
+    ``init_fraction * max|a|`` of the first data (the official Linear layer: 0.8).
+    """
+
+    def __init__(self, bits: int, signed: Optional[bool] = None, init_fraction: Optional[float] = None):
+        super().__init__(bits, signed, init_fraction)
+
+    def code_range(self) -> tuple[int, int]:
+        if self.signed:
+            m = 2 ** (self.bits - 1) - 1
+            return -m, m
+        return 0, 2**self.bits - 1
+
+    def _step(self) -> Tensor:
+        return self._abs_clip() / self.code_range()[1]
+
+    def _quantize(self, x: Tensor, samples: int) -> Tensor:
+        lo, hi = self.code_range()
+        return _LSQFunction.apply(x, self._step().to(x.dtype), lo, hi, 1.0)
+
+    def integer(self, x: Tensor) -> Tensor:
+        lo, hi = self.code_range()
+        return _codes(x, self._step().detach(), lo, hi)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return codes * self._step().detach()
+
+    def step_size(self) -> Tensor:
+        return self._step().detach().reshape(1)
+
+
+def make_quantizers(kind: str, w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
+                    a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
+                    linear: bool = False) -> tuple[Quantizer, Quantizer]:
+    """The (weight, input-activation) quantizers of one layer of the given kind ("lsq" or "liq").
+
+    LSQ: signed weight steps (per output channel if ``per_channel``); the activation step's gradient
+    scale counts one sample if ``per_sample_grad_scale``. LIQ: one clip per tensor (``per_channel`` and
+    the gradient scale do not apply); a convolution gets LIQ_wn (standardised weights, clips from 1.0),
+    a ``linear`` layer the official code's QLinear (no standardisation, clips from 0.8 * max|x|).
+    """
+    if kind == "lsq":
+        return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None, num_channels=num_channels),
+                LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=per_sample_grad_scale))
+    if kind == "liq":
+        return (LIQWeightQuantizer(w_bits, standardize=not linear),
+                LIQActQuantizer(a_bits, signed=a_signed, init_fraction=0.8 if linear else None))
+    raise ValueError(f"unknown quantizer {kind!r}; choose one of {', '.join(QUANTIZERS)}")

@@ -113,7 +113,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _group_by_device_dtype
 
 from .layers import QuantLayer, quant_layers
-from .quantizer import LSQQuantizer
+from .quantizer import Quantizer
 
 __all__ = ["SAQ", "rho_warmup", "MODES", "STRATEGIES"]
 
@@ -412,7 +412,7 @@ class SAQ(torch.optim.Optimizer):
                 raise ValueError(f"mode {mode!r}: none of the quantized layers' weights is trained by the base "
                                  "optimizer")
         hooked_ids = {id(m.weight) for m in hook_layers}
-        step_ids = {id(q.step) for q in module.modules() if isinstance(q, LSQQuantizer)}
+        step_ids = {id(q.scale) for q in module.modules() if isinstance(q, Quantizer)}
         weight_ids = {id(m.weight) for m in module.modules()
                       if isinstance(m, (QuantLayer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
         data_params: list[Tensor] = []

@@ -3,13 +3,17 @@
 Conventions (stated so the numbers can be checked by hand):
 
 * size: the weight of each quantized layer at its ``w_bits``; every other parameter (biases, norm
-  affine parameters, layers left in float, and the step sizes of the enabled quantizers) at 32 bits.
+  affine parameters, layers left in float, and the scales -- LSQ steps, LIQ clips -- of the enabled
+  quantizers) at 32 bits.
   Buffers (BatchNorm running statistics) are not counted: they fold into the preceding layer.
   The float size is every parameter of the float model (no steps) at 32 bits.
 * BOPs per sample: sum over the quantized Conv/Linear layers of ``MACs x w_bits x a_bits``, a layer at
   32 bits counting 32. MACs per sample are recorded by the first forward pass (:func:`saq.quantize`'s
   trace), or measured now from ``example_inputs``. Operations outside Conv/Linear modules (attention
   matmuls, norms, layers excluded from quantization) are not counted.
+* step columns: the spacing between adjacent quantization levels -- LSQ's step; for LIQ ``2|c|/(2^k-1)``
+  for weights (in standard deviations of the weight) and ``|c|/(2^k-1)`` for unsigned activations
+  (``|c|/(2^(k-1)-1)`` signed).
 """
 from __future__ import annotations
 
@@ -24,14 +28,17 @@ from torch import nn
 
 from .convert import _float_pass, is_traced, trace
 from .layers import QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, LSQQuantizer
+from .quantizer import FLOAT_BITS, Quantizer
 
 __all__ = ["summary", "model_size_bits", "bops", "Summary", "LayerRow"]
 
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One quantized layer of :class:`Summary`; step statistics are ``None`` before initialisation."""
+    """One quantized layer of :class:`Summary`; step statistics are ``None`` before initialisation.
+
+    Steps are the spacing between adjacent levels (LSQ's step; LIQ's clip over its number of intervals).
+    """
 
     name: str
     type: str
@@ -46,6 +53,7 @@ class LayerRow:
     a_step: Optional[float]
     a_signed: Optional[bool]
     macs: Optional[int]
+    quantizer: str = "lsq"
 
     @property
     def bops(self) -> Optional[int]:
@@ -72,13 +80,13 @@ class Summary:
         def fmt(v: Any, spec: str = "") -> str:
             return "-" if v is None else format(v, spec)
 
-        head = (f"{'layer':<32} {'type':<8} {'role':<5} {'w':>2} {'a':>2} {'pc':>2} {'params':>9} "
+        head = (f"{'layer':<32} {'type':<8} {'q':<3} {'role':<5} {'w':>2} {'a':>2} {'pc':>2} {'params':>9} "
                 f"{'w_step mean':>11} {'min':>9} {'max':>9} {'a_step':>9} {'a_sgn':>5} {'MACs':>11} {'BOPs':>14}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             name = r.name if len(r.name) <= 32 else "..." + r.name[-29:]
             lines.append(
-                f"{name:<32} {r.type:<8} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} {'y' if r.per_channel else 'n':>2} "
+                f"{name:<32} {r.type:<8} {r.quantizer:<3} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} {'y' if r.per_channel else 'n':>2} "
                 f"{r.params:>9,} {fmt(r.w_step_mean, '.3g'):>11} {fmt(r.w_step_min, '.3g'):>9} "
                 f"{fmt(r.w_step_max, '.3g'):>9} {fmt(r.a_step, '.3g'):>9} "
                 f"{fmt(None if r.a_signed is None else ('y' if r.a_signed else 'n')):>5} "
@@ -113,15 +121,15 @@ def _measure_macs(model: nn.Module, example_inputs: Any) -> None:
         _float_pass(model, *args)
 
 
-def _steps(q: LSQQuantizer) -> Optional[torch.Tensor]:
-    return q.step.detach().float() if q.enabled and q.is_initialized else None
+def _steps(q: Quantizer) -> Optional[torch.Tensor]:
+    return q.step_size().float() if q.enabled and q.is_initialized else None
 
 
 def model_size_bits(model: nn.Module) -> int:
     """Model size in bits: quantized weights at their bits, every other parameter (steps included) at 32."""
     layers = _layers(model)
     quantized = {id(m.weight): m.w_bits for _, m in layers}
-    disabled_steps = {id(q.step) for _, m in layers for q in (m.weight_quantizer, m.act_quantizer) if not q.enabled}
+    disabled_steps = {id(q.scale) for _, m in layers for q in (m.weight_quantizer, m.act_quantizer) if not q.enabled}
     total = 0
     for p in model.parameters():
         if id(p) in disabled_steps:
@@ -131,7 +139,7 @@ def model_size_bits(model: nn.Module) -> int:
 
 
 def _float_bits(model: nn.Module) -> int:
-    steps = {id(q.step) for q in model.modules() if isinstance(q, LSQQuantizer)}
+    steps = {id(q.scale) for q in model.modules() if isinstance(q, Quantizer)}
     return sum(p.numel() for p in model.parameters() if id(p) not in steps) * FLOAT_BITS
 
 
@@ -171,7 +179,7 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             w_step_max=None if ws is None else float(ws.max()),
             a_step=None if as_ is None else float(as_.mean()),
             a_signed=m.act_quantizer.signed if m.act_quantizer.enabled else None,
-            macs=m._saq_macs))
+            macs=m._saq_macs, quantizer=m.weight_quantizer.kind))
     float_bits = _float_bits(model)
     known = all(r.macs is not None for r in rows)
     return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=float_bits,
