@@ -194,7 +194,9 @@ def test_act_eval_before_init_raises_and_calibrate_inits():
     assert all(q.is_initialized for q in (conv.weight_quantizer, conv.act_quantizer, lin.weight_quantizer,
                                           lin.act_quantizer))
     # convolutions (LIQ_wn): clips start at 1.0; Linear (the official QLinear): 0.8 * max|x| (batch mean)
-    assert conv.weight_quantizer.clip.item() == 1.0 and conv.act_quantizer.clip.item() == 1.0
+    assert conv.weight_quantizer.clip.item() == 1.0
+    # ... except the network input's (the first layer): max|x| (batch mean), so 8 bits cover the data
+    assert conv.act_quantizer.clip.item() == pytest.approx(sum(b.abs().max().item() for b in batches) / 2, rel=1e-5)
     assert lin.weight_quantizer.clip.item() == pytest.approx(0.8 * lin.weight.abs().max().item())
     with torch.no_grad():
         maxes = [torch.relu(conv._conv_forward(b, conv.weight, conv.bias)).abs().max().item() for b in batches]
@@ -394,3 +396,18 @@ def test_sharpness_measures_run_with_liq(wrt):
     assert all(math.isfinite(v) for v in (lam, tr, sh)) and sh >= 0
     for k, p in model.named_parameters():
         assert torch.equal(p.detach(), before[k]), k
+
+
+def test_liq_first_layer_input_clip_covers_the_data():
+    """LIQ's fixed 1.0 clip would cut normalised inputs; the first layer's starts at max|x| (8-bit there)."""
+    import saq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    saq.quantize(model, saq.QuantConfig(w_bits=2, a_bits=2, quantizer="liq"))
+    x = 3.0 * torch.randn(5, 1, 8, 8)
+    saq.calibrate(model, [x])
+    first, middle = model[0].act_quantizer, model[2].act_quantizer
+    assert first.bits == 8 and torch.allclose(first.clip.abs(), x.abs().max().reshape(1))  # one batch
+    assert middle.clip.item() == 1.0  # the official LIQ_wn start everywhere else

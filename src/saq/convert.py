@@ -218,6 +218,11 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     roles = {order[0]: "first", order[-1]: "last"} if len(order) > 1 else {order[0]: "first"}
     for m, role in roles.items():
         m.quant_role = role
+        aq = m.act_quantizer
+        if role == "first" and getattr(aq, "init_fraction", False) is None and not aq.is_initialized:
+            # LIQ's fixed clip of 1.0 would cut the raw network input (normalised data reaches 2-4); the
+            # first layer's input clip starts at max|x| instead, so its 8 bits cover the data as LSQ's do
+            aq.init_fraction = 1.0
         if _override(m._saq_name, config) is None:
             m.set_bits(config.first_last_bits, config.first_last_bits)
     return order
