@@ -107,9 +107,12 @@ def main() -> None:
     p.add_argument("--limit-train-batches", type=int, default=0, help="per epoch, for a quick CPU measurement")
     p.add_argument("--limit-eval-batches", type=int, default=0)
     p.add_argument("--cases", nargs="*", default=["mnist1d", "fashion_mnist"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's; 1 on a shared CPU)")
     p.add_argument("--synthetic", action="store_true", help="random data of the real sizes (see above)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.synthetic:
         a.fashion_dir = _synthetic_data()
     cuda = torch.device(a.device).type == "cuda"
@@ -120,7 +123,7 @@ def main() -> None:
              "fashion_mnist": TrainConfig(dataset="fashion_mnist", data_dir=a.fashion_dir, **common)}
     saq.train.train(TrainConfig(device=a.device, epochs=1, save=False, limit_train_batches=5, limit_eval_batches=2),
                     progress=False)  # warm-up (CUDA context, kernels)
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     rows = []
     print(f"| case | data path | fetch s | wall s | fetch share | ms/step | test acc | ({device_name}, {a.epochs} epochs"
           f"{', synthetic data' if a.synthetic else ''}) |\n|---|---|---|---|---|---|---|---|", flush=True)

@@ -159,7 +159,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """create_model -> optional float ``cfg.pretrained`` weights -> :func:`saq.quantize` (not yet traced)."""
     from .models import create_model
 
-    model = create_model(cfg.model, num_classes, in_chans=in_chans, img_size=cfg.img_size, **cfg.model_options(in_chans))
+    model = create_model(cfg.model, num_classes, in_chans=in_chans, img_size=cfg.img_size,
+                         **cfg.model_options(in_chans))
     if cfg.pretrained:
         skipped = load_pretrained(model, cfg.pretrained)
         if skipped:
