@@ -640,6 +640,23 @@ def test_two_call_amp_recipe_equals_closure():
         assert torch.equal(p, q), k
 
 
+@pytest.mark.parametrize("strategy", ["full", "every_k", "prev_grad"])
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["step", "scaler.step"])
+def test_step_without_closure_refuses_instead_of_stepping_plainly(strategy, use_scaler):
+    """loss.backward(); opt.step() (or scaler.step(opt)) would be plain QAT: it raises, weights untouched."""
+    x, y = batch(0)
+    model = make_model()
+    before = params0(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, strategy=strategy)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    loss = F.cross_entropy(model(x), y)
+    (scaler.scale(loss) if use_scaler else loss).backward()
+    with pytest.raises(RuntimeError, match="without a closure.*not sharpness-aware|plain, non-sharpness-aware"):
+        scaler.step(opt) if use_scaler else opt.step()
+    assert_params_equal(model, before)
+    assert opt.step_count == 0
+
+
 @pytest.mark.parametrize("where,message", [("loss", "loss of the first pass"),
                                            ("first_grad", "gradient of the first pass"),
                                            ("second_pass", "loss or gradient of the pass at the perturbed point")])

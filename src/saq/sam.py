@@ -526,10 +526,20 @@ class SAQ(torch.optim.Optimizer):
         """One sharpness-aware step; ``closure`` runs forward + backward and returns the loss.
 
         The closure may zero the gradients first, as torch closures often do. Returns the loss of the first
-        pass. Without a closure: undo any perturbation, then (clip and) take the base optimizer's step with
-        the gradients already present (what ``scaler.step(opt)`` calls in the two-call AMP recipe).
+        pass. Without a closure, only after ``first_step()`` (the two-call AMP recipe's ``scaler.step(opt)``):
+        undo the perturbation, then (clip and) take the base optimizer's step with the gradients present.
+        Without a closure and without ``first_step()`` it raises: the step would not be sharpness-aware.
         """
         if closure is None:
+            if not (self._first_done or self._saved.active or self._hooked):
+                # a loop that calls opt.step() / scaler.step(opt) after its own backward would otherwise
+                # train plain QAT while reporting SAQ: refuse, never step plainly
+                raise RuntimeError(
+                    f"saq.SAQ.step() was called without a closure and without first_step(): strategy "
+                    f"{self.strategy!r} must run the forward/backward itself (at the perturbed point), so this "
+                    "would be a plain, non-sharpness-aware step. Pass opt.step(closure) with a closure that runs "
+                    "forward + backward and returns the loss, or use the two-call form first_step() / "
+                    "second_step() (strategy='full').")
             return self._second_half(scaler=None)
         if self._saved.active or self._hooked:
             raise RuntimeError("step(closure) called while a first_step() perturbation is applied; "
