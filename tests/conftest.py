@@ -11,3 +11,10 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: what a user's `saq train` left in the checkout (runs/saq,
+    landscape/, exports) cannot change a test, and a test cannot write into the checkout."""
+    monkeypatch.chdir(tmp_path)
