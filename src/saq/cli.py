@@ -98,6 +98,20 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _field_parser(name: str, item: bool = False) -> Any:
+    """argparse ``type=`` for a TrainConfig field: the same parsing as YAML recipes (config.parse_field)."""
+    from .config import parse_field
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_field(name, [text])[0] if item else parse_field(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
     from .config import OPTIMIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
@@ -116,14 +130,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp) or (str,)
-            group.add_argument(flag, nargs="*", type=item, metavar=item.__name__.upper(), **kw)
+            group.add_argument(flag, nargs="*", type=_field_parser(f.name, item=True), metavar=item.__name__.upper(),
+                               **kw)
         elif origin is dict or tp is dict:
             group.add_argument(flag, type=_parse_mapping, metavar="MAPPING", **kw)
         elif f.name in choices:
             group.add_argument(flag, choices=choices[f.name], **kw)
         else:
             metavar = "PATH" if f.name in _PATH_FIELDS else {int: "INT", float: "FLOAT"}.get(tp, "NAME")
-            group.add_argument(flag, type=tp if tp in (int, float, str) else str, metavar=metavar, **kw)
+            group.add_argument(flag, type=_field_parser(f.name), metavar=metavar, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
