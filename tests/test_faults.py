@@ -3,11 +3,24 @@ where that is cheap: output folders, non-finite weights, config validation, expo
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
+from saq.checkpoint import load_checkpoint
 from saq.cli import main
 from saq.config import TrainConfig, load_recipe
+from saq.train import train
+
+TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
+        "--sharpness", "none"]
 
 
 def _fails(capsys, argv, *needles, code=None) -> str:
@@ -22,6 +35,14 @@ def _fails(capsys, argv, *needles, code=None) -> str:
     for n in needles:
         assert n in err, err
     return err
+
+
+def _ok(capsys, argv) -> str:
+    """The CLI succeeds; returns its stdout (stderr, e.g. the progress bar, is dropped)."""
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    return captured.out
 
 
 # -- configuration: one place, by type and range, for YAML and CLI alike ---------------------------------------
@@ -80,3 +101,87 @@ def test_python_api_is_validated_the_same_way():
                 dict(step_milestones=5), dict(label_smoothing=math.nan)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+
+
+# -- tests and output folders ------------------------------------------------------------------------------
+def test_errors_do_not_depend_on_a_run_left_in_the_current_folder(capsys):
+    # the README's order: `saq train` (default output runs/saq in the current folder), then the tests
+    _ok(capsys, ["train", *TINY])
+    assert Path("runs/saq/checkpoint.pt").is_file()
+    _fails(capsys, ["train", "--model", "resnet9000"], "unknown model")
+    _fails(capsys, ["train", "--w-bits", "33"], "w-bits")
+    _fails(capsys, ["train", "--rho", "-0.1"], "rho")
+    _fails(capsys, ["train", "--lr", "-1"], "lr")
+    _fails(capsys, ["train", "--dataset", "mnist2d"], "unknown data set")
+    _fails(capsys, ["eval", "missing.pt"], "not found")
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_a_run_is_never_reused_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(out)])
+    before = _snapshot(out)
+    _fails(capsys, ["train", *TINY, "--seed", "1", "--output", str(out)], "already holds a run", "--overwrite",
+           code=1)
+    assert _snapshot(out) == before  # nothing written, nothing replaced
+    # --overwrite deletes the old run first: a new run that dies before its first save leaves no mix
+    cfg = TrainConfig(epochs=1, batch_size=32, limit_train_batches=2, limit_eval_batches=1, sharpness="none",
+                      seed=1, output=str(out), overwrite=True)
+
+    def die(step):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, progress=False, step_callback=die)
+    assert not (out / "checkpoint.pt").exists()
+    assert not {n for n in before if n.startswith("tb/")} & set(_snapshot(out))  # run A's log is gone
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
+    assert train(cfg, progress=False)["epochs"] == 1
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["seed"] == 1
+    assert len(list((out / "tb").iterdir())) == 1  # one TensorBoard log: no other run's events mixed in
+    # --resume and --overwrite contradict each other
+    capsys.readouterr()
+    _fails(capsys, ["train", "--resume", "--overwrite", "--output", str(out)], "exclude each other")
+
+
+def test_a_folder_in_use_is_refused(tmp_path, capsys):
+    from filelock import FileLock
+
+    out = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(out)])
+    before = _snapshot(out)
+    with FileLock(str(out / ".saq.lock"), timeout=0):  # another process's run holds the folder
+        _fails(capsys, ["train", *TINY, "--overwrite", "--output", str(out)], "in use", code=1)
+        _fails(capsys, ["train", "--resume", "--output", str(out)], "in use", code=1)
+    assert _snapshot(out) == before
+    _ok(capsys, ["train", "--resume", "--output", str(out)])  # free again
+
+
+def test_two_concurrent_runs_into_one_folder(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "saq", "train", "--epochs", "1", "--batch-size", "32", "--sharpness", "none",
+           "--limit-eval-batches", "1", "--output", str(out)]
+    a = subprocess.Popen([*cmd, "--limit-train-batches", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    deadline = time.time() + 90
+    while not (out / "config.yaml").exists() and a.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    a.send_signal(signal.SIGSTOP)  # run A is in the middle of its epoch while B starts
+    try:
+        b = subprocess.run([*cmd, "--limit-train-batches", "2", "--seed", "1", "--overwrite"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    _, a_err = a.communicate(timeout=120)
+    assert a.returncode == 0, a_err[-2000:]
+    assert b.returncode == 1 and b.stderr.startswith("saq: error: ") and b.stderr.count("\n") == 1, b.stderr
+    assert "in use by another saq train" in b.stderr, b.stderr
+    # what is left is run A, consistently
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["seed"] == 0 and state["global_step"] == 100
+    assert len(list((out / "tb").iterdir())) == 1

@@ -61,6 +61,8 @@ TRAIN_HELP = {
     "device": "auto, cpu, cuda, cuda:N",
     "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "resume": "continue the run in --output from its checkpoint",
+    "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "
+                 "metrics, plot and TensorBoard logs first (without it such a folder is refused)",
     "log_every": "also log the step loss to TensorBoard every N steps",
     "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
     "limit_train_batches": "at most N training batches per epoch (smoke tests)",
@@ -213,6 +215,7 @@ def config_from_args(args: argparse.Namespace):
         if not ckpt.is_file():
             raise ValueError(f"nothing to resume: {ckpt} does not exist")
         stored = dict(load_checkpoint(ckpt)["config"])
+        stored["overwrite"] = False  # how that run was started, not how to continue it
         stored.update(overrides)
         return TrainConfig.from_dict(stored)
     return TrainConfig(**overrides)

@@ -70,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     resume: bool = False
+    overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
     save: bool = True               # False: write nothing (no checkpoint, metrics, plots); results still returned
     limit_train_batches: int = 0    # >0: at most this many training batches per epoch (smoke tests)
@@ -129,6 +130,9 @@ class TrainConfig:
             bad("warmup_epochs and rho_warmup_epochs must be >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.resume and self.overwrite:
+            bad("resume and overwrite exclude each other: --resume continues the run in --output, "
+                "--overwrite deletes it")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         return self

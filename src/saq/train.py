@@ -52,9 +52,12 @@ __all__ = ["train", "evaluate", "build_model", "build_optimizer", "wrap_sharpnes
            "TrainingInterrupted", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: what a run writes into its output folder (what --overwrite deletes); LOCK_NAME is held while it runs
+RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "tb")
+LOCK_NAME = ".saq.lock"
 #: options that may differ between a run and the run it resumes (they do not change the numbers)
 _RESUME_FREE = {"resume", "output", "device", "workers", "data_dir", "log_every", "save", "epochs",
-                "limit_eval_batches", "pretrained"}
+                "limit_eval_batches", "pretrained", "overwrite"}
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
@@ -347,6 +350,52 @@ class _StopRequest:
 # -------------------------------------------------------------------------------------------------------
 # output files
 # -------------------------------------------------------------------------------------------------------
+def _claim_output(out: Path, cfg: TrainConfig) -> Any:
+    """Lock the run folder ``out`` for this run and apply the folder policy; returns the held lock.
+
+    One run at a time: a second ``saq train`` (or ``--resume``) into a folder in use is refused. A folder
+    that already holds a run is never reused silently: ``resume`` continues it, ``overwrite`` deletes that
+    run's files (:data:`RUN_FILES`) first, anything else is refused. Files of other names are left alone.
+    """
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out / LOCK_NAME), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"output folder {out} is in use by another saq train (it holds the lock {out / LOCK_NAME}); "
+                         "wait for that run or choose another --output") from None
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    try:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not cfg.resume:
+            if not cfg.overwrite:
+                raise ValueError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, "
+                                 "replace it with --overwrite, or choose another --output")
+            for name in held:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            print(f"saq: --overwrite: deleted the previous run in {out} ({', '.join(held)})", file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _agree(message: Optional[str], distributed: bool) -> None:
+    """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
+    if distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
+
+
 def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -> None:
     atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in history))
     cols: list[str] = []
@@ -470,6 +519,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     from .models import model_info
 
     model_info(cfg.model)  # an unknown model fails now (with suggestions), before any data is built
+    from .data import DATASETS, build_datasets
+
+    if cfg.dataset not in DATASETS:  # and so does an unknown data set (its error names the choices)
+        build_datasets(cfg.dataset)
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
@@ -487,9 +540,19 @@ def train(cfg: TrainConfig, progress: bool = True,
     main = rank == 0
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT_NAME
+    lock = None
     try:
+        refused = None
+        if cfg.save and main:
+            try:
+                lock = _claim_output(out, cfg)
+            except ValueError as e:
+                refused = str(e)
+        _agree(refused, distributed)
         return _train(cfg, progress and main, step_callback, device, rank, world, main, out, ckpt_path)
     finally:
+        if lock is not None:
+            lock.release()
         if own_pg and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -510,8 +573,6 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         if diff:
             raise ValueError(f"{ckpt_path} was trained with other options: {', '.join(diff)}; resume with the "
                              "same options or choose a new --output")
-    elif save and main and ckpt_path.exists():
-        print(f"saq: {out} already holds a run; starting a new one (use --resume to continue it)", file=sys.stderr)
 
     _seed_all(cfg.seed)
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
@@ -587,7 +648,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
 
     jsonl, csv_path, tb_dir, plot_path = (out / "metrics.jsonl", out / "metrics.csv", out / "tb",
                                           out / "curves.png")
-    # purge_step: TensorBoard drops older events from this step on (a new run in the folder: all of them)
+    # purge_step: TensorBoard drops older events from this step on (those a resumed session will redo)
     tb = _TensorBoard(tb_dir if (save and main) else None, purge_step=global_step)
     if save and main:
         out.mkdir(parents=True, exist_ok=True)
