@@ -2,6 +2,7 @@
 where that is cheap: output folders, non-finite weights, config validation, export integrity."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -24,14 +25,16 @@ TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--
 
 
 def _fails(capsys, argv, *needles, code=None) -> str:
-    """The CLI exits non-zero with exactly one line 'saq: error: ...' on stderr holding every needle."""
+    """The CLI exits non-zero with one line 'saq: error: ...' holding every needle, last on stderr (after the
+    progress bar, if training started)."""
     try:
         rc = main(argv)
     except SystemExit as e:  # argparse errors exit 2
         rc = e.code
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and (code is None or rc == code), (rc, err)
-    assert err.startswith("saq: error: ") and "\n" not in err and "Traceback" not in err, err
+    text = capsys.readouterr().err.strip()
+    assert rc != 0 and (code is None or rc == code), (rc, text)
+    err = text.split("\n")[-1]
+    assert err.startswith("saq: error: ") and text.count("saq: error") == 1 and "Traceback" not in text, text
     for n in needles:
         assert n in err, err
     return err
@@ -185,3 +188,123 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["config"]["seed"] == 0 and state["global_step"] == 100
     assert len(list((out / "tb").iterdir())) == 1
+
+
+# -- non-finite weights and divergence: detected before any save or export ------------------------------------
+def _poison_optimizer(monkeypatch, at_step: int, **group):
+    """Set ``group`` (e.g. weight_decay=nan) on the base optimizer's decayed group after global step ``at_step``:
+    a real fault inside the real loop, which config validation would otherwise refuse up front."""
+    import saq.train as T
+
+    box = {}
+    real = T.build_optimizer
+
+    def spy(model, cfg):
+        box["opt"] = real(model, cfg)
+        return box["opt"]
+
+    monkeypatch.setattr(T, "build_optimizer", spy)
+
+    def callback(step):
+        if step == at_step:
+            box["opt"].param_groups[0].update(group)
+
+    return callback
+
+
+def test_nan_from_the_last_step_of_an_epoch_is_not_saved(tmp_path, monkeypatch, capsys):
+    # the probe: --weight-decay nan --limit-train-batches 1 (the only step's loss is finite, its update is not)
+    import saq.train as T
+
+    real = T.build_optimizer
+    monkeypatch.setattr(T, "build_optimizer", lambda m, c: _with(real(m, c), weight_decay=math.nan))
+    out = tmp_path / "run"
+    _fails(capsys, ["train", *TINY, "--limit-train-batches", "1", "--output", str(out)], "non-finite", "nothing was saved",
+           code=1)
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    # the same after a good epoch: the run stops, the good checkpoint stays as it was
+    cb = _poison_optimizer(monkeypatch, 1, weight_decay=math.nan)
+    cfg = TrainConfig(epochs=2, batch_size=32, limit_train_batches=1, limit_eval_batches=1, sharpness="none",
+                      output=str(out), overwrite=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* epoch 1\) is kept"):
+        train(cfg, progress=False, step_callback=cb)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def _with(opt, **group):
+    opt.param_groups[0].update(group)
+    return opt
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    # the probe: --lr 1e6 trained to loss 5.8e5, chance accuracy and negative LSQ steps with exit 0
+    out = tmp_path / "lr"
+    err = _fails(capsys, ["train", "--lr", "1e6", "--epochs", "1", "--batch-size", "32", "--limit-train-batches", "6",
+                          "--limit-eval-batches", "1", "--output", str(out)], "diverged", code=1)
+    assert "training loss" in err or "step size(s) <= 0" in err
+    assert not (out / "checkpoint.pt").exists()
+    # diverging in epoch 2 of a run: epoch 1's checkpoint is what is left
+    cb = _poison_optimizer(monkeypatch, 3, lr=1e6)
+    cfg = TrainConfig(epochs=2, batch_size=32, limit_train_batches=3, limit_eval_batches=1, output=str(tmp_path / "b"))
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 2.*epoch 1\) is kept"):
+        train(cfg, progress=False, step_callback=cb)
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert state["epoch"] == 1 and min(v.min() for k, v in state["model"].items() if k.endswith(".step")) > 0
+
+
+def test_export_refuses_non_finite_weights_and_dead_steps(tmp_path):
+    import saq
+
+    model = saq.create_model("cnn1d", 10)
+    saq.quantize(model, saq.QuantConfig())
+    x = torch.randn(8, 1, 40)
+    saq.calibrate(model, [x])
+    saq.export(model, tmp_path / "good.safetensors")
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0] = math.nan
+    assert torch.isnan(model.eval()(x)).any()  # the source outputs NaN: an export must not hide that
+    with pytest.raises(ValueError, match="non-finite"):
+        saq.export(model, tmp_path / "nan.safetensors")
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0] = 0.0
+        model.features[3].weight_quantizer.step[0] = -868.0
+    with pytest.raises(ValueError, match="step <= 0"):
+        saq.export(model, tmp_path / "dead.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors"]
+
+
+def test_metrics_jsonl_is_valid_json_with_non_finite_values(tmp_path):
+    from saq.train import _write_metrics
+
+    _write_metrics([{"epoch": 1, "train_loss": 0.5, "val_acc": math.nan, "val_loss": math.inf}],
+                   tmp_path / "m.jsonl", tmp_path / "m.csv")
+
+    def refuse(token):
+        raise AssertionError(f"bare {token} in metrics.jsonl")
+
+    (row,) = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert row == {"epoch": 1, "train_loss": 0.5, "val_acc": None, "val_loss": None}
+
+
+def test_calibrate_refuses_a_nan_batch_and_leaves_the_steps(tmp_path):
+    import saq
+
+    model = saq.create_model("cnn1d", 10)
+    saq.quantize(model, saq.QuantConfig())
+    x = torch.randn(16, 1, 40)
+    saq.calibrate(model, [x])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x.clone()
+    bad[3, 0, 7] = math.nan
+    with pytest.raises(ValueError, match="non-finite step sizes"):
+        saq.calibrate(model, [x, bad])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fresh = saq.create_model("cnn1d", 10)
+    saq.quantize(fresh, saq.QuantConfig())
+    with pytest.raises(ValueError, match="non-finite step sizes"):
+        saq.calibrate(fresh, [bad])
+    assert not any(q.is_initialized for q in fresh.modules() if isinstance(q, saq.LSQQuantizer))

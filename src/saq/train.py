@@ -386,6 +386,28 @@ def _claim_output(out: Path, cfg: TrainConfig) -> Any:
     return lock
 
 
+#: an epoch whose mean training loss exceeds this many times ln(classes) (chance level) has diverged
+DIVERGED_LOSS_FACTOR = 10.0
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers (quantizer steps included) holding NaN/inf."""
+    items = [(n, t) for n, t in model.state_dict().items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not items:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()  # one device read
+    return [n for (n, _), good in zip(items, ok) if not good]
+
+
+def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
+    """(name, smallest step) of every active quantizer with a step <= 0 (an optimizer pushed it there)."""
+    qs = [(n, q) for n, q in model.named_modules() if isinstance(q, LSQQuantizer) and q.enabled and q.is_initialized]
+    if not qs:
+        return []
+    lows = torch.stack([q.step.detach().min().float().cpu() for _, q in qs]).tolist()
+    return [(n, low) for (n, _), low in zip(qs, lows) if low <= 0]
+
+
 def _agree(message: Optional[str], distributed: bool) -> None:
     """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
     if distributed:
@@ -396,8 +418,14 @@ def _agree(message: Optional[str], distributed: bool) -> None:
         raise ValueError(message)
 
 
+def _json_value(v: Any) -> Any:
+    """NaN/inf have no JSON form: they are written as null (the CSV keeps 'nan')."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -> None:
-    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(jsonl, "".join(json.dumps({k: _json_value(v) for k, v in r.items()}, allow_nan=False) + "\n"
+                                     for r in history))
     cols: list[str] = []
     for r in history:
         cols += [k for k in r if k not in cols]
@@ -656,7 +684,26 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    saved_epoch = [int(state["epoch"]) if state is not None else None]  # of the last checkpoint on disk
+
+    def kept() -> str:
+        if not save:
+            return "nothing is saved (save=False)"
+        if saved_epoch[0] is None:
+            return "nothing was saved"
+        return f"the last good checkpoint ({ckpt_path}, epoch {saved_epoch[0]}) is kept"
+
+    def check_finite(where: str) -> None:
+        """Before anything is saved or evaluated: every weight and step must be finite (all ranks agree)."""
+        bad = _non_finite(raw_model)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values in {len(bad)} tensor(s) at {where} (e.g. {', '.join(bad[:3])}); "
+                f"{kept()}; lower --lr, check --weight-decay, or set --max-grad-norm")
+
     def checkpoint(epoch: int, step_in_epoch: int, sums: list, metrics: Optional[dict] = None) -> Optional[str]:
+        check_finite(f"epoch {epoch + 1 if step_in_epoch else epoch}"
+                     + (f" step {step_in_epoch}" if step_in_epoch else " end"))
         if not (save and main):
             return str(ckpt_path) if save else None
         save_checkpoint(ckpt_path, {
@@ -667,6 +714,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
             "partial": [float(sums[0]), float(sums[1]), int(sums[2])],
             "time_s": time_before + time.time() - t0, "history": history, "metrics": metrics or {},
         })
+        saved_epoch[0] = epoch
         return str(ckpt_path)
 
     if state is not None:
@@ -739,8 +787,9 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                     correct += hits_f
                     count += n
                 elif scaler is None:  # with fp16 AMP the scaler skips such steps and lowers its scale
+                    bar.close()
                     raise FloatingPointError(
-                        f"the training loss became {loss_f} at epoch {epoch + 1}, step {step + 1}; "
+                        f"the training loss became {loss_f} at epoch {epoch + 1}, step {step + 1}; {kept()}; "
                         "lower --lr (or --rho), or set --max-grad-norm")
                 step += 1
                 global_step += 1
@@ -771,6 +820,24 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                 for b in raw_model.buffers():  # evaluate every shard with rank 0's BatchNorm statistics
                     dist.broadcast(b, 0)
             tl, tc, tn = sums.tolist()
+            # -- nothing non-finite or diverged is evaluated, logged or saved; the last good checkpoint stays
+            limit = DIVERGED_LOSS_FACTOR * math.log(max(data_info["num_classes"], 2))
+            try:
+                check_finite(f"the end of epoch {epoch + 1}")
+                dead = _dead_steps(raw_model)
+            except BaseException:
+                bar.close()
+                raise
+            if tl / max(tn, 1) > limit or dead:
+                bar.close()
+                why = []
+                if tl / max(tn, 1) > limit:
+                    why.append(f"mean training loss {tl / max(tn, 1):.4g} > {limit:.3g} "
+                               f"({DIVERGED_LOSS_FACTOR:g} x ln {data_info['num_classes']} classes)")
+                if dead:
+                    why.append(f"{len(dead)} quantizer step size(s) <= 0 (e.g. {dead[0][0]}.step = {dead[0][1]:.4g})")
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1}: {'; '.join(why)}; {kept()}; "
+                                         "lower --lr (or --rho), or set --max-grad-norm")
             record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
                                       "lr": base.param_groups[0]["lr"],
                                       "train_loss": tl / max(tn, 1), "train_acc": 100 * tc / max(tn, 1)}
