@@ -308,3 +308,162 @@ def test_calibrate_refuses_a_nan_batch_and_leaves_the_steps(tmp_path):
     with pytest.raises(ValueError, match="non-finite step sizes"):
         saq.calibrate(fresh, [bad])
     assert not any(q.is_initialized for q in fresh.modules() if isinstance(q, saq.LSQQuantizer))
+
+
+# -- export integrity ----------------------------------------------------------------------------------------
+def test_export_never_overwrites_its_source(tmp_path, capsys):
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    ckpt = run / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    _fails(capsys, ["export", str(ckpt), str(ckpt)], "overwrite its source", code=1)
+    _fails(capsys, ["export", str(run), str(ckpt)], "overwrite its source", code=1)
+    other = tmp_path / "other.pt"
+    other.write_bytes(before)  # any file that is not an export, e.g. another run's checkpoint
+    _fails(capsys, ["export", str(ckpt), str(other)], "not a saq export", code=1)
+    _fails(capsys, ["export", str(ckpt), str(tmp_path)], "is a folder", code=1)
+    assert ckpt.read_bytes() == before and other.read_bytes() == before
+    load_checkpoint(ckpt)
+    out = tmp_path / "m.safetensors"
+    assert "smaller than the float32 state dict" in _ok(capsys, ["export", str(ckpt), str(out)])
+    _ok(capsys, ["export", str(ckpt), str(out)])  # an earlier export may be replaced
+
+
+def _exported(tmp_path):
+    import saq
+
+    model = saq.create_model("cnn1d", 10)
+    saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
+    saq.calibrate(model, [torch.randn(32, 1, 40)])
+    path = tmp_path / "m.safetensors"
+    saq.export(model, path)
+    return model.eval(), path
+
+
+def _read(path):
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def _write(path, tensors, metadata, resign):
+    """Write an edited export; ``resign`` recomputes the content hash (a careful editor, or a bug)."""
+    import safetensors.torch
+
+    from saq.export import _digest
+
+    if resign:
+        metadata = {**metadata, "sha256": _digest(tensors, metadata)}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _edit_layer(path, layer, resign, **changes):
+    tensors, meta = _read(path)
+    layers = json.loads(meta["layers"])
+    for k, v in changes.items():
+        if v is KeyError:
+            del layers[layer][k]
+        else:
+            layers[layer][k] = v
+    return _write(path.with_name(f"edit_{layer}_{'_'.join(changes)}_{resign}.safetensors"), tensors,
+                  {**meta, "layers": json.dumps(layers)}, resign)
+
+
+def _fresh_model():
+    import saq
+
+    torch.manual_seed(99)
+    m = saq.create_model("cnn1d", 10)
+    saq.quantize(m, saq.QuantConfig(w_bits=4, a_bits=4))
+    saq.calibrate(m, [torch.randn(8, 1, 40)])
+    return m
+
+
+def _model_state(m):
+    import saq
+
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            [(n, l.w_bits, l.a_bits, l.weight_quantizer.signed, l.act_quantizer.signed, l.quant_role,
+              l.weight_standardize, l.weight_quantizer.step.shape) for n, l in saq.quant_layers(m)])
+
+
+def _assert_unchanged(m, before):
+    state, layers = _model_state(m)
+    assert layers == before[1]
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+@pytest.mark.parametrize("changes", [dict(w_bits=3), dict(w_bits=2), dict(a_bits=2), dict(w_signed=False),
+                                     dict(a_signed=True), dict(w_bits=None)])
+def test_edited_metadata_is_refused(tmp_path, changes):
+    import saq
+
+    _, path = _exported(tmp_path)
+    edited = _edit_layer(path, "features.3", False, **changes)
+    model = _fresh_model()
+    before = _model_state(model)
+    with pytest.raises(ValueError, match="does not match its content hash"):
+        saq.load_exported(edited, model)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(w_bits=3), "codes outside the declared 3-bit signed range"),  # same nibble packing as 4 bits
+    (dict(w_bits=2), "do not fit"),
+    (dict(w_bits=None), "'w_bits' is None"),
+    (dict(a_signed=KeyError), "'a_signed' is missing"),
+    (dict(shape=[16, 16, "3"]), "'shape'"),
+    (dict(numel=7), "'numel'"),
+])
+def test_codes_and_metadata_that_do_not_fit_are_refused_even_when_rehashed(tmp_path, changes, needle):
+    import saq
+
+    _, path = _exported(tmp_path)
+    edited = _edit_layer(path, "features.3", True, **changes)
+    model = _fresh_model()
+    before = _model_state(model)
+    with pytest.raises(ValueError, match=needle) as e:
+        saq.load_exported(edited, model)
+    assert "\n" not in str(e.value)
+    _assert_unchanged(model, before)
+
+
+def test_a_failing_load_leaves_the_model_untouched(tmp_path):
+    import saq
+
+    source, path = _exported(tmp_path)
+    tensors, meta = _read(path)
+    tensors["fc.weight_codes"] = tensors["fc.weight_codes"][:-1]  # the last layer's codes cut short
+    bad = _write(tmp_path / "cut.safetensors", tensors, meta, resign=True)
+    model = _fresh_model()
+    before = _model_state(model)
+    with pytest.raises(ValueError, match="fc"):
+        saq.load_exported(bad, model)
+    _assert_unchanged(model, before)
+    tensors, meta = _read(path)
+    tensors["features.0.weight_codes"][0] ^= 1  # one flipped bit in the data
+    with pytest.raises(ValueError, match="content hash"):
+        saq.load_exported(_write(tmp_path / "flip.safetensors", tensors, meta, resign=False), model)
+    del meta["sha256"]
+    with pytest.raises(ValueError, match="no content hash"):
+        saq.load_exported(_write(tmp_path / "old.safetensors", tensors, meta, resign=False), model)
+    _assert_unchanged(model, before)
+    # and the intact file still loads into that model and reproduces the source
+    saq.load_exported(path, model)
+    x = torch.randn(4, 1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), source(x))
+
+
+class _Thing:
+    pass
+
+
+def test_a_non_checkpoint_file_error_suggests_nothing_unsafe(tmp_path):
+    path = tmp_path / "obj.pt"
+    torch.save({"format": "saq-checkpoint", "model": _Thing()}, path)
+    with pytest.raises(ValueError, match="not a saq checkpoint") as e:
+        load_checkpoint(path)
+    assert "weights_only" not in str(e.value) and "trust" not in str(e.value) and "\n" not in str(e.value)

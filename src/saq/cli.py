@@ -276,7 +276,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .export import export
+    from .train import CHECKPOINT_NAME
 
+    source = Path(args.checkpoint)
+    source = source / CHECKPOINT_NAME if source.is_dir() else source
+    if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
+        raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
     model, _, _ = load_model(args.checkpoint)
     print(export(model, args.out))
     return 0

@@ -10,12 +10,16 @@ Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version"
 * every other ``state_dict`` tensor (biases, BatchNorm/LayerNorm, layers left in float) unchanged.
 * ``layers``: per quantized layer its type, weight shape, bits, signedness, per-channel dim, whether the
   codes are of the standardised weight, its role (first/last), and MACs per sample when known.
+* ``sha256``: a hash of every tensor (name, dtype, shape, bytes) and every other metadata entry. A file
+  whose content does not match it (edited, truncated, corrupted) is refused, and so are codes outside their
+  declared bit width and metadata that is missing a key or holds a wrong type.
 
 :func:`load_exported` rebuilds ``weight = codes * step`` in a freshly converted model, so ``Q(weight)``
 reproduces the exported integers exactly and the model computes what the exporting model computed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,8 +63,9 @@ class ExportInfo:
         return self.float_bytes / self.file_bytes
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB for {self.layers} quantized layers "
-                f"(float32 model {self.float_bytes / 1024:.1f} KiB, {self.ratio:.2f}x smaller)")
+        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB file for {self.layers} quantized layers, "
+                f"{self.ratio:.2f}x smaller than the float32 state dict ({self.float_bytes / 1024:.1f} KiB of "
+                "parameters and buffers)")
 
 
 # -- packing -------------------------------------------------------------------------------------------
@@ -154,14 +159,40 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     }
 
 
+def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, raw bytes) and every metadata entry but the hash itself."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "sha256"):
+        h.update(json.dumps(["meta", key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps(["tensor", key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _is_export(path: str) -> bool:
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is "not an export"
+        return False
+
+
 # -- export -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
 
-    The file is a safetensors file (no pickle), written atomically. Returns an :class:`ExportInfo` with
-    the file size and the float32 model size; ``verbose`` also prints it.
+    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
+    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
+    and the float32 model size; ``verbose`` also prints it.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
+    if os.path.exists(path) and not _is_export(os.fspath(path)):
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
+                         "refusing to replace it")
     model = _unwrap(model)
     layers = quant_layers(model)
     if not layers:
@@ -209,6 +240,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
     config = getattr(model, "_saq_config", None)
     if config is not None:
         metadata["config"] = json.dumps(config.to_dict())
+    metadata["sha256"] = _digest(tensors, metadata)
     path = os.fspath(path)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
@@ -234,23 +266,77 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
                          f"(metadata format={metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r}")
+    if "sha256" not in metadata:
+        raise ValueError(f"load_exported: {path!r} has no content hash (written by an older saq?); export it again")
+    if _digest(tensors, metadata) != metadata["sha256"]:
+        raise ValueError(f"load_exported: {path!r} does not match its content hash: its codes or metadata were "
+                         "edited or corrupted after export")
     try:
         layers = json.loads(metadata["layers"])
     except json.JSONDecodeError as e:
         raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: {e}") from e
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: not a mapping of layer -> entries")
     return tensors, layers
+
+
+_NONE = type(None)
+#: metadata entry -> accepted types (bool is not an int here)
+_SCHEMA: dict[str, tuple] = {
+    "type": (str,), "shape": (list,), "w_bits": (int,), "w_signed": (bool, _NONE), "w_channel_dim": (int, _NONE),
+    "a_bits": (int,), "a_signed": (bool, _NONE), "a_channel_dim": (int, _NONE), "w_initialized": (bool,),
+    "a_initialized": (bool,), "weight_standardized": (bool,), "role": (str, _NONE),
+}
+
+
+def _check_meta(name: str, info: dict[str, Any]) -> None:
+    """Every metadata entry a layer needs, of the right type and range, or a one-line ValueError."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"load_exported: layer {name} metadata: {msg}")
+
+    for key, types_ in _SCHEMA.items():
+        if key not in info:
+            raise bad(f"{key!r} is missing")
+        v = info[key]
+        if (isinstance(v, bool) and bool not in types_) or not isinstance(v, types_):
+            raise bad(f"{key!r} is {v!r}, expected {' or '.join('null' if t is _NONE else t.__name__ for t in types_)}")
+    shape = info["shape"]
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise bad(f"'shape' is {shape!r}, expected a list of positive ints")
+    for key in ("w_bits", "a_bits"):
+        try:
+            check_bits(info[key], key)
+        except ValueError as e:
+            raise bad(str(e)) from None
+    if info["w_channel_dim"] is not None and not 0 <= info["w_channel_dim"] < len(shape):
+        raise bad(f"'w_channel_dim' {info['w_channel_dim']} is not a dimension of the weight {shape}")
+    if info["w_bits"] != FLOAT_BITS:
+        if info["w_signed"] is None:
+            raise bad("'w_signed' is null for a quantized weight")
+        if info.get("numel") != math.prod(shape):
+            raise bad(f"'numel' is {info.get('numel')!r}, the weight shape {shape} holds {math.prod(shape)}")
+    if info.get("macs") is not None and (isinstance(info["macs"], bool) or not isinstance(info["macs"], int)):
+        raise bad(f"'macs' is {info['macs']!r}, expected an int or null")
+
+
+def _step_for(step: Optional[Tensor], channel_dim: Optional[int], size: Optional[int], what: str) -> None:
+    """The file's step must be 1-D: one value per tensor, or one per channel along ``channel_dim``."""
+    if step is None:
+        return
+    if step.dim() != 1 or (channel_dim is None and step.numel() != 1) or (size is not None and step.numel() != size):
+        raise ValueError(f"load_exported: {what} step has shape {tuple(step.shape)}")
+    if not step.is_floating_point() or not bool(torch.isfinite(step).all()):
+        raise ValueError(f"load_exported: {what} step is not finite floating point")
 
 
 def _configure(q: LSQQuantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
                step: Optional[Tensor], initialized: bool, what: str) -> None:
-    """Set a quantizer's bits/signedness/per-channel step from the export."""
+    """Set a quantizer's bits/signedness/per-channel step from the export (all checked beforehand)."""
     q.bits = check_bits(int(bits), what)
     q.signed = signed
     q.channel_dim = channel_dim
     if step is not None:
         step = step.to(device=q.step.device, dtype=q.step.dtype)
-        if step.dim() != 1 or (channel_dim is None and step.numel() != 1):
-            raise ValueError(f"load_exported: {what} step has shape {tuple(step.shape)}")
         if step.shape == q.step.shape:
             q.step.data.copy_(step)
         else:  # per-channel in the file, per-tensor in the fresh model (or vice versa)
@@ -266,12 +352,17 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     Weights become ``codes * step`` (weight standardisation is switched off where the codes are of the
     standardised weight), steps/bits/signedness/roles come from the file, and the model is marked traced,
     so it computes exactly what the exported model computed. Returns ``model``.
+
+    All or nothing: the file is read and checked completely (content hash, metadata, architecture, codes
+    within their bit width) before the model is touched, so a failing load leaves ``model`` as it was.
     """
     tensors, meta = _read(path)
     target = _unwrap(model)
     layers = dict(quant_layers(target))
     if not layers:
         raise ValueError("load_exported: the model has no quantized layer (call saq.quantize on it first)")
+    for name, info in meta.items():
+        _check_meta(name, info)
     missing = [n for n in meta if n not in layers]
     extra = [n for n in layers if n not in meta]
     if missing or extra:
@@ -306,6 +397,39 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
                              f"model, {tuple(value.shape)} in the file")
         rest[key] = value
 
+    # the integer weights, decoded and checked against their declared bit width (nothing is changed yet)
+    weights: dict[str, Tensor] = {}
+    for name, info in meta.items():
+        layer = layers[name]
+        w_step = tensors.get(f"{name}.weight_quantizer.step")
+        cdim = info["w_channel_dim"]
+        _step_for(w_step, cdim, info["shape"][cdim] if cdim is not None else None, f"{name} weights")
+        _step_for(tensors.get(f"{name}.act_quantizer.step"), info["a_channel_dim"], None, f"{name} activations")
+        key = name + _CODES
+        if info["w_bits"] == FLOAT_BITS:
+            if key in tensors:
+                raise ValueError(f"load_exported: layer {name} is declared 32-bit but the file has integer codes for it")
+            continue
+        if key not in tensors or w_step is None:
+            raise ValueError(f"load_exported: the file has no integer weight (codes and step) for layer {name}")
+        bits, signed, numel = info["w_bits"], info["w_signed"], math.prod(info["shape"])
+        packed = tensors[key]
+        per = _per_byte(bits)
+        dtype = (torch.int8 if signed else torch.uint8) if per == 1 else torch.uint8
+        if packed.dtype != dtype or packed.dim() != 1 or packed.numel() != -(-numel // per):
+            raise ValueError(f"load_exported: layer {name}: {tuple(packed.shape)} {packed.dtype} codes do not fit "
+                             f"{numel} {bits}-bit weights")
+        codes = unpack_codes(packed, bits, signed, numel)
+        qn, qp = qrange(bits, signed)
+        if numel and (int(codes.min()) < qn or int(codes.max()) > qp):
+            raise ValueError(f"load_exported: layer {name}: codes outside the declared {bits}-bit "
+                             f"{'signed' if signed else 'unsigned'} range [{qn}, {qp}]")
+        w = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
+        view = [-1 if d == cdim else 1 for d in range(w.dim())] if cdim is not None else []
+        step = w_step.to(device=w.device, dtype=torch.float32).reshape(view).clamp_min(STEP_EPS)
+        weights[name] = (w * step).to(layer.weight.dtype)
+
+    # commit: everything above succeeded, so nothing below can fail half-way
     for name, info in meta.items():
         layer = layers[name]
         _configure(layer.weight_quantizer, info["w_bits"], info["w_signed"], info["w_channel_dim"],
@@ -316,18 +440,9 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         layer._saq_macs = info.get("macs")
     # float tensors first (a 32-bit weight is among them), then the integer weights
     target.load_state_dict(rest, strict=False)
-    for name, info in meta.items():
+    for name, w in weights.items():
         layer = layers[name]
-        wq = layer.weight_quantizer
-        if not wq.enabled:
-            continue
-        key = name + _CODES
-        if key not in tensors:
-            raise ValueError(f"load_exported: the file has no integer weight for layer {name}")
-        codes = unpack_codes(tensors[key], wq.bits, bool(wq.signed), math.prod(info["shape"]))
-        w = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
-        step = wq._step_view(w).detach().float().clamp_min(STEP_EPS)
-        layer.weight.copy_((w * step).to(layer.weight.dtype))
+        layer.weight.copy_(w)
         layer.weight_standardize = False  # the codes already are of the standardised weight, if it was
     _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
     return model
