@@ -467,3 +467,60 @@ def test_a_non_checkpoint_file_error_suggests_nothing_unsafe(tmp_path):
     with pytest.raises(ValueError, match="not a saq checkpoint") as e:
         load_checkpoint(path)
     assert "weights_only" not in str(e.value) and "trust" not in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the file system and the data: one-line errors, nothing earlier lost ---------------------------------------
+def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a path under a regular file cannot be created, also as root
+    _fails(capsys, ["train", *TINY, "--output", str(blocker / "run")], "cannot write to output folder", code=1)
+    _fails(capsys, ["train", *TINY, "--output", str(blocker)], "cannot write to output folder", code=1)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    saves = []
+    real = torch.save
+
+    def save(obj, f, *a, **k):  # the second checkpoint hits a full disk half-way
+        saves.append(f)
+        real(obj, f, *a, **k)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    _fails(capsys, ["train", *TINY, "--epochs", "2", "--output", str(out)], "No space left on device",
+           "checkpoint.pt is unchanged", code=1)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_line(tmp_path, capsys, workers):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for c, cls in enumerate(("a", "b")):
+            (data / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (36, 36), (80 * c, 40 * i, 90)).save(data / split / cls / f"{i}.png")
+    (data / "train" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    _fails(capsys, ["train", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "resnet20",
+                    "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", str(workers),
+                    "--output", str(tmp_path / "run")], "cannot identify image file", "3.png", code=1)
+
+
+def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ok(capsys, ["train", *TINY, "--output", str(a)])
+    _ok(capsys, ["train", *TINY, "--dataset", "digits", "--model", "cnn_digits", "--output", str(b)])
+    _fails(capsys, ["sharpness", str(a), "--num-samples", "8", "--iters", "1", "--output", str(tmp_path)],
+           "is a folder", code=1)
+    _fails(capsys, ["landscape", str(a), str(b), "--steps", "3", "--num-samples", "8",
+                    "--output", str(tmp_path / "ls")], "different data sets", "mnist1d", "digits", code=1)
+    assert not (tmp_path / "ls").exists()

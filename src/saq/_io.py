@@ -14,20 +14,27 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     A failure at any point (an exception, Ctrl-C, a crash) leaves the previous file at ``path`` intact and
-    removes the temporary file. Returns ``path``.
+    removes the temporary file; an OSError (a full disk, no permission) is re-raised naming ``path``.
+    Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; "
+                                   f"any earlier {path.name} is unchanged") from e
         raise
     _fsync_dir(path.parent)
     return path

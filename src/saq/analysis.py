@@ -582,14 +582,20 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     criterion = nn.CrossEntropyLoss()
     labels = _labels(checkpoints)
     results: dict[str, Landscape] = {}
     written: dict[str, str] = {}
     batches = None
-    for label, ckpt in zip(labels, checkpoints):
-        model, cfg, _ = load_model(ckpt, device)
+    loaded = [load_model(ckpt, device) for ckpt in checkpoints]  # all of them first: one data set or none
+    kinds = {(info["dataset"], info["input_shape"], info["num_classes"]) for _, _, info in loaded}
+    if len(kinds) > 1:
+        seen = "; ".join(f"{label}: {info['dataset']} {tuple(info['input_shape'])}, {info['num_classes']} classes"
+                         for label, (_, _, info) in zip(labels, loaded))
+        raise ValueError(f"landscape: the checkpoints are of different data sets ({seen}); "
+                         "compare checkpoints of one data set")
+    out.mkdir(parents=True, exist_ok=True)
+    for label, ckpt, (model, cfg, _) in zip(labels, checkpoints, loaded):
         if batches is None:
             batches = _fixed_batches(cfg, num_samples, batch_size, seed, device)
         ls = loss_landscape(model, criterion, batches, dims=dims, steps=steps, span=span, seed=seed,

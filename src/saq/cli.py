@@ -312,6 +312,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     from .analysis import format_sharpness_table, run_sharpness
 
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; give a file name such as sharpness.json")
     row = run_sharpness(args.checkpoint, num_samples=args.num_samples, batch_size=args.batch_size, rho=args.rho,
                         m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
     print(format_sharpness_table([row]), end="")
@@ -327,8 +329,10 @@ _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "sum
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    text = str(e)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        text = text.strip().splitlines()[-1]
+    return " ".join(text.split()) or type(e).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -342,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotInitializedError, FloatingPointError) as e:
+    except (ValueError, OSError, NotInitializedError, FloatingPointError) as e:  # OSError: disk, permissions, images
         print(f"saq: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
