@@ -59,6 +59,8 @@ TRAIN_HELP = {
     "seed": "random seed (weights, data order, dropout)",
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
     "device": "auto, cpu, cuda, cuda:N",
+    "threads": "CPU threads per process; 0 = auto: 1 for small models (under 0.5 G multiply-accumulates per "
+               "batch), else the cores shared among the processes on this machine",
     "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "resume": "continue the run in --output from its checkpoint",
     "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/saq"
     device: str = "auto"
+    threads: int = 0                # CPU threads per process (torch.set_num_threads); 0: auto (see train.py)
     amp: bool = False
     resume: bool = False
     overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
@@ -118,8 +119,8 @@ class TrainConfig:
             bad(f"step_milestones must be epochs >= 1, got {self.step_milestones}")
         if self.strategy_alpha < 0:
             bad(f"strategy_alpha must be >= 0, got {self.strategy_alpha}")
-        if self.workers < 0 or self.log_every < 0 or self.seed < 0:
-            bad("workers, log_every and seed must be >= 0")
+        if self.workers < 0 or self.log_every < 0 or self.seed < 0 or self.threads < 0:
+            bad("workers, log_every, seed and threads must be >= 0")
         if self.img_size is not None and self.img_size < 1:
             bad(f"img_size must be >= 1, got {self.img_size}")
         if not 0 <= self.val_split < 1:

@@ -57,7 +57,9 @@ RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "metrics.csv", "cu
 LOCK_NAME = ".saq.lock"
 #: options that may differ between a run and the run it resumes (they do not change the numbers)
 _RESUME_FREE = {"resume", "output", "device", "workers", "data_dir", "log_every", "save", "epochs",
-                "limit_eval_batches", "pretrained", "overwrite"}
+                "limit_eval_batches", "pretrained", "overwrite", "threads"}
+#: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
+SMALL_BATCH_MACS = 5e8
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
@@ -408,6 +410,23 @@ def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
     return [(n, low) for (n, _), low in zip(qs, lows) if low <= 0]
 
 
+def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_world: int = 1) -> int:
+    """The CPU thread count ``threads=0`` picks: 1 for a small model on the CPU, else this process's share
+    of the cores it may use (never more than torch's own default, which OMP_NUM_THREADS sets).
+
+    Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
+    little, and on a machine busy with other work it costs a lot (README: 20-45x slower steps measured).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, min(torch.get_num_threads(), cores // max(local_world, 1)))
+    if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
+        return 1
+    return share
+
+
 def _agree(message: Optional[str], distributed: bool) -> None:
     """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
     if distributed:
@@ -569,6 +588,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT_NAME
     lock = None
+    threads_before = torch.get_num_threads()  # train() picks its own count; the caller's comes back after
     try:
         refused = None
         if cfg.save and main:
@@ -579,6 +599,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         _agree(refused, distributed)
         return _train(cfg, progress and main, step_callback, device, rank, world, main, out, ckpt_path)
     finally:
+        torch.set_num_threads(threads_before)
         if lock is not None:
             lock.release()
         if own_pg and dist.is_initialized():
@@ -643,6 +664,14 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     for q in model.modules():  # a 32-bit (disabled) quantizer's step never gets a gradient: freeze it (DDP)
         if isinstance(q, LSQQuantizer) and not q.enabled:
             q.step.requires_grad_(False)
+    threads = cfg.threads
+    if not threads:
+        from .summary import summary as model_summary
+
+        macs = model_summary(model, torch.zeros(1, *input_shape, device=device)).macs
+        threads = auto_threads(None if macs is None else macs * cfg.batch_size, device,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
     raw_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -883,6 +912,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         "tb_dir": str(tb_dir) if save else None, "plot_path": plot,
         "model": cfg.model, "dataset": cfg.dataset, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
         "sharpness": cfg.sharpness, "strategy": cfg.strategy, "rank": rank, "world_size": world, "device": str(device),
+        "threads": threads,
         "history": history,
     })
     return result
@@ -894,6 +924,7 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [f"saq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, {r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
+             f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
