@@ -622,6 +622,15 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         if diff:
             raise ValueError(f"{ckpt_path} was trained with other options: {', '.join(diff)}; resume with the "
                              "same options or choose a new --output")
+        # --epochs on resume: a step or constant schedule continues exactly; a cosine one would be re-stretched
+        if cfg.epochs < int(state["epoch"]):
+            raise ValueError(f"{ckpt_path} has already completed {state['epoch']} epochs; --epochs {cfg.epochs} "
+                             "is fewer")
+        if cfg.epochs != old.epochs and cfg.lr_schedule == "cosine":
+            raise ValueError(f"--epochs {cfg.epochs} would stretch this run's {old.epochs}-epoch cosine schedule: the "
+                             "learning rate would jump back up instead of continuing; resume with --epochs "
+                             f"{old.epochs}, or fine-tune its weights in a new run (--pretrained {ckpt_path} "
+                             "--output NEW_FOLDER)")
 
     _seed_all(cfg.seed)
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
@@ -929,8 +938,8 @@ def format_result(r: dict[str, Any]) -> str:
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
         lines.append(f"  val       top-1 {r['val_acc']:.2f}%  top-5 {r['val_top5']:.2f}%  loss {r['val_loss']:.4f}")
-    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller than "
-                 f"float32 {r['float_bits'] / mib:.4f} MiB)")
+    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller than the "
+                 f"float32 parameters, {r['float_bits'] / mib:.4f} MiB)")
     if r.get("bops") is not None:
         lines.append(f"  BOPs      {r['bops'] / 1e9:.4f} G per sample ({r['macs'] / 1e6:.3f} M MACs)")
     if r.get("checkpoint"):
