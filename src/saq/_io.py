@@ -28,6 +28,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given: the umask decides
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -47,6 +48,20 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
