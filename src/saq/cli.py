@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="perturb the quantized weights Q(w) or the float weights w")
     ls.add_argument("--seed", type=int, default=0)
     ls.add_argument("--device", default="cpu")
-    ls.add_argument("--output", default="landscape", help="output folder")
+    ls.add_argument("--output", default="runs/landscape", help="output folder")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
