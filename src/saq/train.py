@@ -716,11 +716,13 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                                           out / "curves.png")
     # purge_step: TensorBoard drops older events from this step on (those a resumed session will redo)
     tb = _TensorBoard(tb_dir if (save and main) else None, purge_step=global_step)
+    # what the run is, not how it was started: reused as a recipe, config.yaml must not delete anything
+    stored_config = {**cfg.to_dict(), "overwrite": False}
     if save and main:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(stored_config, sort_keys=False))
 
     saved_epoch = [int(state["epoch"]) if state is not None else None]  # of the last checkpoint on disk
 
@@ -745,7 +747,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         if not (save and main):
             return str(ckpt_path) if save else None
         save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "data": data_info, "model": raw_model.state_dict(),
+            "config": stored_config, "data": data_info, "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
