@@ -660,6 +660,14 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     torch.manual_seed(cfg.seed)
     build_cfg = cfg if state is None else dataclasses.replace(cfg, pretrained=None)  # resume: weights come later
     model = build_model(build_cfg, data_info["num_classes"], data_info["in_chans"]).to(device)
+    threads = cfg.threads  # set before calibration: the thread count changes the last bits of the numbers
+    if not threads:
+        from .summary import summary as model_summary
+
+        macs = model_summary(model, torch.zeros(1, *input_shape, device=device)).macs  # traces, as a forward would
+        threads = auto_threads(None if macs is None else macs * cfg.batch_size, device,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
     if state is not None:
         with torch.no_grad():
             trace(model, torch.zeros(1, *input_shape, device=device))
@@ -673,14 +681,6 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     for q in model.modules():  # a 32-bit (disabled) quantizer's step never gets a gradient: freeze it (DDP)
         if isinstance(q, LSQQuantizer) and not q.enabled:
             q.step.requires_grad_(False)
-    threads = cfg.threads
-    if not threads:
-        from .summary import summary as model_summary
-
-        macs = model_summary(model, torch.zeros(1, *input_shape, device=device)).macs
-        threads = auto_threads(None if macs is None else macs * cfg.batch_size, device,
-                               int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
     raw_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
