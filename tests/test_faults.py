@@ -144,6 +144,9 @@ def test_a_folder_holding_a_run_is_never_reused_silently(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
     assert train(cfg, progress=False)["epochs"] == 1
     assert load_checkpoint(out / "checkpoint.pt")["config"]["seed"] == 1
+    # the stored config says what the run is, not how it was started: reused as a recipe it deletes nothing
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["overwrite"] is False
+    assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is False
     assert len(list((out / "tb").iterdir())) == 1  # one TensorBoard log: no other run's events mixed in
     # --resume and --overwrite contradict each other
     capsys.readouterr()
@@ -524,3 +527,88 @@ def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys
     _fails(capsys, ["landscape", str(a), str(b), "--steps", "3", "--num-samples", "8",
                     "--output", str(tmp_path / "ls")], "different data sets", "mnist1d", "digits", code=1)
     assert not (tmp_path / "ls").exists()
+
+
+# -- threads -----------------------------------------------------------------------------------------------------
+def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys):
+    from saq.train import SMALL_BATCH_MACS, auto_threads
+
+    cpu = torch.device("cpu")
+    cores = len(os.sched_getaffinity(0))
+    assert auto_threads(SMALL_BATCH_MACS / 2, cpu) == 1
+    assert auto_threads(SMALL_BATCH_MACS * 2, cpu) == max(1, min(torch.get_num_threads(), cores))
+    assert auto_threads(SMALL_BATCH_MACS * 2, cpu, local_world=cores) == 1  # DDP processes share the cores
+    torch.set_num_threads(2)
+    try:
+        out = _ok(capsys, ["train", *TINY, "--no-save"])  # cnn1d, batch 32: 16 M MACs per batch
+        assert "(cpu, 1 thread)" in out
+        assert torch.get_num_threads() == 2  # the caller's setting comes back
+        r = train(TrainConfig(epochs=1, batch_size=32, limit_train_batches=1, limit_eval_batches=1, save=False,
+                              threads=2), progress=False)
+        assert r["threads"] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    _fails(capsys, ["train", "--threads", "-1"], "threads")
+
+
+# -- smaller ones ------------------------------------------------------------------------------------------------
+def test_resume_with_more_epochs_extends_a_step_schedule_and_refuses_cosine(tmp_path, capsys):
+    common = ["--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1", "--sharpness", "none"]
+    cos = tmp_path / "cos"
+    _ok(capsys, ["train", *common, "--epochs", "2", "--output", str(cos)])
+    before = (cos / "checkpoint.pt").read_bytes()
+    _fails(capsys, ["train", "--resume", "--epochs", "3", "--output", str(cos)], "cosine schedule", code=1)
+    _fails(capsys, ["train", "--resume", "--epochs", "1", "--output", str(cos)], "already completed 2 epochs", code=1)
+    assert (cos / "checkpoint.pt").read_bytes() == before
+    # a step schedule continues exactly: 2 epochs + 1 more == 3 epochs straight
+    step = [*common, "--lr-schedule", "step", "--step-milestones", "1", "2"]
+    _ok(capsys, ["train", *step, "--epochs", "2", "--output", str(tmp_path / "a")])
+    _ok(capsys, ["train", "--resume", "--epochs", "3", "--output", str(tmp_path / "a")])
+    _ok(capsys, ["train", *step, "--epochs", "3", "--output", str(tmp_path / "b")])
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in "ab")
+    assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"] == 6
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_follow_the_umask(tmp_path, umask, mode):
+    from saq._io import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write_text(tmp_path / "f.txt", "x")
+        reference = tmp_path / "ref.txt"
+        reference.write_text("x")  # what a plain open() gives under this umask
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode == reference.stat().st_mode & 0o777
+
+
+def test_size_reports_name_their_baselines(tmp_path, capsys):
+    run = tmp_path / "run"
+    out = _ok(capsys, ["train", *TINY, "--output", str(run)])
+    assert "smaller than the float32 parameters" in out
+    assert "float32 parameters:" in _ok(capsys, ["summary", str(run)])
+    assert "smaller than the float32 state dict" in _ok(capsys, ["export", str(run), str(tmp_path / "m.safetensors")])
+
+
+def test_readme_commands_use_runs_the_readme_creates_and_outputs_are_ignored():
+    import re
+
+    from saq.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    created = set()
+    for line in block.splitlines():
+        cmd = line.split("#")[0].split()
+        if "train" in cmd and "--resume" not in cmd and "--config" not in cmd:  # a recipe names its own output
+            created.add(cmd[cmd.index("--output") + 1] if "--output" in cmd else "runs/saq")
+        for word in cmd:
+            m = re.match(r"(runs/[^/]+)/", word)
+            if m:
+                assert m.group(1) in created, f"README uses {word} before any command creates it: {line}"
+    assert build_parser().parse_args(["landscape", "x.pt"]).output.startswith("runs/")
+    ignored = (root / ".gitignore").read_text().split()
+    assert "runs/" in ignored and "*.safetensors" in ignored
