@@ -588,10 +588,9 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     written: dict[str, str] = {}
     batches = None
     loaded = [load_model(ckpt, device) for ckpt in checkpoints]  # all of them first: one data set or none
-    kinds = {(info["dataset"], info["input_shape"], info["num_classes"]) for _, _, info in loaded}
-    if len(kinds) > 1:
-        seen = "; ".join(f"{label}: {info['dataset']} {tuple(info['input_shape'])}, {info['num_classes']} classes"
-                         for label, (_, _, info) in zip(labels, loaded))
+    kind = [(cfg.dataset, tuple(info.get("input_shape") or ()), info.get("num_classes")) for _, cfg, info in loaded]
+    if len(set(kind)) > 1:
+        seen = "; ".join(f"{label}: {ds} {shape}, {classes} classes" for label, (ds, shape, classes) in zip(labels, kind))
         raise ValueError(f"landscape: the checkpoints are of different data sets ({seen}); "
                          "compare checkpoints of one data set")
     out.mkdir(parents=True, exist_ok=True)
