@@ -415,7 +415,7 @@ def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_wo
     of the cores it may use (never more than torch's own default, which OMP_NUM_THREADS sets).
 
     Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
-    little, and on a machine busy with other work it costs a lot (README: 20-45x slower steps measured).
+    little, and on a machine busy with other work it costs a lot (README: steps 20-80x slower, measured).
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -594,7 +594,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         if cfg.save and main:
             try:
                 lock = _claim_output(out, cfg)
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # every rank stops, not rank 0 alone
                 refused = str(e)
         _agree(refused, distributed)
         return _train(cfg, progress and main, step_callback, device, rank, world, main, out, ckpt_path)
