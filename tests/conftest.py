@@ -3,11 +3,25 @@ import os
 import pytest
 import torch
 
+import saq
+
 # Small tensors: one thread avoids OpenMP contention (DDP tests run 2 processes on 2 cores).
 torch.set_num_threads(1)
+
+# Subprocesses (`python -m saq`, torchrun) import the same saq as the tests, whatever the current folder
+# (a relative PYTHONPATH=src would stop pointing at it once a test changes folder).
+_SRC = os.path.dirname(os.path.dirname(os.path.abspath(saq.__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_SRC, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: what a user's `saq train` left in the checkout (runs/saq,
+    landscape/, exports) cannot change a test, and a test cannot write into the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -225,7 +225,8 @@ def test_errors_on_unready_model(tmp_path):
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     model, _, _ = trained("cnn", 3, True, False)
     path = tmp_path / "m.safetensors"
-    path.write_bytes(b"previous export")
+    saq.export(model, path)
+    previous = path.read_bytes()
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -235,7 +236,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         saq.export(model, path)
-    assert path.read_bytes() == b"previous export"  # untouched
+    assert path.read_bytes() == previous  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp file left
     monkeypatch.undo()
     new_path = tmp_path / "new.safetensors"

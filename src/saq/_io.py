@@ -14,20 +14,28 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     A failure at any point (an exception, Ctrl-C, a crash) leaves the previous file at ``path`` intact and
-    removes the temporary file. Returns ``path``.
+    removes the temporary file; an OSError (a full disk, no permission) is re-raised naming ``path``.
+    Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given: the umask decides
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; "
+                                   f"any earlier {path.name} is unchanged") from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -40,6 +48,20 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -584,14 +584,19 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     criterion = nn.CrossEntropyLoss()
     labels = _labels(checkpoints)
     results: dict[str, Landscape] = {}
     written: dict[str, str] = {}
     batches = None
-    for label, ckpt in zip(labels, checkpoints):
-        model, cfg, _ = load_model(ckpt, device)
+    loaded = [load_model(ckpt, device) for ckpt in checkpoints]  # all of them first: one data set or none
+    kind = [(cfg.dataset, tuple(info.get("input_shape") or ()), info.get("num_classes")) for _, cfg, info in loaded]
+    if len(set(kind)) > 1:
+        seen = "; ".join(f"{label}: {ds} {shape}, {classes} classes" for label, (ds, shape, classes) in zip(labels, kind))
+        raise ValueError(f"landscape: the checkpoints are of different data sets ({seen}); "
+                         "compare checkpoints of one data set")
+    out.mkdir(parents=True, exist_ok=True)
+    for label, ckpt, (model, cfg, _) in zip(labels, checkpoints, loaded):
         if batches is None:
             batches = _fixed_batches(cfg, num_samples, batch_size, seed, device)
         ls = loss_landscape(model, criterion, batches, dims=dims, steps=steps, span=span, seed=seed,

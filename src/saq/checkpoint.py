@@ -55,9 +55,11 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise ValueError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a saq checkpoint (refusing to unpickle code: {first})") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: that would run the file's code, and a saq
+        # checkpoint never needs it
+        raise ValueError(f"{path} is not a saq checkpoint: it holds Python objects other than tensors and plain "
+                         "values, which a saq checkpoint never does (not loaded: loading them could run code)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is corrupted or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

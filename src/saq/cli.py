@@ -70,8 +70,12 @@ TRAIN_HELP = {
     "seed": "random seed (weights, data order, dropout)",
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
     "device": "auto, cpu, cuda, cuda:N",
+    "threads": "CPU threads per process; 0 = auto: 1 for small models (under 0.5 G multiply-accumulates per "
+               "batch), else the cores shared among the processes on this machine",
     "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "resume": "continue the run in --output from its checkpoint",
+    "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "
+                 "metrics, plot and TensorBoard logs first (without it such a folder is refused)",
     "log_every": "also log the step loss to TensorBoard every N steps",
     "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
     "train_subset": "train on N examples only: a fixed subset, the same for every seed (0: all)",
@@ -110,6 +114,20 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _field_parser(name: str, item: bool = False) -> Any:
+    """argparse ``type=`` for a TrainConfig field: the same parsing as YAML recipes (config.parse_field)."""
+    from .config import parse_field
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_field(name, [text])[0] if item else parse_field(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
     from .config import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
@@ -129,14 +147,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif origin is list:
             (item,) = typing.get_args(tp) or (str,)
-            group.add_argument(flag, nargs="*", type=item, metavar=item.__name__.upper(), **kw)
+            group.add_argument(flag, nargs="*", type=_field_parser(f.name, item=True), metavar=item.__name__.upper(),
+                               **kw)
         elif origin is dict or tp is dict:
             group.add_argument(flag, type=_parse_mapping, metavar="MAPPING", **kw)
         elif f.name in choices:
             group.add_argument(flag, choices=choices[f.name], **kw)
         else:
             metavar = "PATH" if f.name in _PATH_FIELDS else {int: "INT", float: "FLOAT"}.get(tp, "NAME")
-            group.add_argument(flag, type=tp if tp in (int, float, str) else str, metavar=metavar, **kw)
+            group.add_argument(flag, type=_field_parser(f.name), metavar=metavar, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="perturb the quantized weights Q(w) or the float weights w")
     ls.add_argument("--seed", type=int, default=0)
     ls.add_argument("--device", default="cpu")
-    ls.add_argument("--output", default="landscape", help="output folder")
+    ls.add_argument("--output", default="runs/landscape", help="output folder")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
@@ -211,6 +230,7 @@ def config_from_args(args: argparse.Namespace):
         if not ckpt.is_file():
             raise ValueError(f"nothing to resume: {ckpt} does not exist")
         stored = dict(load_checkpoint(ckpt)["config"])
+        stored["overwrite"] = False  # how that run was started, not how to continue it
         stored.update(overrides)
         return TrainConfig.from_dict(stored)
     return TrainConfig(**overrides)
@@ -271,7 +291,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .export import export
+    from .train import CHECKPOINT_NAME
 
+    source = Path(args.checkpoint)
+    source = source / CHECKPOINT_NAME if source.is_dir() else source
+    if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
+        raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
     model, _, _ = load_model(args.checkpoint)
     print(export(model, args.out))
     return 0
@@ -302,6 +327,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     from .analysis import format_sharpness_table, run_sharpness
 
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; give a file name such as sharpness.json")
     row = run_sharpness(args.checkpoint, num_samples=args.num_samples, batch_size=args.batch_size, rho=args.rho,
                         m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
     print(format_sharpness_table([row]), end="")
@@ -317,8 +344,10 @@ _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "sum
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    text = str(e)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        text = text.strip().splitlines()[-1]
+    return " ".join(text.split()) or type(e).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -332,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotInitializedError, FloatingPointError) as e:
+    except (ValueError, OSError, NotInitializedError, FloatingPointError) as e:  # OSError: disk, permissions, images
         print(f"saq: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -13,8 +15,8 @@ from .convert import ACT_GRAD_SCALES, QuantConfig
 from .data import DATASETS, default_model
 from .quantizer import QUANTIZERS, check_bits
 
-__all__ = ["TrainConfig", "load_recipe", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES", "QUANTIZERS",
-           "ACT_GRAD_SCALES"]
+__all__ = ["TrainConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES",
+           "QUANTIZERS", "ACT_GRAD_SCALES"]
 
 SHARPNESS = ("none", "sam", "case1", "case2", "case3")
 OPTIMIZERS = ("sgd", "adamw")
@@ -72,8 +74,10 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/saq"
     device: str = "auto"
+    threads: int = 0                # CPU threads per process (torch.set_num_threads); 0: auto (see train.py)
     amp: bool = False
     resume: bool = False
+    overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
     save: bool = True               # False: write nothing (no checkpoint, metrics, plots); results still returned
     limit_train_batches: int = 0    # >0: at most this many training batches per epoch (smoke tests)
@@ -85,9 +89,16 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
+        """Coerce every field to its declared type (:func:`parse_field`), then check the ranges.
+
+        The one place where options are checked: the CLI flags, YAML recipes, stored checkpoint configs and
+        the Python API all end here. Raises a one-line ValueError naming the option.
+        """
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, parse_field(f.name, getattr(self, f.name)))
         if self.dataset not in DATASETS:
             default_model(self.dataset)  # raises the unknown-data-set error
         if not isinstance(self.model, str) or not self.model:
@@ -119,6 +130,16 @@ class TrainConfig:
             bad(f"batch size must be >= 1, got {self.batch_size}")
         if self.weight_decay < 0 or self.label_smoothing < 0 or self.label_smoothing >= 1:
             bad("weight decay must be >= 0 and label smoothing in [0, 1)")
+        if not 0 <= self.momentum < 1:
+            bad(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.step_gamma <= 1:
+            bad(f"step_gamma must be in (0, 1] (the LR is multiplied by it at each milestone), got {self.step_gamma}")
+        if any(m < 1 for m in self.step_milestones):
+            bad(f"step_milestones must be epochs >= 1, got {self.step_milestones}")
+        if self.workers < 0 or self.log_every < 0 or self.seed < 0 or self.threads < 0:
+            bad("workers, log_every, seed and threads must be >= 0")
+        if self.img_size is not None and self.img_size < 1:
+            bad(f"img_size must be >= 1, got {self.img_size}")
         if not 0 <= self.val_split < 1:
             bad(f"val_split must be in [0, 1), got {self.val_split}")
         if self.limit_train_batches < 0 or self.limit_eval_batches < 0 or self.calib_batches < 0:
@@ -131,6 +152,9 @@ class TrainConfig:
             bad(f"train_subset must be >= 0 (0: the whole training set), got {self.train_subset}")
         if self.strategy_alpha is not None and not (math.isfinite(self.strategy_alpha) and self.strategy_alpha >= 0):
             bad(f"strategy_alpha must be a finite number >= 0 (or unset for auto), got {self.strategy_alpha}")
+        if self.resume and self.overwrite:
+            bad("resume and overwrite exclude each other: --resume continues the run in --output, "
+                "--overwrite deletes it")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
         self.quant_config()  # the quantizer options (quantizer, act_grad_scale, weight_standardize)
@@ -163,12 +187,109 @@ class TrainConfig:
         return cls(**d)
 
 
+_TRUE = ("true", "yes", "on", "y", "1")
+_FALSE = ("false", "no", "off", "n", "0")
+_HINTS: dict[str, Any] = {}
+
+
+def _field_type(name: str) -> tuple[Any, bool]:
+    """(declared type without Optional, whether None is allowed) of a TrainConfig field."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    tp = _HINTS[name]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Union and type(None) in args:
+        (tp,) = [a for a in args if a is not type(None)]
+        return tp, True
+    return tp, False
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    out: Optional[float] = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads 1e-2 and 5e-4 (no dot) as strings
+        try:
+            out = float(value.strip())
+        except ValueError:
+            pass
+    if out is None:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
+
+
+def parse_field(name: str, value: Any) -> Any:
+    """``value`` as the declared type of TrainConfig field ``name``, or a one-line ValueError.
+
+    Booleans accept true/false/yes/no/on/off/1/0 (any case) as strings; integers accept integral numbers
+    and digit strings (not 1.5); floats accept numbers and numeric strings (``1e-2``) and must be finite;
+    lists of integers must be lists. Shared by the CLI flags, YAML recipes and the Python API.
+    """
+    tp, optional = _field_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must not be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        return _as_int(name, value)
+    if tp is float:
+        return _as_float(name, value)
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, e.g. [30, 60], got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_as_int(f"{name} item", v) if item is int else v for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, e.g. {{key: value}}, got {value!r}")
+        return dict(value)
+    return value  # pragma: no cover - every field type is handled above
+
+
 def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
     """Read a YAML recipe (keys = TrainConfig fields) and apply overrides (None values are ignored)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"recipe {path} is not valid YAML: {problem}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read recipe {path}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
     data.update({k: v for k, v in overrides.items() if v is not None})

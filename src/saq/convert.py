@@ -257,7 +257,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     Runs in eval mode (BatchNorm statistics untouched) with quantization off, so each layer sees float
     inputs. A BatchNorm whose running statistics were never updated (a model trained from scratch)
     normalises with batch statistics instead, as it will in training; its buffers are restored afterwards.
-    Re-initialises quantizers that were already initialised. Returns ``model``.
+    Re-initialises quantizers that were already initialised. Batches that give a non-finite scale (NaN/inf
+    in the data) are a ValueError, and the quantizers are left as they were. Returns ``model``.
     """
     if not quant_layers(model):
         raise ValueError("calibrate: the model has no quantized layer (call saq.quantize first)")
@@ -278,6 +279,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 if i == 0:
                     trace(model, *args)
                     quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
+                    before = [{k: v.clone() for k, v in q.state_dict().items()} for q in quantizers]
                     for q in quantizers:
                         q.start_calibration()
                 model(*args)
@@ -286,6 +288,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 raise ValueError("calibrate: no batch was given")
             for q in quantizers:
                 q.finish_calibration()
+            names = {id(m): n for n, m in model.named_modules()}
+            bad = [names[id(q)] for q in quantizers if not bool(torch.isfinite(q.scale).all())]
+            if bad:
+                for q, sd in zip(quantizers, before):
+                    q.load_state_dict(sd)
+                raise ValueError(f"calibrate: the batches give non-finite step sizes / clips for {len(bad)} quantizer(s) "
+                                 f"(e.g. {', '.join(bad[:3])}): the data holds NaN or inf values; left unchanged")
         finally:
             for q in quantizers:
                 q._calib = None

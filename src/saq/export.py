@@ -14,6 +14,9 @@ Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version"
   dim, whether the codes are of the standardised weight, its role (first/last), MACs per sample when
   known, and for LIQ the weight's mean and std the codes were standardised with (``w_mean``/``w_std``;
   informative: the layer computes with the standardised values, so outputs do not depend on them).
+* ``sha256``: a hash of every tensor (name, dtype, shape, bytes) and every other metadata entry. A file
+  whose content does not match it (edited, truncated, corrupted) is refused, and so are codes outside their
+  declared bit width and metadata that is missing a key or holds a wrong type.
 
 :func:`load_exported` rebuilds the weight as the quantizer's values of the codes in a freshly converted
 model and turns standardisation off there, so ``Q(weight) = weight`` reproduces the exported integers
@@ -21,6 +24,8 @@ exactly and the model computes what the exporting model computed.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import os
@@ -37,7 +42,7 @@ from torch import Tensor, nn
 from ._io import atomic_write
 from .convert import _drop_trace_hook, is_traced
 from .layers import QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, Quantizer, check_bits, make_quantizers, qrange
+from .quantizer import FLOAT_BITS, QUANTIZERS, Quantizer, check_bits, make_quantizers, qrange
 
 __all__ = ["export", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
 
@@ -64,8 +69,9 @@ class ExportInfo:
         return self.float_bytes / self.file_bytes
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB for {self.layers} quantized layers "
-                f"(float32 model {self.float_bytes / 1024:.1f} KiB, {self.ratio:.2f}x smaller)")
+        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB file for {self.layers} quantized layers, "
+                f"{self.ratio:.2f}x smaller than the float32 state dict ({self.float_bytes / 1024:.1f} KiB of "
+                "parameters and buffers)")
 
 
 # -- packing -------------------------------------------------------------------------------------------
@@ -169,14 +175,40 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     return meta
 
 
+def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, raw bytes) and every metadata entry but the hash itself."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "sha256"):
+        h.update(json.dumps(["meta", key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps(["tensor", key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _is_export(path: str) -> bool:
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is "not an export"
+        return False
+
+
 # -- export -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
 
-    The file is a safetensors file (no pickle), written atomically. Returns an :class:`ExportInfo` with
-    the file size and the float32 model size; ``verbose`` also prints it.
+    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
+    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
+    and the float32 model size; ``verbose`` also prints it.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
+    if os.path.exists(path) and not _is_export(os.fspath(path)):
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
+                         "refusing to replace it")
     model = _unwrap(model)
     layers = quant_layers(model)
     if not layers:
@@ -189,6 +221,13 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
     if uninit:
         raise ValueError(f"export: step sizes not initialised for {', '.join(uninit[:5])}"
                          f"{' ...' if len(uninit) > 5 else ''}: run saq.calibrate or train the model first")
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad += [f"{n}.{qn}.{q.param_name}: step size <= 0" for n, m in layers
+            for qn, q in (("weight_quantizer", m.weight_quantizer), ("act_quantizer", m.act_quantizer))
+            if q.enabled and bool((q.step_size() <= 0).any())]
+    if bad:
+        raise ValueError(f"export: the model holds non-finite values or dead quantizer steps ({len(bad)}: "
+                         f"{', '.join(bad[:3])}): it diverged; export a checkpoint from before that")
     for n, m in layers:
         for p in (m.perturb_pre, m.perturb_post):
             if p is not None and bool(p.detach().ne(0).any()):
@@ -218,6 +257,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
     config = getattr(model, "_saq_config", None)
     if config is not None:
         metadata["config"] = json.dumps(config.to_dict())
+    metadata["sha256"] = _digest(tensors, metadata)
     path = os.fspath(path)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
@@ -243,11 +283,74 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
                          f"(metadata format={metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r}")
+    if "sha256" not in metadata:
+        raise ValueError(f"load_exported: {path!r} has no content hash (written by an older saq?); export it again")
+    if _digest(tensors, metadata) != metadata["sha256"]:
+        raise ValueError(f"load_exported: {path!r} does not match its content hash: its codes or metadata were "
+                         "edited or corrupted after export")
     try:
         layers = json.loads(metadata["layers"])
     except json.JSONDecodeError as e:
         raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: {e}") from e
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: not a mapping of layer -> entries")
     return tensors, layers
+
+
+_NONE = type(None)
+#: metadata entry -> accepted types (bool is not an int here)
+_SCHEMA: dict[str, tuple] = {
+    "type": (str,), "shape": (list,), "w_bits": (int,), "w_signed": (bool, _NONE), "w_channel_dim": (int, _NONE),
+    "a_bits": (int,), "a_signed": (bool, _NONE), "a_channel_dim": (int, _NONE), "w_initialized": (bool,),
+    "a_initialized": (bool,), "weight_standardized": (bool,), "role": (str, _NONE), "quantizer": (str,),
+}
+#: entries older files may lack (their default)
+_OPTIONAL = {"quantizer": "lsq"}
+
+
+def _check_meta(name: str, info: dict[str, Any]) -> None:
+    """Every metadata entry a layer needs, of the right type and range, or a one-line ValueError."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"load_exported: layer {name} metadata: {msg}")
+
+    for key, types_ in _SCHEMA.items():
+        if key not in info and key in _OPTIONAL:
+            continue
+        if key not in info:
+            raise bad(f"{key!r} is missing")
+        v = info[key]
+        if (isinstance(v, bool) and bool not in types_) or not isinstance(v, types_):
+            raise bad(f"{key!r} is {v!r}, expected {' or '.join('null' if t is _NONE else t.__name__ for t in types_)}")
+    if info.get("quantizer", "lsq") not in QUANTIZERS:
+        raise bad(f"'quantizer' is {info['quantizer']!r}, expected one of {', '.join(QUANTIZERS)}")
+    shape = info["shape"]
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise bad(f"'shape' is {shape!r}, expected a list of positive ints")
+    for key in ("w_bits", "a_bits"):
+        try:
+            check_bits(info[key], key)
+        except ValueError as e:
+            raise bad(str(e)) from None
+    if info["w_channel_dim"] is not None and not 0 <= info["w_channel_dim"] < len(shape):
+        raise bad(f"'w_channel_dim' {info['w_channel_dim']} is not a dimension of the weight {shape}")
+    if info["w_bits"] != FLOAT_BITS:
+        if info["w_signed"] is None:
+            raise bad("'w_signed' is null for a quantized weight")
+        if info.get("numel") != math.prod(shape):
+            raise bad(f"'numel' is {info.get('numel')!r}, the weight shape {shape} holds {math.prod(shape)}")
+    if info.get("macs") is not None and (isinstance(info["macs"], bool) or not isinstance(info["macs"], int)):
+        raise bad(f"'macs' is {info['macs']!r}, expected an int or null")
+
+
+def _scale_ok(scale: Optional[Tensor], channel_dim: Optional[int], size: Optional[int], what: str) -> None:
+    """The file's step / clip must be finite floating point and 1-D: one per tensor, or one per channel."""
+    if scale is None:
+        return
+    if (scale.dim() != 1 or (channel_dim is None and scale.numel() != 1)
+            or (size is not None and scale.numel() != size)):
+        raise ValueError(f"load_exported: {what} scale has shape {tuple(scale.shape)}")
+    if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"load_exported: {what} scale is not finite floating point")
 
 
 def _configure(q: Quantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
@@ -277,12 +380,17 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     switched off, the codes being of the standardised weight where it was on); the quantizer kind,
     scales, bits, signedness and roles come from the file, and the model is marked traced, so it computes
     exactly what the exported model computed. Returns ``model``.
+
+    All or nothing: the file is read and checked completely (content hash, metadata, architecture, codes
+    within their bit width) before the model is touched, so a failing load leaves ``model`` as it was.
     """
     tensors, meta = _read(path)
     target = _unwrap(model)
     layers = dict(quant_layers(target))
     if not layers:
         raise ValueError("load_exported: the model has no quantized layer (call saq.quantize on it first)")
+    for name, info in meta.items():
+        _check_meta(name, info)
     missing = [n for n in meta if n not in layers]
     extra = [n for n in layers if n not in meta]
     if missing or extra:
@@ -331,6 +439,48 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
                              f"model, {tuple(value.shape)} in the file")
         rest[key] = value
 
+    # decode and check everything on quantizers configured from the file, apart from the model's (nothing is
+    # changed yet): scales, codes within their declared bit width, the weights they stand for
+    fresh: dict[str, tuple[Quantizer, Quantizer]] = {}
+    weights: dict[str, Tensor] = {}
+    for name, info in meta.items():
+        layer = layers[name]
+        wq, aq = swaps.get(name) or make_quantizers(
+            info.get("quantizer", "lsq"), FLOAT_BITS, FLOAT_BITS, layer.weight.shape[0],
+            per_channel=info["w_channel_dim"] is not None, linear=isinstance(layer, nn.Linear))
+        wq, aq = copy.deepcopy(wq).to(layer.weight.device), copy.deepcopy(aq).to(layer.weight.device)
+        w_scale = tensors.get(f"{name}.weight_quantizer.{wq.param_name}")
+        a_scale = tensors.get(f"{name}.act_quantizer.{aq.param_name}")
+        cdim = info["w_channel_dim"]
+        _scale_ok(w_scale, cdim, info["shape"][cdim] if cdim is not None else None, f"{name} weights")
+        _scale_ok(a_scale, info["a_channel_dim"], None, f"{name} activations")
+        _configure(wq, info["w_bits"], info["w_signed"], cdim, w_scale, info["w_initialized"], f"{name} weights")
+        _configure(aq, info["a_bits"], info["a_signed"], info["a_channel_dim"], a_scale, info["a_initialized"],
+                   f"{name} activations")
+        fresh[name] = (wq, aq)
+        key = name + _CODES
+        if info["w_bits"] == FLOAT_BITS:
+            if key in tensors:
+                raise ValueError(f"load_exported: layer {name} is declared 32-bit but the file has integer codes for it")
+            continue
+        if key not in tensors or w_scale is None:
+            raise ValueError(f"load_exported: the file has no integer weight (codes and scale) for layer {name}")
+        bits, numel, signed = info["w_bits"], math.prod(info["shape"]), _codes_signed(wq)
+        packed = tensors[key]
+        per = _per_byte(bits)
+        dtype = (torch.int8 if signed else torch.uint8) if per == 1 else torch.uint8
+        if packed.dtype != dtype or packed.dim() != 1 or packed.numel() != -(-numel // per):
+            raise ValueError(f"load_exported: layer {name}: {tuple(packed.shape)} {packed.dtype} codes do not fit "
+                             f"{numel} {bits}-bit weights")
+        codes = unpack_codes(packed, bits, signed, numel)
+        qn, qp = wq.code_range()
+        if numel and (int(codes.min()) < qn or int(codes.max()) > qp):
+            raise ValueError(f"load_exported: layer {name}: codes outside the declared {bits}-bit "
+                             f"{'signed' if qn < 0 else 'unsigned'} range [{qn}, {qp}]")
+        codes = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
+        weights[name] = wq.dequantize(codes).to(layer.weight.dtype)
+
+    # commit: everything above succeeded, so nothing below can fail half-way
     for name, (wq, aq) in swaps.items():
         layer = layers[name]
         layer.weight_quantizer, layer.act_quantizer = wq.to(layer.weight.device), aq.to(layer.weight.device)
@@ -345,20 +495,12 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         layer._saq_macs = info.get("macs")
     # float tensors first (a 32-bit weight is among them), then the integer weights
     target.load_state_dict(rest, strict=False)
-    for name, info in meta.items():
+    for name, w in weights.items():
         layer = layers[name]
-        wq = layer.weight_quantizer
-        if not wq.enabled:
-            continue
-        key = name + _CODES
-        if key not in tensors:
-            raise ValueError(f"load_exported: the file has no integer weight for layer {name}")
-        codes = unpack_codes(tensors[key], wq.bits, _codes_signed(wq), math.prod(info["shape"]))
-        codes = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
-        layer.weight.copy_(wq.dequantize(codes).to(layer.weight.dtype))
+        layer.weight.copy_(w)
         # the codes already are of the standardised weight, if it was: Q(weight) = weight from now on
         layer.weight_standardize = False
-        wq.standardize = False
+        layer.weight_quantizer.standardize = False
     _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
     return model
 

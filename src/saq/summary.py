@@ -93,8 +93,9 @@ class Summary:
                 f"{fmt(r.macs, ','):>11} {fmt(r.bops, ','):>14}")
         lines.append("-" * len(head))
         mib = 8 * 2**20
-        lines.append(f"size: {self.size_bits:,} bits ({self.size_bits / mib:.3f} MiB); float32: {self.float_bits:,} bits "
-                     f"({self.float_bits / mib:.3f} MiB); compression {self.compression:.2f}x; "
+        lines.append(f"size: {self.size_bits:,} bits ({self.size_bits / mib:.3f} MiB); float32 parameters: "
+                     f"{self.float_bits:,} bits ({self.float_bits / mib:.3f} MiB); compression {self.compression:.2f}x "
+                     "(parameters only; an export file also holds buffers such as BatchNorm statistics); "
                      f"{self.other_params:,} other params at 32 bits")
         if self.bops is None:
             lines.append("MACs/BOPs: unknown (run one forward pass first, or pass example_inputs)")

@@ -45,16 +45,21 @@ from ._io import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from .config import TrainConfig
 from .convert import calibrate, eval_mode, quantize, trace
-from .quantizer import LSQQuantizer
+from .quantizer import Quantizer
 
 __all__ = ["train", "evaluate", "build_model", "build_optimizer", "wrap_sharpness", "build_scheduler",
            "lr_lambda", "param_groups", "load_pretrained", "resolve_device", "format_result", "plot_history",
            "TrainingInterrupted", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: what a run writes into its output folder (what --overwrite deletes); LOCK_NAME is held while it runs
+RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "metrics.csv", "curves.png", "tb")
+LOCK_NAME = ".saq.lock"
 #: options that may differ between a run and the run it resumes (they do not change the numbers)
 _RESUME_FREE = {"resume", "output", "device", "workers", "data_dir", "log_every", "save", "epochs",
-                "limit_eval_batches", "pretrained"}
+                "limit_eval_batches", "pretrained", "overwrite", "threads"}
+#: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
+SMALL_BATCH_MACS = 5e8
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
@@ -183,7 +188,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            if (isinstance(module, (LSQQuantizer, *_NORM_TYPES)) or pname == "bias" or p.ndim <= 1
+            if (isinstance(module, (Quantizer, *_NORM_TYPES)) or pname == "bias" or p.ndim <= 1
                     or full in skip_names or pname in skip_names):
                 no_decay.append(p)
             else:
@@ -348,8 +353,99 @@ class _StopRequest:
 # -------------------------------------------------------------------------------------------------------
 # output files
 # -------------------------------------------------------------------------------------------------------
+def _claim_output(out: Path, cfg: TrainConfig) -> Any:
+    """Lock the run folder ``out`` for this run and apply the folder policy; returns the held lock.
+
+    One run at a time: a second ``saq train`` (or ``--resume``) into a folder in use is refused. A folder
+    that already holds a run is never reused silently: ``resume`` continues it, ``overwrite`` deletes that
+    run's files (:data:`RUN_FILES`) first, anything else is refused. Files of other names are left alone.
+    """
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out / LOCK_NAME), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"output folder {out} is in use by another saq train (it holds the lock {out / LOCK_NAME}); "
+                         "wait for that run or choose another --output") from None
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    try:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not cfg.resume:
+            if not cfg.overwrite:
+                raise ValueError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, "
+                                 "replace it with --overwrite, or choose another --output")
+            for name in held:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            print(f"saq: --overwrite: deleted the previous run in {out} ({', '.join(held)})", file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+#: an epoch whose mean training loss exceeds this many times ln(classes) (chance level) has diverged
+DIVERGED_LOSS_FACTOR = 10.0
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers (quantizer steps included) holding NaN/inf."""
+    items = [(n, t) for n, t in model.state_dict().items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not items:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()  # one device read
+    return [n for (n, _), good in zip(items, ok) if not good]
+
+
+def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
+    """(name, smallest step) of every active quantizer with a step <= 0 (an optimizer pushed it there)."""
+    qs = [(n, q) for n, q in model.named_modules() if isinstance(q, Quantizer) and q.enabled and q.is_initialized]
+    if not qs:
+        return []
+    lows = torch.stack([q.step_size().min().float().cpu() for _, q in qs]).tolist()
+    return [(n, low) for (n, _), low in zip(qs, lows) if low <= 0]
+
+
+def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_world: int = 1) -> int:
+    """The CPU thread count ``threads=0`` picks: 1 for a small model on the CPU, else this process's share
+    of the cores it may use (never more than torch's own default, which OMP_NUM_THREADS sets).
+
+    Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
+    little, and on a machine busy with other work it costs a lot (README: steps 20-80x slower, measured).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, min(torch.get_num_threads(), cores // max(local_world, 1)))
+    if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
+        return 1
+    return share
+
+
+def _agree(message: Optional[str], distributed: bool) -> None:
+    """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
+    if distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
+
+
+def _json_value(v: Any) -> Any:
+    """NaN/inf have no JSON form: they are written as null (the CSV keeps 'nan')."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -> None:
-    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(jsonl, "".join(json.dumps({k: _json_value(v) for k, v in r.items()}, allow_nan=False) + "\n"
+                                     for r in history))
     cols: list[str] = []
     for r in history:
         cols += [k for k in r if k not in cols]
@@ -471,6 +567,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     from .models import model_info
 
     model_info(cfg.model)  # an unknown model fails now (with suggestions), before any data is built
+    from .data import DATASETS, build_datasets
+
+    if cfg.dataset not in DATASETS:  # and so does an unknown data set (its error names the choices)
+        build_datasets(cfg.dataset)
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
@@ -488,9 +588,21 @@ def train(cfg: TrainConfig, progress: bool = True,
     main = rank == 0
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT_NAME
+    lock = None
+    threads_before = torch.get_num_threads()  # train() picks its own count; the caller's comes back after
     try:
+        refused = None
+        if cfg.save and main:
+            try:
+                lock = _claim_output(out, cfg)
+            except (ValueError, OSError) as e:  # every rank stops, not rank 0 alone
+                refused = str(e)
+        _agree(refused, distributed)
         return _train(cfg, progress and main, step_callback, device, rank, world, main, out, ckpt_path)
     finally:
+        torch.set_num_threads(threads_before)
+        if lock is not None:
+            lock.release()
         if own_pg and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -511,8 +623,15 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         if diff:
             raise ValueError(f"{ckpt_path} was trained with other options: {', '.join(diff)}; resume with the "
                              "same options or choose a new --output")
-    elif save and main and ckpt_path.exists():
-        print(f"saq: {out} already holds a run; starting a new one (use --resume to continue it)", file=sys.stderr)
+        # --epochs on resume: a step or constant schedule continues exactly; a cosine one would be re-stretched
+        if cfg.epochs < int(state["epoch"]):
+            raise ValueError(f"{ckpt_path} has already completed {state['epoch']} epochs; --epochs {cfg.epochs} "
+                             "is fewer")
+        if cfg.epochs != old.epochs and cfg.lr_schedule == "cosine":
+            raise ValueError(f"--epochs {cfg.epochs} would stretch this run's {old.epochs}-epoch cosine schedule: the "
+                             "learning rate would jump back up instead of continuing; resume with --epochs "
+                             f"{old.epochs}, or fine-tune its weights in a new run (--pretrained {ckpt_path} "
+                             "--output NEW_FOLDER)")
 
     _seed_all(cfg.seed)
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
@@ -552,6 +671,14 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     torch.manual_seed(cfg.seed)
     build_cfg = cfg if state is None else dataclasses.replace(cfg, pretrained=None)  # resume: weights come later
     model = build_model(build_cfg, data_info["num_classes"], data_info["in_chans"]).to(device)
+    threads = cfg.threads  # set before calibration: the thread count changes the last bits of the numbers
+    if not threads:
+        from .summary import summary as model_summary
+
+        macs = model_summary(model, torch.zeros(1, *input_shape, device=device)).macs  # traces, as a forward would
+        threads = auto_threads(None if macs is None else macs * cfg.batch_size, device,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
     if state is not None:
         with torch.no_grad():
             trace(model, torch.zeros(1, *input_shape, device=device))
@@ -563,15 +690,15 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     elif distributed:
         raise ValueError("distributed training needs calib_batches >= 1 (ranks must start from the same steps)")
     for q in model.modules():  # a 32-bit (disabled) quantizer's step never gets a gradient: freeze it (DDP)
-        if isinstance(q, LSQQuantizer) and not q.enabled:
-            q.step.requires_grad_(False)
+        if isinstance(q, Quantizer) and not q.enabled:
+            q.scale.requires_grad_(False)
     raw_model = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
         for q in raw_model.modules():  # python mirrors of the flags rank 0 just broadcast
-            if isinstance(q, LSQQuantizer):
+            if isinstance(q, Quantizer):
                 q._sync_flags()
 
     amp_dtype = _amp_dtype(cfg, device)
@@ -598,25 +725,47 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
 
     jsonl, csv_path, tb_dir, plot_path = (out / "metrics.jsonl", out / "metrics.csv", out / "tb",
                                           out / "curves.png")
-    # purge_step: TensorBoard drops older events from this step on (a new run in the folder: all of them)
+    # purge_step: TensorBoard drops older events from this step on (those a resumed session will redo)
     tb = _TensorBoard(tb_dir if (save and main) else None, purge_step=global_step)
+    # what the run is, not how it was started: reused as a recipe, config.yaml must not delete anything
+    stored_config = {**cfg.to_dict(), "overwrite": False}
     if save and main:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(stored_config, sort_keys=False))
+
+    saved_epoch = [int(state["epoch"]) if state is not None else None]  # of the last checkpoint on disk
+
+    def kept() -> str:
+        if not save:
+            return "nothing is saved (save=False)"
+        if saved_epoch[0] is None:
+            return "nothing was saved"
+        return f"the last good checkpoint ({ckpt_path}, epoch {saved_epoch[0]}) is kept"
+
+    def check_finite(where: str) -> None:
+        """Before anything is saved or evaluated: every weight and step must be finite (all ranks agree)."""
+        bad = _non_finite(raw_model)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values in {len(bad)} tensor(s) at {where} (e.g. {', '.join(bad[:3])}); "
+                f"{kept()}; lower --lr, check --weight-decay, or set --max-grad-norm")
 
     def checkpoint(epoch: int, step_in_epoch: int, sums: list, metrics: Optional[dict] = None) -> Optional[str]:
+        check_finite(f"epoch {epoch + 1 if step_in_epoch else epoch}"
+                     + (f" step {step_in_epoch}" if step_in_epoch else " end"))
         if not (save and main):
             return str(ckpt_path) if save else None
         save_checkpoint(ckpt_path, {
-            "config": cfg.to_dict(), "data": data_info, "model": raw_model.state_dict(),
+            "config": stored_config, "data": data_info, "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "partial": [float(sums[0]), float(sums[1]), int(sums[2])],
             "time_s": time_before + time.time() - t0, "history": history, "metrics": metrics or {},
         })
+        saved_epoch[0] = epoch
         return str(ckpt_path)
 
     if state is not None:
@@ -689,8 +838,9 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                     correct += hits_f
                     count += n
                 elif scaler is None:  # with fp16 AMP the scaler skips such steps and lowers its scale
+                    bar.close()
                     raise FloatingPointError(
-                        f"the training loss became {loss_f} at epoch {epoch + 1}, step {step + 1}; "
+                        f"the training loss became {loss_f} at epoch {epoch + 1}, step {step + 1}; {kept()}; "
                         "lower --lr (or --rho), or set --max-grad-norm")
                 step += 1
                 global_step += 1
@@ -721,6 +871,24 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                 for b in raw_model.buffers():  # evaluate every shard with rank 0's BatchNorm statistics
                     dist.broadcast(b, 0)
             tl, tc, tn = sums.tolist()
+            # -- nothing non-finite or diverged is evaluated, logged or saved; the last good checkpoint stays
+            limit = DIVERGED_LOSS_FACTOR * math.log(max(data_info["num_classes"], 2))
+            try:
+                check_finite(f"the end of epoch {epoch + 1}")
+                dead = _dead_steps(raw_model)
+            except BaseException:
+                bar.close()
+                raise
+            if tl / max(tn, 1) > limit or dead:
+                bar.close()
+                why = []
+                if tl / max(tn, 1) > limit:
+                    why.append(f"mean training loss {tl / max(tn, 1):.4g} > {limit:.3g} "
+                               f"({DIVERGED_LOSS_FACTOR:g} x ln {data_info['num_classes']} classes)")
+                if dead:
+                    why.append(f"{len(dead)} quantizer step size(s) <= 0 (e.g. {dead[0][0]}: {dead[0][1]:.4g})")
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1}: {'; '.join(why)}; {kept()}; "
+                                         "lower --lr (or --rho), or set --max-grad-norm")
             record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
                                       "lr": base.param_groups[0]["lr"],
                                       "train_loss": tl / max(tn, 1), "train_acc": 100 * tc / max(tn, 1)}
@@ -766,6 +934,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
         "tb_dir": str(tb_dir) if save else None, "plot_path": plot,
         "model": cfg.model, "dataset": cfg.dataset, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
         "sharpness": cfg.sharpness, "strategy": cfg.strategy, "rank": rank, "world_size": world, "device": str(device),
+        "threads": threads,
         "history": history,
     })
     return result
@@ -777,12 +946,13 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [f"saq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, {r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
+             f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
         lines.append(f"  val       top-1 {r['val_acc']:.2f}%  top-5 {r['val_top5']:.2f}%  loss {r['val_loss']:.4f}")
-    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller than "
-                 f"float32 {r['float_bits'] / mib:.4f} MiB)")
+    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller than the "
+                 f"float32 parameters, {r['float_bits'] / mib:.4f} MiB)")
     if r.get("bops") is not None:
         lines.append(f"  BOPs      {r['bops'] / 1e9:.4f} G per sample ({r['macs'] / 1e6:.3f} M MACs)")
     if r.get("checkpoint"):
