@@ -39,7 +39,8 @@ METHODS = {  # method -> TrainConfig overrides (rho is added by the sweep); stra
     "case 1": dict(sharpness="case1", strategy="full"),
     "case 2": dict(sharpness="case2", strategy="full"),
     "SAQ (case 3)": dict(sharpness="case3", strategy="full"),
-    "SAQ every_k": dict(sharpness="case3", strategy="every_k", strategy_k=5),
+    "SAQ every_k": dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7),  # LookSAM's alpha
+    "SAQ every_k a=auto": dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None),
     "SAQ prev_grad": dict(sharpness="case3", strategy="prev_grad"),
 }
 SWEPT = [m for m, o in METHODS.items() if o["sharpness"] != "none"]  # each method gets its own rho
