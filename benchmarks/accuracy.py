@@ -42,6 +42,9 @@ METHODS = {  # method -> TrainConfig overrides (rho is added by the sweep); stra
     "SAQ every_k": dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7),  # LookSAM's alpha
     "SAQ every_k a=auto": dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None),
     "SAQ prev_grad": dict(sharpness="case3", strategy="prev_grad"),
+    # LSQ's activation step gradient scaled over the whole batch (saq 0.1.0) instead of one sample (LSQ paper)
+    "base, act. grad over batch": dict(sharpness="none", act_grad_scale="batch"),
+    "SAQ (case 3), act. grad over batch": dict(sharpness="case3", strategy="full", act_grad_scale="batch"),
 }
 SWEPT = [m for m, o in METHODS.items() if o["sharpness"] != "none"]  # each method gets its own rho
 BASE = "base (LSQ QAT)"
