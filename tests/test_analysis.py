@@ -18,7 +18,7 @@ f64 = torch.float64
 
 # ----------------------------------------------------------------------------------------------------- refs
 def lsq_ref(x, s, bits, signed):
-    """SPEC formula: round(clamp(x/s, Qn, Qp)) * s."""
+    """docs/method.md formula: round(clamp(x/s, Qn, Qp)) * s."""
     qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return torch.round(torch.clamp(x / s, qn, qp)) * s
 

@@ -1,4 +1,4 @@
-"""The official code's LIQ_wn quantizer (QuantConfig(quantizer="liq")) against float64 references from SPEC.md."""
+"""The official code's LIQ_wn quantizer (QuantConfig(quantizer="liq")) against float64 references from docs/method.md."""
 import json
 import math
 
@@ -13,7 +13,7 @@ from saq.quantizer import LIQActQuantizer, LIQWeightQuantizer
 f64 = torch.float64
 
 
-# -- references, written out from SPEC "Quantizer" ---------------------------------------------------------
+# -- references, written out from docs/method.md, "LIQ_wn" -------------------------------------------------
 def ste_round(u):
     """round(u) forward, identity backward."""
     return u + (torch.round(u) - u).detach()

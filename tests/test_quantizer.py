@@ -1,4 +1,4 @@
-"""lsq / LSQQuantizer against an independent float64 reference written out from SPEC.md."""
+"""lsq / LSQQuantizer against an independent float64 reference written out from docs/method.md."""
 import math
 
 import pytest
@@ -14,7 +14,7 @@ def ref_range(bits, signed):
 
 
 def ref_lsq(x, s, bits, signed, upstream):
-    """Forward value, grad_x and grad_s of LSQ, elementwise from the SPEC, in float64."""
+    """Forward value, grad_x and grad_s of LSQ, elementwise from docs/method.md, in float64."""
     x, s, upstream = x.double(), s.double(), upstream.double()
     qn, qp = ref_range(bits, signed)
     v = x / s

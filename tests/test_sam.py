@@ -1,5 +1,5 @@
 """saq.SAQ against independent references: a functional re-implementation of the quantized forward
-(F.conv2d / F.linear / F.batch_norm, LSQ written out below), the SPEC's perturbation formulas in float64, and
+(F.conv2d / F.linear / F.batch_norm, LSQ written out below), the perturbation formulas of docs/method.md in float64, and
 torch.optim.SGD applied to a clone."""
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def qnames(model):
 
 
 def ref_perturbation(model, mode, rho, G, GQ, WQ, P0, adaptive, perturb_steps=None):
-    """SPEC: e = rho * T^2 g / ||T g|| (T = 1 unless adaptive), global norm, in float64.
+    """docs/method.md: e = rho * T^2 g / ||T g|| (T = 1 unless adaptive), global norm, in float64.
 
     Returns ({layer: e} for the quantized-layer hook, {param name: e} for data-perturbed params)."""
     if perturb_steps is None:

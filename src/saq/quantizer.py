@@ -4,7 +4,7 @@ Everything that rounds a tensor in saq goes through this module. :class:`Quantiz
 layer, :func:`saq.calibrate`, export, summary and the sharpness-aware optimizer use; it has two kinds:
 
 * ``"lsq"``: :class:`LSQQuantizer`, a learned step (:func:`lsq` is the functional form);
-* ``"liq"``: :class:`LIQWeightQuantizer` / :class:`LIQActQuantizer`, a learned clip value (SPEC "Quantizer").
+* ``"liq"``: :class:`LIQWeightQuantizer` / :class:`LIQActQuantizer`, a learned clip value (docs/method.md, "LIQ_wn").
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@
         loss = opt.step(closure)        # both passes, perturb, restore, base step; returns the first pass's loss
         opt.zero_grad(); sched.step()
 
-Modes (SPEC "Sharpness-aware steps"). All of them run one code path; they differ only in where the
+Modes (docs/method.md, "Sharpness-aware steps"). All of them run one code path; they differ only in where the
 direction of a quantized layer's perturbation is read and where the perturbation is added:
 
 ==========  =============================================  ==========================================
@@ -34,7 +34,7 @@ float weight for case 2 and for data-perturbed parameters, Q(w) for cases 1 and 
 quantizer steps excluded (``perturb_steps=False``) equals case 2 numerically: both compute Q(w + e) with the
 same e.
 
-Strategies (SPEC "The efficient training strategy"):
+Strategies (docs/method.md, "Efficient strategies"):
 
 * ``"full"``: every iteration is a full two-pass step. Cost: 2 forward/backward passes per iteration.
 * ``"every_k"`` (LookSAM): a full step every ``k`` iterations, which stores the component of the sharp
