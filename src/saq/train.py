@@ -778,6 +778,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     total_steps = cfg.epochs * steps_per_epoch
     last: dict[str, Any] = history[-1] if history else {}
     with _StopRequest(announce=main) as stop, contextlib.closing(tb):
+        warned_dead: set[str] = set()  # quantizers already reported with a step <= 0
         for epoch in range(start_epoch, cfg.epochs):
             begin = skip if epoch == start_epoch else 0
             sampler.set_epoch(epoch)
@@ -879,16 +880,22 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
             except BaseException:
                 bar.close()
                 raise
-            if tl / max(tn, 1) > limit or dead:
+            if tl / max(tn, 1) > limit:
                 bar.close()
-                why = []
-                if tl / max(tn, 1) > limit:
-                    why.append(f"mean training loss {tl / max(tn, 1):.4g} > {limit:.3g} "
-                               f"({DIVERGED_LOSS_FACTOR:g} x ln {data_info['num_classes']} classes)")
+                why = [f"mean training loss {tl / max(tn, 1):.4g} > {limit:.3g} "
+                       f"({DIVERGED_LOSS_FACTOR:g} x ln {data_info['num_classes']} classes)"]
                 if dead:
                     why.append(f"{len(dead)} quantizer step size(s) <= 0 (e.g. {dead[0][0]}: {dead[0][1]:.4g})")
                 raise FloatingPointError(f"training diverged in epoch {epoch + 1}: {'; '.join(why)}; {kept()}; "
                                          "lower --lr (or --rho), or set --max-grad-norm")
+            new_dead = sorted({n for n, _ in dead} - warned_dead)
+            if new_dead and main:
+                # a step the optimizer pushed to <= 0 quantizes with the smallest step (STEP_EPS): its channel
+                # outputs ~0, a dead channel, not a divergence (8-bit first layers see it at ordinary LRs)
+                print(f"saq: warning: {len(new_dead)} quantizer(s) have a step size <= 0 after epoch {epoch + 1} "
+                      f"(e.g. {new_dead[0]}); their channels compute with the smallest step and output ~0",
+                      file=sys.stderr)
+            warned_dead.update(new_dead)
             record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step,
                                       "lr": base.param_groups[0]["lr"],
                                       "train_loss": tl / max(tn, 1), "train_acc": 100 * tc / max(tn, 1)}
