@@ -1,74 +1,102 @@
 """Why does every_k (LookSAM) lose accuracy? One MNIST-1D run with instruments on the stored g_v.
 
 At every full step it records ||g|| (first pass), ||g_s|| (second pass), ||g_v|| split by parameter kind
-(weights, norm/bias, quantizer steps), the cosine between this g_v and the previous full step's g_v (with
-strategy_k=1: adjacent iterations, different batches) and prints one JSON line with the accuracy and the means
-over the first 10 and the second half of the full steps. ALPHA=auto|<float> in the environment sets alpha.
+(weights "w", norm/bias, quantizer steps), the cosine between this g_v and the previous full step's g_v (with
+strategy_k=1: adjacent iterations, different batches) and the cosine between the previous g_v and this step's
+plain gradient; it prints one JSON line with the accuracy and each quantity's mean over the first 10 and over
+the second half of the full steps. Defaults: w2a2, case 3, every_k, rho 0.05, 10 epochs; the JSON argument
+overrides any TrainConfig field.
 
-    ALPHA=0.7  python benchmarks/every_k_probe.py '{"w_bits":32,"a_bits":32,"first_last_bits":32,"sharpness":"sam"}'
-    ALPHA=auto python benchmarks/every_k_probe.py '{"strategy_k":1}'     # w2a2 case 3, g_v every step
+    python benchmarks/every_k_probe.py --alpha 0.7 '{"w_bits":32,"a_bits":32,"first_last_bits":32,"sharpness":"sam"}'
+    python benchmarks/every_k_probe.py --alpha auto '{"strategy_k":1}'     # w2a2 case 3, g_v every step
 
 Results of the runs quoted in the README: benchmarks/results/every_k_probe.jsonl.
 """
-import sys, json, time, torch
-torch.set_num_threads(1)
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+import saq.sam
 from saq.config import TrainConfig
+from saq.quantizer import Quantizer
 from saq.train import train
-from saq import sam as S
-from saq.quantizer import LSQQuantizer
 
-stats = []
-orig = S.SAQ._update_gv
-def patched(self, g_first):
-    params = self._params()
-    kinds = getattr(self, "_kinds", None)
-    if kinds is None:
-        kinds = {}
-        for m in self._model.modules() if hasattr(self, "_model") else []:
-            pass
-    gf = [g.clone() if g is not None else None for g in g_first]
-    gs = [p.grad.clone() if p.grad is not None else None for p in params]
-    old = None if self._gv is None else [None if t is None else t.clone() for t in self._gv]
-    orig(self, g_first)
-    gv = self._gv
-    def n(ts): return float(torch.sqrt(sum((t.double()**2).sum() for t in ts if t is not None)))
-    rec = {"g": n(gf), "gs": n(gs), "gv": n(gv)}
-    for kind, idx in self._kind_idx.items():
-        rec["gv_" + kind] = n([gv[i] for i in idx]); rec["g_" + kind] = n([gf[i] for i in idx])
-    if old is not None:
-        num = sum(float((a.double()*b.double()).sum()) for a, b in zip(old, gv) if a is not None and b is not None)
-        rec["cos_gv_prev"] = num / (n(old) * n(gv) + 1e-30)
-        # cosine of g (plain grads) with the stored g_v of the previous full step: is g_v still orthogonal to g?
-        rec["cos_g_oldgv"] = sum(float((a.double()*b.double()).sum()) for a, b in zip(old, gf) if a is not None and b is not None) / (n(old)*n(gf)+1e-30)
-    self._last_gf = gf
-    stats.append(rec)
-S.SAQ._update_gv = patched
-orig_init = S.SAQ.__init__
-import os
-def init(self, model, base, *a, **k):
-    if os.environ.get("ALPHA"):
-        k["alpha"] = "auto" if os.environ["ALPHA"] == "auto" else float(os.environ["ALPHA"])
-    orig_init(self, model, base, *a, **k)
-    ids = {}
-    for mn, m in model.named_modules():
-        for pn, p in m.named_parameters(recurse=False):
-            kind = "step" if isinstance(m, LSQQuantizer) else ("w" if p.ndim > 1 else "norm_bias")
-            ids[id(p)] = kind
-    self._kind_idx = {}
-    for i, p in enumerate(self._params()):
-        self._kind_idx.setdefault(ids.get(id(p), "other"), []).append(i)
-S.SAQ.__init__ = init
+STATS: list[dict[str, float]] = []
 
-over = json.loads(sys.argv[1])
-cfg = dict(dataset="mnist1d", model="cnn1d", epochs=10, batch_size=128, lr=0.05, weight_decay=5e-4, save=False,
-           w_bits=2, a_bits=2, first_last_bits=8, sharpness="case3", strategy="every_k", rho=0.05)
-cfg.update(over)
-t0 = time.time()
-res = train(TrainConfig(**cfg), progress=False)
-import statistics as st
-summ = {}
-if stats:
-    for key in sorted({k for s in stats for k in s}):
-        vals = [s[key] for s in stats if key in s]
-        summ[key] = [round(st.mean(vals[:10]), 4), round(st.mean(vals[len(vals)//2:]), 4)]
-print(json.dumps({"over": over, "alpha": os.environ.get("ALPHA", "default"), "test_acc": res["test_acc"], "t": round(time.time()-t0,1), "stats(first10,secondhalf)": summ}))
+
+def _norm(ts: Sequence[Optional[torch.Tensor]]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts if t is not None)))
+
+
+def _cos(a: Sequence[Optional[torch.Tensor]], b: Sequence[Optional[torch.Tensor]]) -> float:
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b) if x is not None and y is not None)
+    return dot / (_norm(a) * _norm(b) + 1e-30)
+
+
+class ProbedSAQ(saq.sam.SAQ):
+    """saq.SAQ that records the every_k quantities at each full step (nothing else changes)."""
+
+    def __init__(self, model: torch.nn.Module, base: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+        if PROBE_ALPHA is not None:
+            kwargs["alpha"] = PROBE_ALPHA
+        super().__init__(model, base, *args, **kwargs)
+        kind = {}
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                kind[id(p)] = "step" if isinstance(m, Quantizer) else ("w" if p.ndim > 1 else "norm_bias")
+        self._kind_idx: dict[str, list[int]] = {}
+        for i, p in enumerate(self._params()):
+            self._kind_idx.setdefault(kind.get(id(p), "other"), []).append(i)
+
+    def _update_gv(self, g_first: Optional[list[Optional[torch.Tensor]]]) -> None:
+        assert g_first is not None
+        gf = [None if g is None else g.clone() for g in g_first]
+        gs = [None if p.grad is None else p.grad.clone() for p in self._params()]
+        old = None if self._gv is None else [None if t is None else t.clone() for t in self._gv]
+        super()._update_gv(g_first)
+        gv = self._gv or []
+        rec = {"g": _norm(gf), "gs": _norm(gs), "gv": _norm(gv)}
+        for kind, idx in self._kind_idx.items():
+            rec["gv_" + kind] = _norm([gv[i] for i in idx])
+            rec["g_" + kind] = _norm([gf[i] for i in idx])
+        if old is not None:
+            rec["cos_gv_prev"] = _cos(old, gv)
+            rec["cos_g_oldgv"] = _cos(old, gf)  # is the stored g_v still orthogonal to the new plain gradient?
+        STATS.append(rec)
+
+
+PROBE_ALPHA: Optional[float | str] = None
+
+
+def main() -> None:
+    global PROBE_ALPHA
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="?", default="{}", help="JSON object of TrainConfig fields")
+    ap.add_argument("--alpha", default=None, help="every_k alpha: a number or 'auto' (default: the config's)")
+    args = ap.parse_args()
+    if args.alpha is not None:
+        PROBE_ALPHA = "auto" if args.alpha == "auto" else float(args.alpha)
+    torch.set_num_threads(1)
+    saq.sam.SAQ = ProbedSAQ  # type: ignore[misc]  # what saq.train builds
+    over = json.loads(args.overrides)
+    cfg = dict(dataset="mnist1d", model="cnn1d", epochs=10, batch_size=128, lr=0.05, weight_decay=5e-4, save=False,
+               w_bits=2, a_bits=2, first_last_bits=8, sharpness="case3", strategy="every_k", rho=0.05)
+    cfg.update(over)
+    t0 = time.time()
+    res = train(TrainConfig(**cfg), progress=False)
+    summary = {}
+    for key in sorted({k for s in STATS for k in s}):
+        vals = [s[key] for s in STATS if key in s]
+        summary[key] = [round(statistics.fmean(vals[:10]), 4), round(statistics.fmean(vals[len(vals) // 2:]), 4)]
+    print(json.dumps({"over": over, "alpha": args.alpha or "default", "test_acc": res["test_acc"],
+                      "t": round(time.time() - t0, 1), "stats(first10,secondhalf)": summary}))
+
+
+if __name__ == "__main__":
+    main()
