@@ -171,3 +171,27 @@ def test_landscape_and_sharpness_delegate_to_analysis(run_dir, tmp_path, capsys)
     assert "hessian_top_eigenvalue" in capsys.readouterr().out
     row = json.loads(out.read_text())
     assert row["rho"] == 0.1 and row["num_samples"] == 32 and row["sam_sharpness"] >= 0
+
+
+def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
+    """Mixed precision from the command line and from a recipe: the trained checkpoint has those bits."""
+    from saq.layers import quant_layers
+    from saq.train import build_model
+
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text("w_bits: 2\na_bits: 2\nlayer_bits: {'features.3': [4, 8]}\nexclude: [features.6]\n")
+    out_flags, out_yaml = tmp_path / "flags", tmp_path / "yaml"
+    assert main(["train", "--epochs", "1", "--w-bits", "2", "--a-bits", "2", "--layer-bits", "{features.3: [4, 8]}",
+                 "--exclude", "features.6", "--output", str(out_flags), *FAST]) == 0
+    assert main(["train", "--config", str(recipe), "--epochs", "1", "--output", str(out_yaml), *FAST]) == 0
+    for out in (out_flags, out_yaml):
+        state = load_checkpoint(out / "checkpoint.pt")
+        cfg = TrainConfig.from_dict(state["config"])
+        assert cfg.layer_bits == {"features.3": [4, 8]} and cfg.exclude == ["features.6"]
+        model = build_model(cfg, in_chans=1, num_classes=10)
+        bits = {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model)}
+        assert bits["features.3"] == (4, 8) and "features.6" not in bits
+        assert bits["features.9"] == (2, 2)
+    # a pattern that matches nothing is a one-line error, before any training
+    capsys.readouterr()
+    _fails(capsys, ["train", "--exclude", "nothing.here", "--output", str(tmp_path / "bad"), *FAST], "exclude")

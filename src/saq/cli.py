@@ -78,6 +78,8 @@ TRAIN_HELP = {
                  "metrics, plot and TensorBoard logs first (without it such a folder is refused)",
     "log_every": "also log the step loss to TensorBoard every N steps",
     "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
+    "layer_bits": "per-layer bits by module-name glob, e.g. '{fc: 8, \"layer1.*\": [4, 8]}' (wins over the rest)",
+    "exclude": "module-name globs to leave in float, e.g. --exclude head 'blocks.0.*'",
     "train_subset": "train on N examples only: a fixed subset, the same for every seed (0: all)",
     "limit_train_batches": "at most N training batches per epoch (smoke tests)",
     "limit_eval_batches": "at most N batches per evaluation (smoke tests)",

@@ -46,6 +46,8 @@ class TrainConfig:
     quantizer: str = "lsq"          # lsq (learned step) or liq (the official SAQ code's LIQ_wn, learned clip)
     per_channel: bool = True        # LSQ: one weight step per output channel (LIQ: one clip per tensor)
     weight_standardize: bool = False  # LSQ: per-channel (w-mean)/std, statistics in the graph
+    layer_bits: dict[str, Any] = field(default_factory=dict)  # module-name glob -> bits or [w_bits, a_bits]
+    exclude: list[str] = field(default_factory=list)           # module-name globs left in float
     act_grad_scale: str = "per_sample"  # LSQ activation step gradient: N counts one sample, or the batch
     calib_batches: int = 1
     # optimisation
@@ -173,7 +175,8 @@ class TrainConfig:
         """The :class:`saq.QuantConfig` these options describe."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
                            per_channel=self.per_channel, weight_standardize=self.weight_standardize,
-                           quantizer=self.quantizer, act_grad_scale=self.act_grad_scale)
+                           quantizer=self.quantizer, act_grad_scale=self.act_grad_scale,
+                           layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
