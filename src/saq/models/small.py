@@ -39,27 +39,39 @@ class CNN1d(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class CNNDigits(nn.Module):
-    """A 3-conv CNN for 8x8 images: 32 (stride 1), 64 (stride 2), 64 (stride 1) channels, GAP, linear head."""
+def _width(width: int) -> int:
+    w = int(width)
+    if w < 1:
+        raise ValueError(f"width must be >= 1, got {width!r}")
+    return w
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
+
+class _GAPCNN(nn.Module):
+    """``features``, global average pooling, a linear head: what the small 2-D CNNs share."""
+
+    def __init__(self, features: nn.Sequential, channels: int, num_classes: int):
         super().__init__()
-        w = int(width)
-        if w < 1:
-            raise ValueError(f"width must be >= 1, got {width!r}")
-        self.features = nn.Sequential(
-            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, in_chans, w, 3, 1),
-            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, 2 * w, 3, 2),
-            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 2 * w, 3, 1),
-        )
+        self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * w, num_classes)
+        self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class CNNFashion(nn.Module):
+class CNNDigits(_GAPCNN):
+    """A 3-conv CNN for 8x8 images: 32 (stride 1), 64 (stride 2), 64 (stride 1) channels, GAP, linear head."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
+        w = _width(width)
+        super().__init__(nn.Sequential(
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, in_chans, w, 3, 1),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, 2 * w, 3, 2),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 2 * w, 3, 1),
+        ), 2 * w, num_classes)
+
+
+class CNNFashion(_GAPCNN):
     """Four 3x3 Conv-BN-ReLU (w, 2w, 2w, 4w channels; 2x2 max-pool after the first and third), GAP, linear head.
 
     For 28x28 grey-scale images (Fashion-MNIST): 28x28 -> 14x14 -> 7x7 feature maps. With ``width=32``:
@@ -67,21 +79,13 @@ class CNNFashion(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
-        super().__init__()
-        w = int(width)
-        if w < 1:
-            raise ValueError(f"width must be >= 1, got {width!r}")
-        self.features = nn.Sequential(
+        w = _width(width)
+        super().__init__(nn.Sequential(
             *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, in_chans, w, 3, 1), nn.MaxPool2d(2),
             *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, 2 * w, 3, 1),
             *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 2 * w, 3, 1), nn.MaxPool2d(2),
             *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 4 * w, 3, 1),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        ), 4 * w, num_classes)
 
 
 @register_model(family="mnist1d", dataset="mnist1d", input_shape=(1, 40), num_classes=10)
