@@ -249,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = "\n".join(lines) + "\n"
     cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / f"accuracy{args.tag}.md").write_text(f"Command: `{cmd.strip()}`\n\n" + table)
-    (out / f"accuracy{args.tag}.json").write_text(json.dumps(dict(chosen_rho={f"{k[0]}/w{k[1]}/{k[2]}": v for k, v in chosen.items()},
+    rhos = {f"{k[0]}/w{k[1]}/{k[2]}": v for k, v in chosen.items()}
+    (out / f"accuracy{args.tag}.json").write_text(json.dumps(dict(chosen_rho=rhos,
                                                        rows=summary), indent=1))
     plot(summary, args, out / f"accuracy{args.tag}.png")
     print(table)

@@ -210,7 +210,8 @@ def _run_bench(bi: int, bench: Bench, device: torch.device, rounds: int, iters: 
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def to_markdown(rows: list[dict], header: str) -> str:

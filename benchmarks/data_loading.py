@@ -125,7 +125,8 @@ def main() -> None:
                     progress=False)  # warm-up (CUDA context, kernels)
     device_name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     rows = []
-    print(f"| case | data path | fetch s | wall s | fetch share | ms/step | test acc | ({device_name}, {a.epochs} epochs"
+    print("| case | data path | fetch s | wall s | fetch share | ms/step | test acc | "
+          f"({device_name}, {a.epochs} epochs"
           f"{', synthetic data' if a.synthetic else ''}) |\n|---|---|---|---|---|---|---|---|", flush=True)
     for name in a.cases:
         for path in ("dataloader", "device"):

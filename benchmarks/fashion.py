@@ -234,7 +234,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     fp_vals = [fp[s] for s in sorted(fp)]
     lines = [f"Fashion-MNIST, {p['model']} {p['model_kwargs'] or ''}, training subset "
              f"{p['train_subset'] or 'all 60000'} images minus a {args.val_split:.0%} validation split; float model "
-             f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning {args.qat_epochs or p['qat_epochs']} "
+             f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning "
+             f"{args.qat_epochs or p['qat_epochs']} "
              f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
@@ -266,7 +267,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
                    "| bits | method | " + " | ".join(str(r) for r in args.rhos) + " |",
                    "|---|---|" + "---:|" * len(args.rhos)]
     for (b, m), v in sorted(val.items()):
-        sweep_lines.append(f"| w{b}a{b} | {m} | " + " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in args.rhos) + " |")
+        cells = " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in args.rhos)
+        sweep_lines.append(f"| w{b}a{b} | {m} | {cells} |")
     cmd = "python benchmarks/fashion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines + sweep_lines) + "\n"

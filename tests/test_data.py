@@ -1,4 +1,5 @@
-"""Data sets: the embedded ones against their sources, tiny files in each on-disk format read back, the device loader."""
+"""Data sets: the embedded ones against their sources, tiny files in each on-disk format read back, the device
+loader."""
 from __future__ import annotations
 
 import gzip
@@ -115,7 +116,8 @@ def _accept_any_md5(monkeypatch):
     import torchvision.datasets.cifar as cifar
     import torchvision.datasets.flowers102 as flowers
 
-    ok = lambda fpath, md5=None: os.path.isfile(fpath)
+    def ok(fpath, md5=None):
+        return os.path.isfile(fpath)
     monkeypatch.setattr(cifar, "check_integrity", ok)
     monkeypatch.setattr(flowers, "check_integrity", ok)
 
@@ -451,7 +453,8 @@ def test_fashion_mnist_bad_files_name_the_file(tmp_path, no_system_fmnist, case)
                            "train-images-idx3-ubyte.gz holds 40 images but .*train-labels-idx1-ubyte.gz holds "
                            "39 labels"),
         "label_range": ("t10k-labels-idx1-ubyte", _idx_bytes(np.array([1, 2, 10, 3, 255] + [0] * 7, np.uint8)),
-                        False, "t10k-labels-idx1-ubyte: label 10 at index 2 is outside 0..9 \\(2 labels out of range\\)"),
+                        False,
+                        "t10k-labels-idx1-ubyte: label 10 at index 2 is outside 0..9 \\(2 labels out of range\\)"),
         "image_size": ("t10k-images-idx3-ubyte", _idx_bytes(np.zeros((12, 32, 32), np.uint8)), False,
                        "t10k-images-idx3-ubyte: expected 28x28 images, found 32x32"),
     }[case]

@@ -222,7 +222,8 @@ def test_nan_from_the_last_step_of_an_epoch_is_not_saved(tmp_path, monkeypatch, 
     real = T.build_optimizer
     monkeypatch.setattr(T, "build_optimizer", lambda m, c: _with(real(m, c), weight_decay=math.nan))
     out = tmp_path / "run"
-    _fails(capsys, ["train", *TINY, "--limit-train-batches", "1", "--output", str(out)], "non-finite", "nothing was saved",
+    _fails(capsys, ["train", *TINY, "--limit-train-batches", "1", "--output", str(out)], "non-finite",
+           "nothing was saved",
            code=1)
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
     monkeypatch.undo()
@@ -233,7 +234,8 @@ def test_nan_from_the_last_step_of_an_epoch_is_not_saved(tmp_path, monkeypatch, 
     with pytest.raises(FloatingPointError, match=r"non-finite .* epoch 1\) is kept"):
         train(cfg, progress=False, step_callback=cb)
     state = load_checkpoint(out / "checkpoint.pt")
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -392,8 +394,9 @@ def _model_state(m):
     import saq
 
     return ({k: v.clone() for k, v in m.state_dict().items()},
-            [(n, l.w_bits, l.a_bits, l.weight_quantizer.signed, l.act_quantizer.signed, l.quant_role,
-              l.weight_standardize, l.weight_quantizer.step.shape) for n, l in saq.quant_layers(m)])
+            [(n, layer.w_bits, layer.a_bits, layer.weight_quantizer.signed, layer.act_quantizer.signed,
+              layer.quant_role, layer.weight_standardize, layer.weight_quantizer.step.shape)
+             for n, layer in saq.quant_layers(m)])
 
 
 def _assert_unchanged(m, before):

@@ -1,4 +1,5 @@
-"""The official code's LIQ_wn quantizer (QuantConfig(quantizer="liq")) against float64 references from docs/method.md."""
+"""The official code's LIQ_wn quantizer (QuantConfig(quantizer="liq")) against float64 references from
+docs/method.md."""
 import json
 import math
 

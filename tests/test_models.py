@@ -117,7 +117,8 @@ def test_imagenet_parameter_counts(name, count):
 
 def _cifar_resnet_params(n: int, classes: int) -> int:
     """Closed form for the He et al. CIFAR ResNet with option-A shortcuts (no shortcut parameters)."""
-    conv = lambda cin, cout: 9 * cin * cout
+    def conv(cin, cout):
+        return 9 * cin * cout
     total = conv(3, 16) + 2 * 16
     cin = 16
     for cout in (16, 32, 64):
@@ -161,7 +162,8 @@ def test_preresnet20_state_dict_matches_official_layout():
     for s in (1, 2, 3):
         for b in range(3):
             p = f"layer{s}.{b}."
-            keys |= {p + "conv1.weight", p + "conv2.weight", *(p + f"bn1.{k}" for k in bn), *(p + f"bn2.{k}" for k in bn)}
+            keys |= {p + "conv1.weight", p + "conv2.weight", *(p + f"bn1.{k}" for k in bn),
+                     *(p + f"bn2.{k}" for k in bn)}
             if s > 1 and b == 0:
                 keys.add(p + "downsample.weight")
     assert set(create_model("preresnet20", 100).state_dict()) == keys
@@ -176,7 +178,8 @@ def test_preresnet_block_computation():
         b.running_mean.uniform_(-0.5, 0.5)
         b.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 16, 8, 8)
-    bnf = lambda t, m: F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    def bnf(t, m):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
     a = F.relu(bnf(x, blk.bn1))
     body = F.conv2d(F.relu(bnf(F.conv2d(a, blk.conv1.weight, stride=2, padding=1), blk.bn2)),
                     blk.conv2.weight, padding=1)

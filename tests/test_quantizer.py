@@ -187,7 +187,8 @@ def test_quantizer_init_rule_per_channel(bits):
     out = q(w)
     qp = 2 ** (bits - 1) - 1
     wd = w.double()
-    expected = torch.tensor([2 * wd[c].abs().sum().item() / wd[c].numel() / math.sqrt(qp) for c in range(5)], dtype=torch.float64)
+    expected = torch.tensor([2 * wd[c].abs().sum().item() / wd[c].numel() / math.sqrt(qp) for c in range(5)],
+                            dtype=torch.float64)
     torch.testing.assert_close(q.step.detach().double(), expected, rtol=1e-6, atol=0)
     assert q.is_initialized and bool(q.initialized)
     ry, _, _ = ref_lsq(w, expected.view(5, 1, 1, 1), bits, True, torch.ones_like(w))
@@ -199,13 +200,16 @@ def test_quantizer_signed_auto_detection_and_init():
     q = LSQQuantizer(4).train()
     q(relu_like)
     assert q.signed is False and int(q.is_signed) == 0
-    torch.testing.assert_close(q.step.double(), torch.tensor([2 * relu_like.double().abs().mean().item() / math.sqrt(15)], dtype=torch.float64),
+    torch.testing.assert_close(q.step.double(),
+                               torch.tensor([2 * relu_like.double().abs().mean().item() / math.sqrt(15)],
+                                            dtype=torch.float64),
                                rtol=1e-6, atol=0)
     q2 = LSQQuantizer(4).train()
     x = torch.randn(4, 10)
     q2(x)
     assert q2.signed is True and int(q2.is_signed) == 1
-    torch.testing.assert_close(q2.step.double(), torch.tensor([2 * x.double().abs().mean().item() / math.sqrt(7)], dtype=torch.float64),
+    torch.testing.assert_close(q2.step.double(),
+                               torch.tensor([2 * x.double().abs().mean().item() / math.sqrt(7)], dtype=torch.float64),
                                rtol=1e-6, atol=0)
     # negative values are inside the signed range, not clipped to zero
     assert (q2(x) < 0).any()

@@ -111,7 +111,8 @@ def ref_grads(model, P0, x, y, post=None, delta=None):
 
 
 def case3_perturbation(G, GQ):
-    """docs/method.md, case 3: e = rho * [grad_Q(w) for layer weights, grad for biases] / global norm (steps excluded)."""
+    """docs/method.md, case 3: e = rho * [grad_Q(w) for layer weights, grad for biases] / global norm (steps
+    excluded)."""
     items = {("q", n): g for n, g in GQ.items()} | {("p", k): g for k, g in G.items() if k.endswith("bias")}
     norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in items.values()))
     post = {n: (RHO * g.double() / norm).float() for (kind, n), g in items.items() if kind == "q"}

@@ -413,7 +413,8 @@ def loss_landscape(model: nn.Module, criterion: Criterion, batches: Iterable[Bat
                 raise ValueError(f"direction has tensors the model cannot perturb: {sorted(unknown)[:3]}")
             for n, t in d.items():
                 if t.shape != space.base[n].shape:
-                    raise ValueError(f"direction for {n} has shape {tuple(t.shape)}, the weight {tuple(space.base[n].shape)}")
+                    raise ValueError(f"direction for {n} has shape {tuple(t.shape)}, "
+                                     f"the weight {tuple(space.base[n].shape)}")
         dirs = [[d.get(n) for n in space.names] for d in directions]
         data = _materialise(batches, _device(model))
         points = [(i,) for i in range(steps)] if dims == 1 else [(i, j) for i in range(steps) for j in range(steps)]
@@ -592,7 +593,8 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     loaded = [load_model(ckpt, device) for ckpt in checkpoints]  # all of them first: one data set or none
     kind = [(cfg.dataset, tuple(info.get("input_shape") or ()), info.get("num_classes")) for _, cfg, info in loaded]
     if len(set(kind)) > 1:
-        seen = "; ".join(f"{label}: {ds} {shape}, {classes} classes" for label, (ds, shape, classes) in zip(labels, kind))
+        seen = "; ".join(f"{label}: {ds} {shape}, {classes} classes"
+                         for label, (ds, shape, classes) in zip(labels, kind))
         raise ValueError(f"landscape: the checkpoints are of different data sets ({seen}); "
                          "compare checkpoints of one data set")
     out.mkdir(parents=True, exist_ok=True)

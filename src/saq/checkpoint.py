@@ -59,7 +59,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         # torch's own message suggests weights_only=False: that would run the file's code, and a saq
         # checkpoint never needs it
         raise ValueError(f"{path} is not a saq checkpoint: it holds Python objects other than tensors and plain "
-                         "values, which a saq checkpoint never does (not loaded: loading them could run code)") from None
+                         "values, which a saq checkpoint never does (not loaded: loading them could run code)"
+                         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is corrupted or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -293,7 +293,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             if bad:
                 for q, sd in zip(quantizers, before):
                     q.load_state_dict(sd)
-                raise ValueError(f"calibrate: the batches give non-finite step sizes / clips for {len(bad)} quantizer(s) "
+                raise ValueError(f"calibrate: the batches give non-finite step sizes / clips for {len(bad)} "
+                                 "quantizer(s) "
                                  f"(e.g. {', '.join(bad[:3])}): the data holds NaN or inf values; left unchanged")
         finally:
             for q in quantizers:

@@ -213,7 +213,8 @@ class Quantizer(nn.Module):
         self._signed = None if v < 0 else bool(v)
 
     def extra_repr(self) -> str:
-        kind = "per-tensor" if self.channel_dim is None else f"per-channel(dim={self.channel_dim}, n={self.scale.numel()})"
+        kind = ("per-tensor" if self.channel_dim is None
+                else f"per-channel(dim={self.channel_dim}, n={self.scale.numel()})")
         return f"bits={self.bits}, signed={self.signed}, {kind}"
 
     def _scale_view(self, x: Tensor) -> Tensor:

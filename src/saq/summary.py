@@ -86,7 +86,8 @@ class Summary:
         for r in self.rows:
             name = r.name if len(r.name) <= 32 else "..." + r.name[-29:]
             lines.append(
-                f"{name:<32} {r.type:<8} {r.quantizer:<3} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} {'y' if r.per_channel else 'n':>2} "
+                f"{name:<32} {r.type:<8} {r.quantizer:<3} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} "
+                f"{'y' if r.per_channel else 'n':>2} "
                 f"{r.params:>9,} {fmt(r.w_step_mean, '.3g'):>11} {fmt(r.w_step_min, '.3g'):>9} "
                 f"{fmt(r.w_step_max, '.3g'):>9} {fmt(r.a_step, '.3g'):>9} "
                 f"{fmt(None if r.a_signed is None else ('y' if r.a_signed else 'n')):>5} "

@@ -220,7 +220,8 @@ def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConf
     warm = int(round(cfg.rho_warmup_epochs * steps_per_epoch))
     schedule = rho_warmup(cfg.rho, warm) if warm > 0 else None
     return SAQ(model, base, rho=cfg.rho, mode=cfg.sharpness, adaptive=cfg.adaptive, strategy=cfg.strategy,
-               k=cfg.strategy_k, alpha="auto" if cfg.strategy_alpha is None else cfg.strategy_alpha, rho_schedule=schedule, grad_scaler=grad_scaler,
+               k=cfg.strategy_k, alpha="auto" if cfg.strategy_alpha is None else cfg.strategy_alpha,
+               rho_schedule=schedule, grad_scaler=grad_scaler,
                max_grad_norm=cfg.max_grad_norm)
 
 
@@ -952,14 +953,15 @@ def format_result(r: dict[str, Any]) -> str:
     mib = 8 * 2**20
     lines = [f"saq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
-             f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, {r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
+             f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, "
+             f"{r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"
              f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
         lines.append(f"  val       top-1 {r['val_acc']:.2f}%  top-5 {r['val_top5']:.2f}%  loss {r['val_loss']:.4f}")
-    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller than the "
-                 f"float32 parameters, {r['float_bits'] / mib:.4f} MiB)")
+    lines.append(f"  size      {r['size_bits'] / mib:.4f} MiB ({r['float_bits'] / r['size_bits']:.1f}x smaller "
+                 f"than the float32 parameters, {r['float_bits'] / mib:.4f} MiB)")
     if r.get("bops") is not None:
         lines.append(f"  BOPs      {r['bops'] / 1e9:.4f} G per sample ({r['macs'] / 1e6:.3f} M MACs)")
     if r.get("checkpoint"):

@@ -64,7 +64,8 @@ def _timm(name: str):
             extra["img_size"] = img_size
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **extra, **kwargs)
 
-    build.__doc__ = f"timm {name} (pretrained=False; img_size, in_chans and timm kwargs such as drop_path_rate pass through)."
+    build.__doc__ = (f"timm {name} (pretrained=False; img_size, in_chans and timm kwargs such as drop_path_rate "
+                     "pass through).")
     return build
 
 
