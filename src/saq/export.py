@@ -196,20 +196,8 @@ def _is_export(path: str) -> bool:
 
 
 # -- export -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
-    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
-
-    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
-    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
-    and the float32 model size; ``verbose`` also prints it.
-    """
-    if os.path.isdir(path):
-        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
-    if os.path.exists(path) and not _is_export(os.fspath(path)):
-        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
-                         "refusing to replace it")
-    model = _unwrap(model)
+def _checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """The quantized layers of an exportable model: traced, scales initialised and finite, no perturbation."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
@@ -233,6 +221,33 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
             if p is not None and bool(p.detach().ne(0).any()):
                 raise ValueError(f"export: layer {n} carries an active sharpness-aware perturbation; "
                                  "export between optimizer steps")
+    return layers
+
+
+@torch.no_grad()
+def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
+           **onnx_options: Any) -> ExportInfo:
+    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
+
+    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
+    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
+    and the float32 model size; ``verbose`` also prints it. A ``path`` ending in ``.onnx`` writes an ONNX
+    QDQ graph instead, traced with ``example_inputs`` (see :func:`saq.export_onnx.export_onnx`, which takes
+    ``onnx_options``); safetensors ignores ``example_inputs``.
+    """
+    if os.fspath(path).lower().endswith(".onnx"):
+        from .export_onnx import export_onnx
+
+        return export_onnx(model, path, example_inputs, verbose=verbose, **onnx_options)
+    if onnx_options:
+        raise ValueError(f"export: {', '.join(sorted(onnx_options))} apply to .onnx files only")
+    if os.path.isdir(path):
+        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
+    if os.path.exists(path) and not _is_export(os.fspath(path)):
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
+                         "refusing to replace it")
+    model = _unwrap(model)
+    layers = _checked_layers(model)
 
     prefixes = _quantizer_prefixes(model)
     state = model.state_dict()
@@ -508,8 +523,9 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
 class _CallableModule(types.ModuleType):
     """Once ``saq.export`` is imported as a submodule, Python binds ``saq.export`` to it; stay callable."""
 
-    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
-        return export(model, path, verbose)
+    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
+                 **onnx_options: Any) -> ExportInfo:
+        return export(model, path, verbose, example_inputs, **onnx_options)
 
 
 sys.modules[__name__].__class__ = _CallableModule
