@@ -29,7 +29,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ CONTAINERS: dict[str, tuple[int, int]] = {
     "UINT4": (0, 15), "INT4": (-8, 7), "UINT8": (0, 255), "INT8": (-128, 127)}
 _TORCHSCRIPT_OPSET = 20  # the highest opset the TorchScript exporter knows; the graph is converted after
 _DOMAIN = "saq"  # custom ops that mark the quantized layers in the exported graph, replaced before saving
+
+if TYPE_CHECKING:
+    from .export import ExportInfo
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -384,7 +387,7 @@ def onnx_layers(path: PathLike) -> dict[str, dict[str, Any]]:
 
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
-                dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False):
+                dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False) -> "ExportInfo":
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX QDQ graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
