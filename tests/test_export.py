@@ -136,8 +136,8 @@ def test_file_is_plain_safetensors_and_packed(tmp_path):
     assert header["0.bias"]["dtype"] == "F32"
 
 
-@pytest.mark.parametrize("bits,per_byte", [(2, 4), (3, 2), (4, 2), (5, 1), (8, 1)])
-def test_packed_size_is_bits_over_8_of_int8(tmp_path, bits, per_byte):
+@pytest.mark.parametrize("bits,slot", [(2, 2), (3, 3), (4, 4), (5, 8), (8, 8)])
+def test_packed_size_is_bits_over_8_of_int8(tmp_path, bits, slot):
     model, _, _ = trained("cnn", 4, True, False)
     mid = model[3]
     int8_bytes = mid.weight.numel()  # one byte per weight in an int8 container
@@ -146,7 +146,7 @@ def test_packed_size_is_bits_over_8_of_int8(tmp_path, bits, per_byte):
         codes = torch.randint(qn, qp + 1, (mid.weight.numel() + 3,))  # odd count: padding exercised
         packed = pack_codes(codes, bits, signed)
         assert packed.dtype in (torch.uint8, torch.int8)
-        assert packed.numel() == math.ceil(codes.numel() / per_byte)
+        assert packed.numel() == math.ceil(codes.numel() * slot / 8)  # 3 bits: eight codes in three bytes
         assert torch.equal(unpack_codes(packed, bits, signed, codes.numel()).long(), codes)
     saq.export(model, tmp_path / "m.safetensors")
     header, _ = read_header(tmp_path / "m.safetensors")
@@ -164,6 +164,57 @@ def test_export_smaller_than_float(tmp_path):
     assert info.float_bytes == float_bytes
     assert info.ratio > 5  # mostly 2-bit weights; first/last at 8 bits, metadata, BN, steps
     assert "smaller" in str(info)
+
+
+def test_three_bit_codes_take_three_bits(tmp_path):
+    model, _, _ = trained("cnn", 3, True, False)
+    saq.export(model, tmp_path / "m.safetensors")
+    header, _ = read_header(tmp_path / "m.safetensors")
+    layers = json.loads(header["__metadata__"]["layers"])
+    assert header["__metadata__"]["version"] == "2"
+    n = model[3].weight.numel()  # 8 x 8 x 3 x 3 = 576 codes: 216 bytes (a nibble each: 288)
+    assert layers["3"]["packing"] == "3-bit" and header["3.weight_codes"]["shape"] == [math.ceil(n * 3 / 8)]
+
+
+def _as_version_1(path, out):
+    """Rewrite a version-2 export as the first format: 3-bit codes in nibbles, version "1", re-hashed."""
+    from saq.export import _digest, _pack
+
+    tensors = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    layers = json.loads(meta["layers"])
+    for name, info in layers.items():
+        if info["w_bits"] == 3:
+            codes = unpack_codes(tensors[name + ".weight_codes"], 3, True, info["numel"])
+            tensors[name + ".weight_codes"] = _pack(codes, -4, 4)
+            info["packing"] = "nibble"
+    meta.update(version="1", layers=json.dumps(layers))
+    meta["sha256"] = _digest(tensors, meta)
+    safetensors.torch.save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_version_1_files_still_load_and_newer_ones_are_refused(tmp_path):
+    model, cfg, shape = trained("cnn", 3, True, False)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+    saq.export(model, tmp_path / "v2.safetensors")
+    old = _as_version_1(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors")
+    header, _ = read_header(old)
+    assert header["3.weight_codes"]["shape"] == [math.ceil(model[3].weight.numel() / 2)]
+    loaded = saq.load_exported(old, fresh("cnn", cfg)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    tensors = safetensors.torch.load_file(str(old))
+    meta = {**read_header(old)[0]["__metadata__"], "version": "3"}
+    from saq.export import _digest
+
+    meta["sha256"] = _digest(tensors, meta)
+    safetensors.torch.save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="version '3'.*reads versions 1, 2"):
+        saq.load_exported(tmp_path / "v3.safetensors", fresh("cnn", cfg))
 
 
 def test_pack_rejects_out_of_range():

@@ -420,7 +420,7 @@ def test_edited_metadata_is_refused(tmp_path, changes):
 
 
 @pytest.mark.parametrize("changes, needle", [
-    (dict(w_bits=3), "codes outside the declared 3-bit signed range"),  # same nibble packing as 4 bits
+    (dict(w_bits=3), "do not fit"),  # 3-bit codes take 3 bits, not a nibble
     (dict(w_bits=2), "do not fit"),
     (dict(w_bits=None), "'w_bits' is None"),
     (dict(a_signed=KeyError), "'a_signed' is missing"),
@@ -437,6 +437,18 @@ def test_codes_and_metadata_that_do_not_fit_are_refused_even_when_rehashed(tmp_p
     with pytest.raises(ValueError, match=needle) as e:
         saq.load_exported(edited, model)
     assert "\n" not in str(e.value)
+    _assert_unchanged(model, before)
+
+
+def test_codes_outside_a_narrower_declared_width_are_refused(tmp_path):
+    import saq
+
+    _, path = _exported(tmp_path)
+    edited = _edit_layer(path, "features.0", True, w_bits=5)  # the 8-bit first layer's int8 codes, called 5-bit
+    model = _fresh_model()
+    before = _model_state(model)
+    with pytest.raises(ValueError, match="codes outside the declared 5-bit signed range"):
+        saq.load_exported(edited, model)
     _assert_unchanged(model, before)
 
 

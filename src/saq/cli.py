@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors)")
+    x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors, or ONNX)")
     checkpoint_arg(x)
-    x.add_argument("out", help="output file (.safetensors)")
+    x.add_argument("out", help="output file: .safetensors, or .onnx for a QDQ graph (4-bit weights) that "
+                               "onnxruntime runs (needs pip install 'saq[onnx]')")
 
     s = sub.add_parser("summary", help="per-layer table, model size and BOPs of a checkpoint")
     checkpoint_arg(s)
@@ -299,8 +300,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = source / CHECKPOINT_NAME if source.is_dir() else source
     if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
         raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
-    model, _, _ = load_model(args.checkpoint)
-    print(export(model, args.out))
+    model, _, info = load_model(args.checkpoint)
+    import torch
+
+    # ONNX traces one batch of the training input shape (batch dimension symbolic); safetensors ignores it
+    print(export(model, args.out, example_inputs=(torch.zeros(1, *info["input_shape"]),)))
     return 0
 
 
@@ -363,7 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, NotInitializedError, FloatingPointError) as e:  # OSError: disk, permissions, images
+    # OSError: disk, permissions, images; ImportError: an optional extra (onnx) that is not installed
+    except (ValueError, OSError, NotInitializedError, FloatingPointError, ImportError) as e:
         print(f"saq: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,10 +1,11 @@
 """Export a trained quantized model as real low-bit integers plus scales (safetensors, no pickle).
 
-Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version": "1", "layers": JSON}``):
+Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version": "2", "layers": JSON}``):
 
-* ``<layer>.weight_codes``: the weight's integer codes. 2-bit codes are packed four per byte, 3/4-bit
-  codes two per byte (nibbles), both stored as ``code - Qn`` in ``uint8``, first element in the low bits;
-  5..8-bit codes are ``int8`` (signed range) or ``uint8`` (unsigned range). Weights kept at 32 bits are
+* ``<layer>.weight_codes``: the weight's integer codes. 2/3/4-bit codes are stored as ``code - Qn`` in a
+  ``uint8`` bit stream of 2/3/4 bits per code, first code in the lowest bits (four 2-bit codes per byte,
+  eight 3-bit codes per three bytes, two 4-bit codes per byte); 5..8-bit codes are ``int8`` (signed range)
+  or ``uint8`` (unsigned range). Version 1 files (3-bit codes in nibbles) still load. Weights kept at 32 bits are
   stored as float under their usual ``<layer>.weight`` key. LSQ codes are signed (``value = code * step``);
   LIQ codes are ``0..2^k-1`` (``value = (code / (2^k-1) * 2 - 1) * |clip|``, in the standardised domain).
 * ``<layer>.weight_quantizer.step`` / ``.act_quantizer.step`` (LSQ) or ``.clip`` (LIQ): the learned
@@ -47,7 +48,9 @@ from .quantizer import FLOAT_BITS, QUANTIZERS, Quantizer, check_bits, make_quant
 __all__ = ["export", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
 
 FORMAT = "saq-export"
-VERSION = "1"
+#: 2: 3-bit codes take 3 bits (eight in three bytes); version 1 packed them as nibbles, and still loads
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 _CODES = ".weight_codes"
 _QUANT_FLAGS = ("initialized", "is_signed")  # quantizer buffers carried in the JSON metadata instead
 
@@ -75,13 +78,31 @@ class ExportInfo:
 
 
 # -- packing -------------------------------------------------------------------------------------------
-def _per_byte(bits: int) -> int:
-    """How many codes share one byte: 4 at 2 bits, 2 at 3/4 bits, 1 above."""
-    return 4 if bits == 2 else 2 if bits <= 4 else 1
+def _slot(bits: int, version: str = VERSION) -> int:
+    """Bits one code takes in the file: its own width at 2..4 bits (version 1 gave 3-bit codes 4), 8 above."""
+    if bits > 4:
+        return 8
+    return 4 if bits == 3 and version == "1" else bits
+
+
+def _packed_bytes(numel: int, bits: int, version: str = VERSION) -> int:
+    """Bytes of ``numel`` packed codes: ceil(numel * slot / 8)."""
+    return -(-numel * _slot(bits, version) // 8)
+
+
+def _group(slot: int) -> tuple[int, int]:
+    """(codes, bytes) of one packing group: 4 codes in 1 byte at 2 bits, 8 in 3 at 3 bits, 2 in 1 at 4 bits."""
+    codes = 8 // math.gcd(slot, 8)
+    return codes, codes * slot // 8
 
 
 def pack_codes(codes: Tensor, bits: int, signed: bool) -> Tensor:
-    """Pack integer codes (any shape, values in the ``bits``-bit range) into a flat byte tensor."""
+    """Pack integer codes (any shape, values in the ``bits``-bit range) into a flat byte tensor.
+
+    2..4-bit codes are stored as ``code - Qn`` in a little-endian bit stream of ``bits`` bits each (first
+    code in the lowest bits of the first byte: four 2-bit codes a byte, eight 3-bit codes in three bytes,
+    two 4-bit codes a byte), ``ceil(n * bits / 8)`` bytes; 5..8-bit codes are ``int8`` (signed) or ``uint8``.
+    """
     check_bits(bits)
     if bits == FLOAT_BITS:
         raise ValueError("pack_codes: 32 bits means 'not quantized'; there are no codes to pack")
@@ -89,32 +110,43 @@ def pack_codes(codes: Tensor, bits: int, signed: bool) -> Tensor:
     c = codes.detach().flatten().to(torch.int16)
     if c.numel() and (int(c.min()) < qn or int(c.max()) > qp):
         raise ValueError(f"codes outside the {bits}-bit {'signed' if signed else 'unsigned'} range [{qn}, {qp}]")
-    per = _per_byte(bits)
-    if per == 1:
-        return c.to(torch.int8 if signed else torch.uint8).cpu()
-    u = (c - qn).to(torch.uint8)
-    pad = (-u.numel()) % per
-    if pad:
-        u = torch.cat([u, u.new_zeros(pad)])
-    u = u.view(-1, per)
-    slot = 8 // per
-    packed = u[:, 0].clone()
-    for j in range(1, per):
-        packed |= u[:, j] << (slot * j)
-    return packed.cpu()
+    return _pack(c, qn, _slot(bits))
 
 
-def unpack_codes(packed: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes as an int16 tensor (flat)."""
+def _pack(c: Tensor, qn: int, slot: int) -> Tensor:
+    """Flat int16 codes in ``slot``-bit fields (8: one int8/uint8 byte each) as a flat byte tensor."""
+    if slot == 8:
+        return c.to(torch.int8 if qn < 0 else torch.uint8).cpu()
+    n = c.numel()
+    per, nbytes = _group(slot)
+    u = (c - qn).to(torch.int32)
+    u = torch.cat([u, u.new_zeros((-n) % per)]).view(-1, per)
+    word = u[:, 0].clone()
+    for j in range(1, per):  # at most 8 codes x 3 bits = 24 bits: fits an int32
+        word |= u[:, j] << (slot * j)
+    packed = torch.stack([(word >> (8 * i)) & 0xFF for i in range(nbytes)], dim=1).reshape(-1).to(torch.uint8)
+    return packed[: -(-n * slot // 8)].cpu()
+
+
+def unpack_codes(packed: Tensor, bits: int, signed: bool, numel: int, version: str = VERSION) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as an int16 tensor (flat).
+
+    ``version="1"`` reads the first export format, which packed 3-bit codes as nibbles like 4-bit ones.
+    """
     qn, _ = qrange(bits, signed)
-    per = _per_byte(bits)
-    if per == 1:
+    slot = _slot(bits, version)
+    if slot == 8:
         out = packed.to(torch.int16)
     else:
-        slot = 8 // per
-        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * slot
-        mask = (1 << slot) - 1
-        out = ((packed.reshape(-1, 1) >> shifts) & mask).reshape(-1).to(torch.int16) + qn
+        per, nbytes = _group(slot)
+        b = packed.reshape(-1).to(torch.int32)
+        b = torch.cat([b, b.new_zeros((-b.numel()) % nbytes)]).view(-1, nbytes)
+        word = b[:, 0].clone()
+        for i in range(1, nbytes):
+            word |= b[:, i] << (8 * i)
+        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * slot
+        out = ((word.reshape(-1, 1) >> shifts) & ((1 << slot) - 1)).reshape(-1)
+        out = out[: packed.numel() * 8 // slot].to(torch.int16) + qn
     if out.numel() < numel:
         raise ValueError(f"packed weight holds {out.numel()} codes, expected {numel}")
     return out[:numel]
@@ -196,20 +228,8 @@ def _is_export(path: str) -> bool:
 
 
 # -- export -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
-    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
-
-    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
-    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
-    and the float32 model size; ``verbose`` also prints it.
-    """
-    if os.path.isdir(path):
-        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
-    if os.path.exists(path) and not _is_export(os.fspath(path)):
-        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
-                         "refusing to replace it")
-    model = _unwrap(model)
+def _checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """The quantized layers of an exportable model: traced, scales initialised and finite, no perturbation."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
@@ -231,6 +251,33 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
             if p is not None and bool(p.detach().ne(0).any()):
                 raise ValueError(f"export: layer {n} carries an active sharpness-aware perturbation; "
                                  "export between optimizer steps")
+    return layers
+
+
+@torch.no_grad()
+def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
+           **onnx_options: Any) -> ExportInfo:
+    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
+
+    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
+    ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
+    and the float32 model size; ``verbose`` also prints it. A ``path`` ending in ``.onnx`` writes an ONNX
+    QDQ graph instead, traced with ``example_inputs`` (see :func:`saq.export_onnx.export_onnx`, which takes
+    ``onnx_options``); safetensors ignores ``example_inputs``.
+    """
+    if os.fspath(path).lower().endswith(".onnx"):
+        from .export_onnx import export_onnx
+
+        return export_onnx(model, path, example_inputs, verbose=verbose, **onnx_options)
+    if onnx_options:
+        raise ValueError(f"export: {', '.join(sorted(onnx_options))} apply to .onnx files only")
+    if os.path.isdir(path):
+        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
+    if os.path.exists(path) and not _is_export(os.fspath(path)):
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
+                         "refusing to replace it")
+    model = _unwrap(model)
+    layers = _checked_layers(model)
 
     prefixes = _quantizer_prefixes(model)
     state = model.state_dict()
@@ -246,7 +293,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
             tensors[name + _CODES] = pack_codes(codes, wq.bits, signed)
             state.pop(name + ".weight")
             info["numel"] = layer.weight.numel()
-            info["packing"] = {1: "int8" if signed else "uint8", 2: "nibble", 4: "crumb"}[_per_byte(wq.bits)]
+            info["packing"] = {8: "int8" if signed else "uint8", 4: "nibble", 3: "3-bit", 2: "crumb"}[_slot(wq.bits)]
     for key, value in state.items():
         if _is_quantizer_flag(key, prefixes):
             continue
@@ -266,7 +313,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInf
 
 
 # -- load -------------------------------------------------------------------------------------------------
-def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any], str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"load_exported: no such file {path!r}")
@@ -279,8 +326,9 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if metadata.get("format") != FORMAT or "layers" not in metadata:
         raise ValueError(f"load_exported: {path!r} is a safetensors file but not a saq export "
                          f"(metadata format={metadata.get('format')!r})")
-    if metadata.get("version") != VERSION:
-        raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r}")
+    if metadata.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r} (this saq "
+                         f"reads versions {', '.join(READABLE_VERSIONS)}; a newer saq wrote it?)")
     if "sha256" not in metadata:
         raise ValueError(f"load_exported: {path!r} has no content hash (written by an older saq?); export it again")
     if _digest(tensors, metadata) != metadata["sha256"]:
@@ -292,7 +340,7 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: {e}") from e
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ValueError(f"load_exported: corrupt layer metadata in {path!r}: not a mapping of layer -> entries")
-    return tensors, layers
+    return tensors, layers, metadata["version"]
 
 
 _NONE = type(None)
@@ -382,7 +430,7 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     All or nothing: the file is read and checked completely (content hash, metadata, architecture, codes
     within their bit width) before the model is touched, so a failing load leaves ``model`` as it was.
     """
-    tensors, meta = _read(path)
+    tensors, meta, version = _read(path)
     target = _unwrap(model)
     layers = dict(quant_layers(target))
     if not layers:
@@ -465,12 +513,11 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
             raise ValueError(f"load_exported: the file has no integer weight (codes and scale) for layer {name}")
         bits, numel, signed = info["w_bits"], math.prod(info["shape"]), _codes_signed(wq)
         packed = tensors[key]
-        per = _per_byte(bits)
-        dtype = (torch.int8 if signed else torch.uint8) if per == 1 else torch.uint8
-        if packed.dtype != dtype or packed.dim() != 1 or packed.numel() != -(-numel // per):
+        dtype = (torch.int8 if signed else torch.uint8) if _slot(bits, version) == 8 else torch.uint8
+        if packed.dtype != dtype or packed.dim() != 1 or packed.numel() != _packed_bytes(numel, bits, version):
             raise ValueError(f"load_exported: layer {name}: {tuple(packed.shape)} {packed.dtype} codes do not fit "
                              f"{numel} {bits}-bit weights")
-        codes = unpack_codes(packed, bits, signed, numel)
+        codes = unpack_codes(packed, bits, signed, numel, version)
         qn, qp = wq.code_range()
         if numel and (int(codes.min()) < qn or int(codes.max()) > qp):
             raise ValueError(f"load_exported: layer {name}: codes outside the declared {bits}-bit "
@@ -506,8 +553,9 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
 class _CallableModule(types.ModuleType):
     """Once ``saq.export`` is imported as a submodule, Python binds ``saq.export`` to it; stay callable."""
 
-    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False) -> ExportInfo:
-        return export(model, path, verbose)
+    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
+                 **onnx_options: Any) -> ExportInfo:
+        return export(model, path, verbose, example_inputs, **onnx_options)
 
 
 sys.modules[__name__].__class__ = _CallableModule
