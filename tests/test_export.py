@@ -315,6 +315,6 @@ def test_export_keeps_float_layers_and_macs(tmp_path):
 
 
 def test_callable_after_submodule_import(tmp_path):
-    import saq.export as _  # noqa: F401  (binds saq.export to the submodule in some import orders)
+    import saq.export as _submodule  # noqa: F401  (binds saq.export to the submodule in some import orders)
     model, _, _ = trained("vit", 4, True, False)
     assert saq.export(model, tmp_path / "v.safetensors").file_bytes > 0

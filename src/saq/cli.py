@@ -62,7 +62,8 @@ TRAIN_HELP = {
     "sharpness": "none: plain QAT; sam; case1 (mismatch); case2 (diminishment); case3 (SAQ)",
     "rho": "radius of the sharpness-aware perturbation",
     "adaptive": "adaptive (ASAM) perturbation",
-    "strategy": "prev_grad (default): one pass at the point perturbed by the previous gradient; full: two passes every step (the paper); every_k: LookSAM reuse",
+    "strategy": "prev_grad (default): one pass at the point perturbed by the previous gradient; full: two passes "
+                "every step (the paper); every_k: LookSAM reuse",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "
                       "size; 0.7 is LookSAM's published value)",

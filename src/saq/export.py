@@ -507,7 +507,8 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         key = name + _CODES
         if info["w_bits"] == FLOAT_BITS:
             if key in tensors:
-                raise ValueError(f"load_exported: layer {name} is declared 32-bit but the file has integer codes for it")
+                raise ValueError(f"load_exported: layer {name} is declared 32-bit but the file has integer codes "
+                                 "for it")
             continue
         if key not in tensors or w_scale is None:
             raise ValueError(f"load_exported: the file has no integer weight (codes and scale) for layer {name}")

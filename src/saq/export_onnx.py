@@ -292,7 +292,7 @@ def _clip_as_max_min(nodes: list[Any], containers: set[str]) -> list[Any]:
 
 def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int) -> Any:
     """Convert to ``opset`` and replace the ``saq::`` marker nodes by DequantizeLinear (-> Add) / Q -> DQ (-> Clip)."""
-    onnx = _onnx()
+    _onnx()  # a clear error if onnx is missing
     from onnx import helper, version_converter
 
     proto = version_converter.convert_version(proto, opset)
