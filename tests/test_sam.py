@@ -640,7 +640,7 @@ def test_two_call_amp_recipe_equals_closure():
         assert torch.equal(p, q), k
 
 
-@pytest.mark.parametrize("strategy", ["full", "every_k", "prev_grad"])
+@pytest.mark.parametrize("strategy", ["full", "every_k"])
 @pytest.mark.parametrize("use_scaler", [False, True], ids=["step", "scaler.step"])
 def test_step_without_closure_refuses_instead_of_stepping_plainly(strategy, use_scaler):
     """loss.backward(); opt.step() (or scaler.step(opt)) would be plain QAT: it raises, weights untouched."""
@@ -879,3 +879,121 @@ def test_bad_input_raises_value_error():
         SAQ(model, base, strategy="prev_grad").first_step()
     with pytest.raises(ValueError, match="SAQ state_dict"):
         SAQ(model, base).load_state_dict(base.state_dict())
+
+
+
+# ------------------------------------------------------------------------------------- closure-free prev_grad
+def _closure_free_run(model, opt, steps, scaler=None, eval_between=False):
+    """``loss.backward(); opt.step()`` as any training loop does it (no closure)."""
+    evals = []
+    for it in range(steps):
+        x, y = batch(it)
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad()
+        if eval_between:
+            model.eval()
+            with torch.no_grad():
+                evals.append(model(batch(99)[0]))
+    return evals
+
+
+@pytest.mark.parametrize("mode,adaptive", [("case3", False), ("case3", True), ("case1", False), ("case2", False),
+                                           ("sam", False)])
+def test_closure_free_prev_grad_equals_the_closure_form(mode, adaptive):
+    """The one-pass strategy needs no closure: opt.step() after the caller's backward is the same SAQ step."""
+    ref = make_model()
+    ref_opt = SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), rho=0.2, mode=mode, adaptive=adaptive,
+                  strategy="prev_grad")
+    for it in range(4):
+        x, y = batch(it)
+        ref_opt.step(Recorder(ref, x, y))
+        ref_opt.zero_grad()
+    model = make_model()
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, mode=mode, adaptive=adaptive,
+              strategy="prev_grad")
+    _closure_free_run(model, opt, 4)
+    assert opt.passes_last_step == 1 and opt.step_count == 4
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), k
+    for a, b in zip(model.buffers(), ref.buffers()):
+        assert torch.equal(a, b)
+    # and it is not plain SGD: the perturbation changed the trajectory
+    plain = make_model()
+    sgd = torch.optim.SGD(plain.parameters(), **HP)
+    for it in range(4):
+        x, y = batch(it)
+        F.cross_entropy(plain(x), y).backward()
+        sgd.step()
+        sgd.zero_grad()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+def test_closure_free_eval_never_sees_the_perturbation():
+    model = make_model(bn=False)  # (a training forward would also move BatchNorm statistics)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.5, strategy="prev_grad")
+    _closure_free_run(model, opt, 2)
+    clean = copy.deepcopy(model)  # between steps nothing is applied: this copy holds the weights
+    x = batch(50)[0]
+    model.train()
+    model(x)  # a training forward applies the pending perturbation ...
+    assert any(layer.perturb_post is not None for _, layer in saq.quant_layers(model))
+    model.eval()
+    clean.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), clean(x))  # ... an eval forward removes it first
+    assert all(layer.perturb_post is None for _, layer in saq.quant_layers(model))
+    assert_params_equal(model, params0(clean))
+
+
+def test_closure_free_resume_is_exact(tmp_path):
+    """The pending perturbation is in state_dict: an interrupted run continues as if it had not stopped."""
+    full = make_model()
+    _closure_free_run(full, SAQ(full, torch.optim.SGD(full.parameters(), **HP), rho=0.2, strategy="prev_grad"), 4)
+
+    first = make_model()
+    opt = SAQ(first, torch.optim.SGD(first.parameters(), **HP), rho=0.2, strategy="prev_grad")
+    _closure_free_run(first, opt, 2)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    resumed = make_model(seed=1)
+    resumed.load_state_dict(state["model"])
+    opt2 = SAQ(resumed, torch.optim.SGD(resumed.parameters(), **HP), rho=0.2, strategy="prev_grad")
+    opt2.load_state_dict(state["opt"])
+    for it in range(2, 4):
+        x, y = batch(it)
+        F.cross_entropy(resumed(x), y).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for (k, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters()):
+        assert torch.equal(p, q), k
+
+
+def test_closure_free_with_grad_scaler_equals_the_closure_form():
+    ref = make_model()
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    ref_opt = SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), rho=0.2, strategy="prev_grad", grad_scaler=s_ref)
+    for it in range(3):
+        x, y = batch(it)
+        ref_opt.step(Recorder(ref, x, y, scaler=s_ref))
+        ref_opt.zero_grad()
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.2, strategy="prev_grad", grad_scaler=scaler)
+    _closure_free_run(model, opt, 3, scaler=scaler)
+    for (k, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-8), k  # power-of-two scales cancel
+
+    # with a grad scaler, opt.step() on scaled gradients (instead of scaler.step(opt)) is refused
+    x, y = batch(5)
+    before = params0(model)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="scaler.step"):
+        opt.step()
+    assert_params_equal(model, before)

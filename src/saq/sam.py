@@ -46,6 +46,8 @@ Strategies (docs/method.md, "Efficient strategies"):
 * ``"prev_grad"``: one pass per iteration, at the point perturbed by ``e_prev``, the perturbation built
   from the previous iteration's gradient (case 3: w.r.t. the quantized weights; case 1/2/sam: their own
   gradients and places) captured in that same single pass. The first iteration is unperturbed. Cost: 1 pass.
+  It needs no closure: ``loss.backward(); opt.step()`` (or ``scaler.step(opt)``) is the same step, so it drops
+  into loops that never pass one (a forward pre-hook applies ``e_prev`` at the next training forward).
 
 ``opt.passes_last_step`` says how many forward/backward passes the last step ran (1 or 2).
 
@@ -104,11 +106,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _group_by_device_dtype
 
@@ -475,6 +479,20 @@ class SAQ(torch.optim.Optimizer):
         self._hooked: list[QuantLayer] = []
         self._first_done = False
         self._skip_pending = False
+        # closure-free prev_grad (``loss.backward(); opt.step()``): e_prev is applied by a forward pre-hook on
+        # the first training-mode forward after a step, and removed by the next step() (or an eval forward)
+        self._closure_free = False
+        self._pending_applied = False
+        self._pre_hook = None
+        if strategy == "prev_grad":
+            ref = weakref.ref(self)  # the hook must not keep a discarded optimizer alive
+
+            def pre_hook(mod: nn.Module, args: Any) -> None:
+                opt = ref()
+                if opt is not None:
+                    opt._forward_pre_hook(mod, args)
+
+            self._pre_hook = module.register_forward_pre_hook(pre_hook)
 
     # -- torch.optim.Optimizer surface ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -528,9 +546,14 @@ class SAQ(torch.optim.Optimizer):
         The closure may zero the gradients first, as torch closures often do. Returns the loss of the first
         pass. Without a closure, only after ``first_step()`` (the two-call AMP recipe's ``scaler.step(opt)``):
         undo the perturbation, then (clip and) take the base optimizer's step with the gradients present.
-        Without a closure and without ``first_step()`` it raises: the step would not be sharpness-aware.
+        Without a closure and without ``first_step()``: ``strategy="prev_grad"`` takes the one-pass SAQ step
+        from the gradients of the caller's own backward (``loss.backward(); opt.step()``; the next training
+        forward sees the new perturbation, an eval forward never does; with AMP pass ``grad_scaler=`` here and
+        call ``scaler.step(opt)``); the two-pass strategies raise, since the step would not be sharpness-aware.
         """
         if closure is None:
+            if self.strategy == "prev_grad" and not self._first_done:
+                return self._closure_free_step()
             if not (self._first_done or self._saved.active or self._hooked):
                 # a loop that calls opt.step() / scaler.step(opt) after its own backward would otherwise
                 # train plain QAT while reporting SAQ: refuse, never step plainly
@@ -541,6 +564,9 @@ class SAQ(torch.optim.Optimizer):
                     "forward + backward and returns the loss, or use the two-call form first_step() / "
                     "second_step() (strategy='full').")
             return self._second_half(scaler=None)
+        if self._pending_applied:  # a closure-free forward ran, then a closure step: that forward is discarded
+            self._remove_pending()
+        self._closure_free = False
         if self._saved.active or self._hooked:
             raise RuntimeError("step(closure) called while a first_step() perturbation is applied; "
                                "call second_step() or restore() first")
@@ -555,6 +581,47 @@ class SAQ(torch.optim.Optimizer):
                 return self._two_pass(closure, rho, scaler, keep_first=True)
             return self._one_pass(closure, scaler, hook=self._apply_gv, perturb=False)
         return self._one_pass(closure, scaler, hook=self._stage_next, perturb=True)
+
+    def _closure_free_step(self) -> Any:
+        """prev_grad without a closure: the caller's forward/backward ran at Q(w) + e_prev (applied by the
+        forward pre-hook); undo it, take the base step, and build the next perturbation from this backward's
+        gradients, applied at the next training forward. Equals ``step(closure)`` step for step."""
+        self._closure_free = True
+        self._remove_pending()
+        self.passes_last_step = 1
+        sc = self._scaler(None)
+        if sc is not None:
+            # AMP: scaler.step(opt) has unscaled the parameters' gradients before calling this step; the captured
+            # gradients w.r.t. Q(w) are still scaled: bring them to the same scale (e's direction mixes both)
+            state = sc._per_optimizer_states.get(id(self), {})
+            if state.get("stage") is not OptState.UNSCALED:
+                raise RuntimeError("saq.SAQ with a grad_scaler and no closure: call scaler.step(opt) (which unscales "
+                                   "the gradients and skips overflowing steps), then scaler.update(); not opt.step()")
+            inv = sc._scale.double().reciprocal()  # type: ignore[union-attr]
+            for layer in self._hook_layers:
+                if layer.qweight_grad is not None:
+                    layer.qweight_grad.mul_(inv.to(layer.qweight_grad))
+        return self._finish(None, None, [], False, None, self._stage_next)
+
+    def _forward_pre_hook(self, module: nn.Module, args: Any) -> None:
+        """Closure-free prev_grad: a training forward sees Q(w) + e_prev, an eval forward never does."""
+        if not self._closure_free:
+            return
+        if module.training and not self._pending_applied and self._e_prev is not None:
+            with torch.no_grad():
+                self._apply_stored(self._e_prev)
+            self._pending_applied = True
+        elif not module.training and self._pending_applied:
+            self._remove_pending()
+
+    @torch.no_grad()
+    def _remove_pending(self) -> None:
+        if self._pending_applied:
+            self._saved.put_back()
+            for layer in self._hooked:
+                setattr(layer, self._dst, None)  # type: ignore[arg-type]
+            self._hooked = []
+            self._pending_applied = False
 
     def first_step(self, zero_grad: bool = True) -> bool:
         """Two-call form, after the first backward: perturb along the gradients now held.
@@ -611,6 +678,7 @@ class SAQ(torch.optim.Optimizer):
             saq["gv_ratio"] = 0.0 if self._gv_ratio is None else float(self._gv_ratio)
         if self.strategy == "prev_grad":
             saq["e_prev"] = None if self._e_prev is None else list(self._e_prev)
+            saq["closure_free"] = self._closure_free
         out: dict[str, Any] = {"base": self.base_optimizer.state_dict(), "saq": saq}
         if self.grad_scaler is not None:
             out["grad_scaler"] = self.grad_scaler.state_dict()
@@ -653,6 +721,8 @@ class SAQ(torch.optim.Optimizer):
             refs = [m.weight for m in self._hook_layers] + list(self._data_params)
             self._e_prev = None if ep is None else [None if t is None else t.to(r.device, r.dtype, copy=True)
                                                     for t, r in zip(ep, refs)]
+            self._remove_pending()
+            self._closure_free = bool(saq.get("closure_free", False))
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self._first_done = self._skip_pending = False
