@@ -62,22 +62,29 @@ def away_from_ties(u):
 
 
 # -- weights -----------------------------------------------------------------------------------------------
+def _against_reference(q, x, ref, clip, bits):
+    """q(x) and its gradients w.r.t. x and the clip equal the float64 reference ``ref(x, c, bits)``; returns
+    the upstream gradient used."""
+    up = torch.randn_like(x)
+    y = q(x)
+    y.backward(up)
+    c = torch.tensor(clip, dtype=f64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ry = ref(x_ref, c, bits)
+    ry.backward(up)
+    torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.clip.grad, c.grad.reshape(1), rtol=1e-10, atol=1e-12)
+    return up
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("clip", [0.7, -1.3])  # the clip is used as |c|
 @pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 9)])
 def test_weight_forward_and_grads_float64(bits, clip, shape):
     w = (torch.randn(shape, dtype=f64) * 0.1 + 0.02).requires_grad_()
     q = liq_w(bits, clip, w)
-    up = torch.randn(shape, dtype=f64)
-    y = q(w)
-    y.backward(up)
-    c = torch.tensor(clip, dtype=f64, requires_grad=True)
-    w_ref = w.detach().clone().requires_grad_()
-    ry = ref_weight(w_ref, c, bits)
-    ry.backward(up)
-    torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
-    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(q.clip.grad, c.grad.reshape(1), rtol=1e-10, atol=1e-12)
+    up = _against_reference(q, w, ref_weight, clip, bits)
     # closed form of the clip gradient: inside d/dc [(r/n*2 - 1) c] with x = w_std/c is r/n*2 - 1 - x;
     # outside Q = +-c; times sign(clip)
     ws = (w.detach() - w.detach().mean()) / w.detach().std()
@@ -153,16 +160,7 @@ def test_act_forward_and_grads_float64(bits, clip):
     a = (u / n * abs(clip)).requires_grad_()
     q = liq_a(bits, clip, torch.rand(2, 3, dtype=f64))  # non-negative data: unsigned
     assert q.signed is False
-    up = torch.randn_like(a)
-    y = q(a)
-    y.backward(up)
-    c = torch.tensor(clip, dtype=f64, requires_grad=True)
-    a_ref = a.detach().clone().requires_grad_()
-    ry = ref_act(a_ref, c, bits)
-    ry.backward(up)
-    torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
-    torch.testing.assert_close(a.grad, a_ref.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(q.clip.grad, c.grad.reshape(()).expand(1), rtol=1e-10, atol=1e-12)
+    up = _against_reference(q, a, ref_act, clip, bits)
     # closed form: inside round(x n)/n - x, above 1 (Q = c), times sign(clip)
     x = a.detach() / abs(clip)
     per = torch.where(x <= 1, torch.round(x * n) / n - x, torch.ones_like(x))
