@@ -997,3 +997,22 @@ def test_closure_free_with_grad_scaler_equals_the_closure_form():
     with pytest.raises(RuntimeError, match="scaler.step"):
         opt.step()
     assert_params_equal(model, before)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lamb"])
+def test_timm_optimizer_factory_as_the_base(name):
+    """timm's create_optimizer_v2 (its param groups: no weight decay on 1-D tensors; its own LAMB) under SAQ."""
+    timm_optim = pytest.importorskip("timm.optim")
+
+    def run(sharp: bool):
+        model = make_model()
+        base = timm_optim.create_optimizer_v2(model, name, lr=0.05, weight_decay=5e-4)
+        opt = SAQ(model, base, rho=0.2, strategy="prev_grad") if sharp else base
+        _closure_free_run(model, opt, 3)
+        return model, base
+
+    model, base = run(True)
+    assert {g["weight_decay"] for g in base.param_groups} == {0.0, 5e-4}
+    plain, _ = run(False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
