@@ -77,6 +77,17 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                 opt.zero_grad()
             torch.save({k: v.detach().clone() for k, v in model.named_parameters()},
                        os.path.join(out, f"{name}_{rank}.pt"))
+        # prev_grad without a closure, as accelerate / HF Trainer loops call it: loss.backward(); opt.step()
+        model = make_model()
+        ddp = DDP(model)
+        opt = SAQ(ddp, torch.optim.SGD(ddp.parameters(), **HP), rho=RHO, strategy="prev_grad")
+        for it in range(STEPS):
+            x, y = shard(it, rank, world)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters()},
+                   os.path.join(out, f"prev_grad_closure_free_{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +179,11 @@ def test_ddp_ranks_agree_and_match_local_ascent_reference(tmp_path: Path):
         ranks = [torch.load(tmp_path / f"{name}_{r}.pt", weights_only=True) for r in range(WORLD)]
         for k in ranks[0]:
             assert torch.equal(ranks[0][k], ranks[1][k]), (name, k)
+    for r in range(WORLD):  # the closure-free form: the same step, on every rank
+        free = torch.load(tmp_path / f"prev_grad_closure_free_{r}.pt", weights_only=True)
+        closure = torch.load(tmp_path / f"prev_grad_{r}.pt", weights_only=True)
+        for k in free:
+            assert torch.equal(free[k], closure[k]), k
     got = torch.load(tmp_path / "case3_0.pt", weights_only=True)
     start = dict(make_model().named_parameters())
     for k in want:
