@@ -1,4 +1,4 @@
-"""SAQ inside training loops that never pass a closure: accelerate (the README's example, run as written)."""
+"""SAQ inside training loops that never pass a closure: accelerate (the README's example) and transformers.Trainer."""
 from __future__ import annotations
 
 import pytest
@@ -55,3 +55,49 @@ def test_accelerate_prepared_loop_is_real_saq():
     for (k, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), k
     assert any(not torch.equal(p, q) for p, q in zip(got.parameters(), plain.parameters()))
+
+
+def _hf_run(tmp_path, sharp: bool):
+    """A tiny ViTForImageClassification from a config (no download) trained by transformers.Trainer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=3)
+    model = transformers.ViTForImageClassification(cfg)
+    saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x, self.y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = saq.SAQ(model, base, rho=0.1, strategy="prev_grad") if sharp else base
+    seen: dict[bool, list[bool]] = {True: [], False: []}  # training mode -> perturbation applied in each forward
+    model.register_forward_hook(lambda m, a, o: seen[m.training].append(
+        any(layer.perturb_post is not None for _, layer in saq.quant_layers(m))))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8,
+                                          num_train_epochs=1, report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(),
+                                   optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(base, lambda s: 1.0)))
+    trainer.train()
+    metrics = trainer.evaluate(Data())
+    return model, opt, seen, metrics
+
+
+def test_hf_trainer_with_saq_perturbs_and_differs_from_sgd(tmp_path):
+    model, opt, seen, metrics = _hf_run(tmp_path, sharp=True)
+    assert opt.step_count == 4 and opt.passes_last_step == 1
+    assert seen[True] == [False, True, True, True]  # the first step is unperturbed, then every forward is
+    assert seen[False] and not any(seen[False])  # evaluation never sees the perturbation
+    assert all(layer.perturb_post is None for _, layer in saq.quant_layers(model))
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    plain, _, _, _ = _hf_run(tmp_path, sharp=False)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
