@@ -615,13 +615,17 @@ class SAQ(torch.optim.Optimizer):
             self._remove_pending()
 
     @torch.no_grad()
+    def _unperturb(self) -> None:
+        """Remove whatever perturbation is applied: data-perturbed parameters bit-exact, layer hooks cleared."""
+        self._saved.put_back()
+        for layer in self._hooked:
+            setattr(layer, self._dst, None)  # type: ignore[arg-type]
+        self._hooked = []
+        self._pending_applied = False
+
     def _remove_pending(self) -> None:
         if self._pending_applied:
-            self._saved.put_back()
-            for layer in self._hooked:
-                setattr(layer, self._dst, None)  # type: ignore[arg-type]
-            self._hooked = []
-            self._pending_applied = False
+            self._unperturb()
 
     def first_step(self, zero_grad: bool = True) -> bool:
         """Two-call form, after the first backward: perturb along the gradients now held.
@@ -659,10 +663,7 @@ class SAQ(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the perturbation (weights bit-exact) and put BatchNorm statistics back to their first-pass values."""
-        self._saved.put_back()
-        for layer in self._hooked:
-            setattr(layer, self._dst, None)  # type: ignore[arg-type]
-        self._hooked = []
+        self._unperturb()
         self._bn_mid.put_back()
         self._set_capture(True)
 
@@ -721,8 +722,7 @@ class SAQ(torch.optim.Optimizer):
             refs = [m.weight for m in self._hook_layers] + list(self._data_params)
             self._e_prev = None if ep is None else [None if t is None else t.to(r.device, r.dtype, copy=True)
                                                     for t, r in zip(ep, refs)]
-            self._remove_pending()
-            self._closure_free = bool(saq.get("closure_free", False))
+            self._closure_free = bool(saq.get("closure_free", False))  # (restore() above removed a pending e)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self._first_done = self._skip_pending = False
