@@ -59,8 +59,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from saq.config import TrainConfig
-    from saq.train import train
+    from torchsaq.config import TrainConfig
+    from torchsaq.train import train
 
     cfg = TrainConfig(**job["config"])
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="save base and SAQ checkpoints of the first seed (for `saq sharpness` / `saq landscape`)")
+                   help="save base and SAQ checkpoints of the first seed (for `torchsaq sharpness` / `torchsaq landscape`)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--finetune", action="store_true",
                    help="the paper's regime: QAT (every method) starts from the float model of the same seed, "

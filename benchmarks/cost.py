@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import saq
-from saq.models import create_model
+import torchsaq as saq
+from torchsaq.models import create_model
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,9 +1,9 @@
-"""Share of a training run spent fetching batches: per-item DataLoader (before) vs DeviceLoader (saq train now).
+"""Share of a training run spent fetching batches: per-item DataLoader (before) vs DeviceLoader (torchsaq train now).
 
     python benchmarks/data_loading.py                                 # CPU, mnist1d and fashion_mnist
     python benchmarks/data_loading.py --device cuda --out results.json
 
-Each case runs :func:`saq.train.train` twice in this process: "device" is what ``saq train`` does for the
+Each case runs :func:`saq.train.train` twice in this process: "device" is what ``torchsaq train`` does for the
 tensor data sets (a :class:`saq.data.DeviceLoader`: the split on the device, batches shuffled and augmented
 there); "dataloader" is the path it used before (``DataLoader`` + sampler, items read and augmented one by
 one), forced by hiding the TensorDataset type from ``saq.train``. Every batch fetch of the training and
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-import saq.data  # noqa: E402
-import saq.train  # noqa: E402
-from saq.config import TrainConfig  # noqa: E402
+import torchsaq.data  # noqa: E402
+import torchsaq.train  # noqa: E402
+from torchsaq.config import TrainConfig  # noqa: E402
 
 FETCH = {"s": 0.0, "n": 0}
 
@@ -119,7 +119,7 @@ def main() -> None:
     _instrument(torch.cuda.synchronize if cuda else (lambda: None))
     common = dict(device=a.device, epochs=a.epochs, save=False, limit_train_batches=a.limit_train_batches,
                   limit_eval_batches=a.limit_eval_batches)
-    cases = {"mnist1d": TrainConfig(**common),  # the default `saq train`: cnn1d, w4a4, SAQ prev_grad
+    cases = {"mnist1d": TrainConfig(**common),  # the default `torchsaq train`: cnn1d, w4a4, SAQ prev_grad
              "fashion_mnist": TrainConfig(dataset="fashion_mnist", data_dir=a.fashion_dir, **common)}
     saq.train.train(TrainConfig(device=a.device, epochs=1, save=False, limit_train_batches=5, limit_eval_batches=2),
                     progress=False)  # warm-up (CUDA context, kernels)

@@ -22,10 +22,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-import saq.sam
-from saq.config import TrainConfig
-from saq.quantizer import Quantizer
-from saq.train import train
+import torchsaq.sam
+from torchsaq.config import TrainConfig
+from torchsaq.quantizer import Quantizer
+from torchsaq.train import train
 
 STATS: list[dict[str, float]] = []
 

@@ -67,8 +67,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from saq.config import TrainConfig
-    from saq.train import train
+    from torchsaq.config import TrainConfig
+    from torchsaq.train import train
 
     t0 = time.perf_counter()
     res = train(TrainConfig(**job["config"]), progress=False)

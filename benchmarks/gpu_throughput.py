@@ -1,4 +1,4 @@
-"""How many training runs should share one GPU? Iterations per second of N concurrent `saq train` processes.
+"""How many training runs should share one GPU? Iterations per second of N concurrent `torchsaq train` processes.
 
 Each process trains ResNet-20 (1 input channel) on Fashion-MNIST for a fixed number of batches with plain QAT
 (w2a2, the data on the card); the table gives the aggregate throughput at each N, so a benchmark can size its
@@ -18,8 +18,8 @@ def _one(args: tuple[str, str, int, int, str]) -> float:
     import torch
 
     torch.set_num_threads(1)
-    from saq.config import TrainConfig
-    from saq.train import train
+    from torchsaq.config import TrainConfig
+    from torchsaq.train import train
 
     cfg = TrainConfig(dataset="fashion_mnist", data_dir=data_dir, model="resnet20", model_kwargs={"in_chans": 1},
                       epochs=1, batch_size=batch_size, save=False, limit_train_batches=batches, limit_eval_batches=1,

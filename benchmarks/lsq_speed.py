@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-import saq
+import torchsaq as saq
 
 VARIANTS = ("fused", "unfused", "torch")
 

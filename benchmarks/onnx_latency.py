@@ -74,8 +74,8 @@ def export_models(folder: Path, img: int) -> None:
     import torch
     import torchvision
 
-    import saq
-    from saq.export_onnx import export_onnx
+    import torchsaq as saq
+    from torchsaq.export_onnx import export_onnx
 
     x = torch.randn(1, 3, img, img)
     for kind in ("lsq", "liq"):
@@ -155,7 +155,7 @@ def main() -> None:
     table = "| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|\n"
     table += "".join("| " + " | ".join(r) + " |\n" for r in rows)
     spread = {f"{v} b{b}": f"{min(times[v, b]):.1f}-{max(times[v, b]):.1f}" for v in VARIANTS for b in args.batches}
-    import saq
+    import torchsaq as saq
 
     header = (f"ResNet-18 (1000 classes, {args.img}x{args.img}), onnxruntime {ort.__version__} CPUExecutionProvider, "
               f"{args.threads} thread(s), {args.repeats} interleaved runs per cell (median); {cpu_name()}, "

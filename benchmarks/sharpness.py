@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from saq.analysis import run_landscape, run_sharpness
+from torchsaq.analysis import run_landscape, run_sharpness
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,12 +3,12 @@ import os
 import pytest
 import torch
 
-import saq
+import torchsaq as saq
 
 # Small tensors: one thread avoids OpenMP contention (DDP tests run 2 processes on 2 cores).
 torch.set_num_threads(1)
 
-# Subprocesses (`python -m saq`, torchrun) import the same saq as the tests, whatever the current folder
+# Subprocesses (`python -m torchsaq`, torchrun) import the same saq as the tests, whatever the current folder
 # (a relative PYTHONPATH=src would stop pointing at it once a test changes folder).
 _SRC = os.path.dirname(os.path.dirname(os.path.abspath(saq.__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join([_SRC, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
@@ -22,6 +22,6 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _own_cwd(tmp_path, monkeypatch):
-    """Every test runs in its own empty folder: what a user's `saq train` left in the checkout (runs/saq,
+    """Every test runs in its own empty folder: what a user's `torchsaq train` left in the checkout (runs/saq,
     landscape/, exports) cannot change a test, and a test cannot write into the checkout."""
     monkeypatch.chdir(tmp_path)

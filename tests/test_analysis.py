@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import saq
-from saq import analysis as A
+import torchsaq as saq
+from torchsaq import analysis as A
 
 f64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""The `saq` command line: train/eval/export/summary end to end, flags from TrainConfig, one-line errors."""
+"""The `torchsaq` command line: train/eval/export/summary end to end, flags from TrainConfig, one-line errors."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import saq
-from saq.checkpoint import load_checkpoint, save_checkpoint
-from saq.cli import build_parser, config_from_args, main
-from saq.config import TrainConfig
+import torchsaq as saq
+from torchsaq.checkpoint import load_checkpoint, save_checkpoint
+from torchsaq.cli import build_parser, config_from_args, main
+from torchsaq.config import TrainConfig
 
 FAST = ["--batch-size", "32", "--limit-train-batches", "3", "--limit-eval-batches", "4"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """One `saq train` run shared by the eval/export/summary tests."""
+    """One `torchsaq train` run shared by the eval/export/summary tests."""
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main(["train", "--epochs", "1", "--sharpness", "none", "--output", str(out), *FAST]) == 0
     return out
@@ -33,7 +33,7 @@ def _fails(capsys, argv, *needles) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code != 0
-    assert err.startswith("saq: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("torchsaq: error: ") and "\n" not in err and "Traceback" not in err, err
     for n in needles:
         assert n in err, err
     return err
@@ -61,7 +61,7 @@ def test_eval_matches_the_training_metrics(run_dir, capsys):
     assert main(["eval", str(run_dir / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     model, _, _ = saq.checkpoint.load_model(run_dir / "checkpoint.pt")
-    from saq.data import build_datasets
+    from torchsaq.data import build_datasets
 
     test = build_datasets("mnist1d").test
     x = torch.stack([test[i][0] for i in range(len(test))])
@@ -132,13 +132,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, run_dir):
     with pytest.raises(SystemExit) as e:
         main(["train", "--sharpness", "case9"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("saq: error: ") and "\n" not in err and "case9" in err
+    assert e.value.code == 2 and err.startswith("torchsaq: error: ") and "\n" not in err and "case9" in err
 
 
 # -- Ctrl-C in a real process, then --resume ---------------------------------------------------------------
 def test_ctrl_c_saves_exits_cleanly_and_resume_finishes(tmp_path, capsys):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "saq", "train", "--epochs", "3", "--sharpness", "none", "--batch-size", "32",
+    cmd = [sys.executable, "-m", "torchsaq", "train", "--epochs", "3", "--sharpness", "none", "--batch-size", "32",
            "--limit-train-batches", "40", "--limit-eval-batches", "2", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -150,7 +150,7 @@ def test_ctrl_c_saves_exits_cleanly_and_resume_finishes(tmp_path, capsys):
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "saq train --resume --output" in stderr
+    assert "torchsaq train --resume --output" in stderr
     state = load_checkpoint(ckpt)
     assert state["epoch"] >= 1 and state["global_step"] == 40 * state["epoch"] + state["step_in_epoch"]
     # --resume takes the stored options; only the given flags change
@@ -175,8 +175,8 @@ def test_landscape_and_sharpness_delegate_to_analysis(run_dir, tmp_path, capsys)
 
 def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
     """Mixed precision from the command line and from a recipe: the trained checkpoint has those bits."""
-    from saq.layers import quant_layers
-    from saq.train import build_model
+    from torchsaq.layers import quant_layers
+    from torchsaq.train import build_model
 
     recipe = tmp_path / "mixed.yaml"
     recipe.write_text("w_bits: 2\na_bits: 2\nlayer_bits: {'features.3': [4, 8]}\nexclude: [features.6]\n")

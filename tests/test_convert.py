@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-import saq
+import torchsaq as saq
 
 FLOAT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 

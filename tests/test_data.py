@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from saq import data as sdata
-from saq.data import (DATASETS, DEFAULT_MODELS, AugmentedTensorDataset, DataBundle, DeviceLoader, TensorAugment,
+from torchsaq import data as sdata
+from torchsaq.data import (DATASETS, DEFAULT_MODELS, AugmentedTensorDataset, DataBundle, DeviceLoader, TensorAugment,
                       TransformSubset, build_datasets, read_idx)
 
 
@@ -467,14 +467,14 @@ def test_fashion_mnist_bad_files_name_the_file(tmp_path, no_system_fmnist, case)
 # -- default model per data set, models on 28x28 grey-scale ------------------------------------------------
 
 def test_every_data_set_has_a_registered_default_model():
-    from saq.config import TrainConfig
-    from saq.models import list_models
+    from torchsaq.config import TrainConfig
+    from torchsaq.models import list_models
 
     assert set(DEFAULT_MODELS) == set(DATASETS) and set(DEFAULT_MODELS.values()) <= set(list_models())
     assert {d: TrainConfig(dataset=d).model for d in ("mnist1d", "digits", "fashion_mnist", "cifar100", "imagenet")} \
         == {"mnist1d": "cnn1d", "digits": "cnn_digits", "fashion_mnist": "cnn_fmnist", "cifar100": "resnet20",
             "imagenet": "resnet18"}
-    assert TrainConfig().model == "cnn1d"  # `saq train` alone is unchanged
+    assert TrainConfig().model == "cnn1d"  # `torchsaq train` alone is unchanged
     assert TrainConfig(dataset="fashion_mnist", model="resnet20").model == "resnet20"
     assert TrainConfig.from_dict(TrainConfig(dataset="digits").to_dict()).model == "cnn_digits"  # stored resolved
     with pytest.raises(ValueError, match="unknown data set 'fashion-mnist' \\(did you mean fashion_mnist\\?\\)"):
@@ -494,8 +494,8 @@ def test_every_data_set_has_a_registered_default_model():
 def test_models_take_28x28_grey_scale(name):
     import torch.nn.functional as F
 
-    import saq
-    from saq.models import create_model
+    import torchsaq as saq
+    from torchsaq.models import create_model
 
     model = create_model(name, 10, in_chans=1)
     seen = {}
@@ -599,7 +599,7 @@ def test_device_loader_matches_the_sampler_order_of_saq_train():
     """For data without augmentation the batches are the DataLoader + sampler ones train.py used before."""
     from torch.utils.data import DataLoader
 
-    from saq.train import _ResumableSampler
+    from torchsaq.train import _ResumableSampler
 
     ds = _labelled(45)
     ds = torch.utils.data.TensorDataset(torch.randn(45, 1, 40), ds.tensors[1])
@@ -628,11 +628,11 @@ def test_device_loader_for_evaluation_is_in_order_and_unaugmented():
         DeviceLoader(TransformSubset(ds), 4)
 
 
-# -- saq train on Fashion-MNIST end to end -----------------------------------------------------------------
+# -- torchsaq train on Fashion-MNIST end to end -----------------------------------------------------------------
 
 def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
-    from saq.checkpoint import load_checkpoint
-    from saq.cli import main
+    from torchsaq.checkpoint import load_checkpoint
+    from torchsaq.cli import main
 
     _write_fmnist(tmp_path / "fm", n_train=300, n_test=40)
     out = tmp_path / "run"
@@ -655,9 +655,9 @@ def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
 
 def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_system_fmnist):
     """Data order and augmentation on the device depend on (seed, epoch) only: an interrupted run resumes exactly."""
-    from saq.checkpoint import load_checkpoint
-    from saq.config import TrainConfig
-    from saq.train import TrainingInterrupted, train
+    from torchsaq.checkpoint import load_checkpoint
+    from torchsaq.config import TrainConfig
+    from torchsaq.train import TrainingInterrupted, train
 
     _write_fmnist(tmp_path / "fm", n_train=96, n_test=16)
     common = dict(dataset="fashion_mnist", data_dir=str(tmp_path / "fm"), model_kwargs={"width": 4}, epochs=2,
@@ -679,7 +679,7 @@ def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_syst
 
 
 def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
-    from saq.data import build_datasets, subset_train
+    from torchsaq.data import build_datasets, subset_train
 
     full = build_datasets("digits", val_split=0.1, seed=3)
     a = subset_train(full, 100)

@@ -9,8 +9,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import saq
-from saq.export import pack_codes, unpack_codes
+import torchsaq as saq
+from torchsaq.export import pack_codes, unpack_codes
 
 
 def cnn(width=8):
@@ -178,7 +178,7 @@ def test_three_bit_codes_take_three_bits(tmp_path):
 
 def _as_version_1(path, out):
     """Rewrite a version-2 export as the first format: 3-bit codes in nibbles, version "1", re-hashed."""
-    from saq.export import _digest, _pack
+    from torchsaq.export import _digest, _pack
 
     tensors = safetensors.torch.load_file(str(path))
     with safetensors.safe_open(str(path), framework="pt") as f:
@@ -209,7 +209,7 @@ def test_version_1_files_still_load_and_newer_ones_are_refused(tmp_path):
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
     tensors = safetensors.torch.load_file(str(old))
     meta = {**read_header(old)[0]["__metadata__"], "version": "3"}
-    from saq.export import _digest
+    from torchsaq.export import _digest
 
     meta["sha256"] = _digest(tensors, meta)
     safetensors.torch.save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=meta)
@@ -251,7 +251,7 @@ def test_errors_on_mismatched_architecture(tmp_path):
 def test_errors_on_bad_files(tmp_path):
     plain = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(3)}, str(plain))
-    with pytest.raises(ValueError, match="not a saq export"):
+    with pytest.raises(ValueError, match="not a torchsaq export"):
         saq.load_exported(plain, saq.quantize(cnn()))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x80\x04not a safetensors file at all")
@@ -315,6 +315,6 @@ def test_export_keeps_float_layers_and_macs(tmp_path):
 
 
 def test_callable_after_submodule_import(tmp_path):
-    import saq.export as _submodule  # noqa: F401  (binds saq.export to the submodule in some import orders)
+    import torchsaq.export as _submodule  # noqa: F401  (binds saq.export to the submodule in some import orders)
     model, _, _ = trained("vit", 4, True, False)
     assert saq.export(model, tmp_path / "v.safetensors").file_bytes > 0

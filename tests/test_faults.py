@@ -15,17 +15,17 @@ import pytest
 import torch
 import yaml
 
-from saq.checkpoint import load_checkpoint
-from saq.cli import main
-from saq.config import TrainConfig, load_recipe
-from saq.train import train
+from torchsaq.checkpoint import load_checkpoint
+from torchsaq.cli import main
+from torchsaq.config import TrainConfig, load_recipe
+from torchsaq.train import train
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
         "--sharpness", "none"]
 
 
 def _fails(capsys, argv, *needles, code=None) -> str:
-    """The CLI exits non-zero with one line 'saq: error: ...' holding every needle, last on stderr (after the
+    """The CLI exits non-zero with one line 'torchsaq: error: ...' holding every needle, last on stderr (after the
     progress bar, if training started)."""
     try:
         rc = main(argv)
@@ -34,7 +34,7 @@ def _fails(capsys, argv, *needles, code=None) -> str:
     text = capsys.readouterr().err.strip()
     assert rc != 0 and (code is None or rc == code), (rc, text)
     err = text.split("\n")[-1]
-    assert err.startswith("saq: error: ") and text.count("saq: error") == 1 and "Traceback" not in text, text
+    assert err.startswith("torchsaq: error: ") and text.count("torchsaq: error") == 1 and "Traceback" not in text, text
     for n in needles:
         assert n in err, err
     return err
@@ -108,7 +108,7 @@ def test_python_api_is_validated_the_same_way():
 
 # -- tests and output folders ------------------------------------------------------------------------------
 def test_errors_do_not_depend_on_a_run_left_in_the_current_folder(capsys):
-    # the README's order: `saq train` (default output runs/saq in the current folder), then the tests
+    # the README's order: `torchsaq train` (default output runs/saq in the current folder), then the tests
     _ok(capsys, ["train", *TINY])
     assert Path("runs/saq/checkpoint.pt").is_file()
     _fails(capsys, ["train", "--model", "resnet9000"], "unknown model")
@@ -169,7 +169,7 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys):
 def test_two_concurrent_runs_into_one_folder(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "saq", "train", "--epochs", "1", "--batch-size", "32", "--sharpness", "none",
+    cmd = [sys.executable, "-m", "torchsaq", "train", "--epochs", "1", "--batch-size", "32", "--sharpness", "none",
            "--limit-eval-batches", "1", "--output", str(out)]
     a = subprocess.Popen([*cmd, "--limit-train-batches", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env)
@@ -184,8 +184,8 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
         a.send_signal(signal.SIGCONT)
     _, a_err = a.communicate(timeout=120)
     assert a.returncode == 0, a_err[-2000:]
-    assert b.returncode == 1 and b.stderr.startswith("saq: error: ") and b.stderr.count("\n") == 1, b.stderr
-    assert "in use by another saq train" in b.stderr, b.stderr
+    assert b.returncode == 1 and b.stderr.startswith("torchsaq: error: ") and b.stderr.count("\n") == 1, b.stderr
+    assert "in use by another torchsaq train" in b.stderr, b.stderr
     # what is left is run A, consistently
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
     state = load_checkpoint(out / "checkpoint.pt")
@@ -197,7 +197,7 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
 def _poison_optimizer(monkeypatch, at_step: int, **group):
     """Set ``group`` (e.g. weight_decay=nan) on the base optimizer's decayed group after global step ``at_step``:
     a real fault inside the real loop, which config validation would otherwise refuse up front."""
-    import saq.train as T
+    import torchsaq.train as T
 
     box = {}
     real = T.build_optimizer
@@ -217,7 +217,7 @@ def _poison_optimizer(monkeypatch, at_step: int, **group):
 
 def test_nan_from_the_last_step_of_an_epoch_is_not_saved(tmp_path, monkeypatch, capsys):
     # the probe: --weight-decay nan --limit-train-batches 1 (the only step's loss is finite, its update is not)
-    import saq.train as T
+    import torchsaq.train as T
 
     real = T.build_optimizer
     monkeypatch.setattr(T, "build_optimizer", lambda m, c: _with(real(m, c), weight_decay=math.nan))
@@ -261,7 +261,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 
 def test_export_refuses_non_finite_weights_and_dead_steps(tmp_path):
-    import saq
+    import torchsaq as saq
 
     model = saq.create_model("cnn1d", 10)
     saq.quantize(model, saq.QuantConfig())
@@ -286,7 +286,7 @@ def test_export_refuses_non_finite_weights_and_dead_steps(tmp_path):
 
 
 def test_metrics_jsonl_is_valid_json_with_non_finite_values(tmp_path):
-    from saq.train import _write_metrics
+    from torchsaq.train import _write_metrics
 
     _write_metrics([{"epoch": 1, "train_loss": 0.5, "val_acc": math.nan, "val_loss": math.inf}],
                    tmp_path / "m.jsonl", tmp_path / "m.csv")
@@ -299,7 +299,7 @@ def test_metrics_jsonl_is_valid_json_with_non_finite_values(tmp_path):
 
 
 def test_calibrate_refuses_a_nan_batch_and_leaves_the_steps(tmp_path):
-    import saq
+    import torchsaq as saq
 
     model = saq.create_model("cnn1d", 10)
     saq.quantize(model, saq.QuantConfig())
@@ -329,7 +329,7 @@ def test_export_never_overwrites_its_source(tmp_path, capsys):
     _fails(capsys, ["export", str(run), str(ckpt)], "overwrite its source", code=1)
     other = tmp_path / "other.pt"
     other.write_bytes(before)  # any file that is not an export, e.g. another run's checkpoint
-    _fails(capsys, ["export", str(ckpt), str(other)], "not a saq export", code=1)
+    _fails(capsys, ["export", str(ckpt), str(other)], "not a torchsaq export", code=1)
     _fails(capsys, ["export", str(ckpt), str(tmp_path)], "is a folder", code=1)
     assert ckpt.read_bytes() == before and other.read_bytes() == before
     load_checkpoint(ckpt)
@@ -339,7 +339,7 @@ def test_export_never_overwrites_its_source(tmp_path, capsys):
 
 
 def _exported(tmp_path):
-    import saq
+    import torchsaq as saq
 
     model = saq.create_model("cnn1d", 10)
     saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
@@ -360,7 +360,7 @@ def _write(path, tensors, metadata, resign):
     """Write an edited export; ``resign`` recomputes the content hash (a careful editor, or a bug)."""
     import safetensors.torch
 
-    from saq.export import _digest
+    from torchsaq.export import _digest
 
     if resign:
         metadata = {**metadata, "sha256": _digest(tensors, metadata)}
@@ -381,7 +381,7 @@ def _edit_layer(path, layer, resign, **changes):
 
 
 def _fresh_model():
-    import saq
+    import torchsaq as saq
 
     torch.manual_seed(99)
     m = saq.create_model("cnn1d", 10)
@@ -391,7 +391,7 @@ def _fresh_model():
 
 
 def _model_state(m):
-    import saq
+    import torchsaq as saq
 
     return ({k: v.clone() for k, v in m.state_dict().items()},
             [(n, layer.w_bits, layer.a_bits, layer.weight_quantizer.signed, layer.act_quantizer.signed,
@@ -408,7 +408,7 @@ def _assert_unchanged(m, before):
 @pytest.mark.parametrize("changes", [dict(w_bits=3), dict(w_bits=2), dict(a_bits=2), dict(w_signed=False),
                                      dict(a_signed=True), dict(w_bits=None)])
 def test_edited_metadata_is_refused(tmp_path, changes):
-    import saq
+    import torchsaq as saq
 
     _, path = _exported(tmp_path)
     edited = _edit_layer(path, "features.3", False, **changes)
@@ -428,7 +428,7 @@ def test_edited_metadata_is_refused(tmp_path, changes):
     (dict(numel=7), "'numel'"),
 ])
 def test_codes_and_metadata_that_do_not_fit_are_refused_even_when_rehashed(tmp_path, changes, needle):
-    import saq
+    import torchsaq as saq
 
     _, path = _exported(tmp_path)
     edited = _edit_layer(path, "features.3", True, **changes)
@@ -441,7 +441,7 @@ def test_codes_and_metadata_that_do_not_fit_are_refused_even_when_rehashed(tmp_p
 
 
 def test_codes_outside_a_narrower_declared_width_are_refused(tmp_path):
-    import saq
+    import torchsaq as saq
 
     _, path = _exported(tmp_path)
     edited = _edit_layer(path, "features.0", True, w_bits=5)  # the 8-bit first layer's int8 codes, called 5-bit
@@ -453,7 +453,7 @@ def test_codes_outside_a_narrower_declared_width_are_refused(tmp_path):
 
 
 def test_a_failing_load_leaves_the_model_untouched(tmp_path):
-    import saq
+    import torchsaq as saq
 
     source, path = _exported(tmp_path)
     tensors, meta = _read(path)
@@ -486,7 +486,7 @@ class _Thing:
 def test_a_non_checkpoint_file_error_suggests_nothing_unsafe(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save({"format": "saq-checkpoint", "model": _Thing()}, path)
-    with pytest.raises(ValueError, match="not a saq checkpoint") as e:
+    with pytest.raises(ValueError, match="not a torchsaq checkpoint") as e:
         load_checkpoint(path)
     assert "weights_only" not in str(e.value) and "trust" not in str(e.value) and "\n" not in str(e.value)
 
@@ -550,7 +550,7 @@ def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys
 
 # -- threads -----------------------------------------------------------------------------------------------------
 def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys):
-    from saq.train import SMALL_BATCH_MACS, auto_threads
+    from torchsaq.train import SMALL_BATCH_MACS, auto_threads
 
     cpu = torch.device("cpu")
     cores = len(os.sched_getaffinity(0))
@@ -592,7 +592,7 @@ def test_resume_with_more_epochs_extends_a_step_schedule_and_refuses_cosine(tmp_
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_follow_the_umask(tmp_path, umask, mode):
-    from saq._io import atomic_write_text
+    from torchsaq._io import atomic_write_text
 
     old = os.umask(umask)
     try:
@@ -615,7 +615,7 @@ def test_size_reports_name_their_baselines(tmp_path, capsys):
 def test_readme_commands_use_runs_the_readme_creates_and_outputs_are_ignored():
     import re
 
-    from saq.cli import build_parser
+    from torchsaq.cli import build_parser
 
     root = Path(__file__).resolve().parents[1]
     block = re.search(r"## Command line\n\n```bash\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
@@ -636,7 +636,7 @@ def test_readme_commands_use_runs_the_readme_creates_and_outputs_are_ignored():
 def test_a_step_pushed_below_zero_is_a_warning_not_a_divergence(tmp_path, monkeypatch, capsys):
     """An 8-bit first layer's per-channel step can reach <= 0 at ordinary learning rates (seen in the MNIST-1D
     benchmark): the channel then computes with the smallest step; the run goes on, warns once, and saves."""
-    import saq.train as T
+    import torchsaq.train as T
 
     box = {}
     real = T.build_optimizer

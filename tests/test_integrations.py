@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import saq
+import torchsaq as saq
 
 
 def _data():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import saq
-from saq.quantizer import LIQActQuantizer, LIQWeightQuantizer
+import torchsaq as saq
+from torchsaq.quantizer import LIQActQuantizer, LIQWeightQuantizer
 
 f64 = torch.float64
 
@@ -283,7 +283,7 @@ def test_config_options():
     with pytest.raises(ValueError, match="weight_standardize"):
         saq.TrainConfig(quantizer="liq", weight_standardize=True)
     assert saq.QuantConfig.from_dict(saq.QuantConfig(quantizer="liq").to_dict()).quantizer == "liq"
-    from saq.cli import build_parser, config_from_args
+    from torchsaq.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["train", "--quantizer", "liq", "--act-grad-scale", "batch"])
     qc = config_from_args(args).quant_config()
@@ -387,7 +387,7 @@ def test_sharpness_measures_run_with_liq(wrt):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))]
     crit = nn.CrossEntropyLoss()
-    from saq import analysis
+    from torchsaq import analysis
 
     lam = analysis.hessian_top_eigenvalue(model, crit, batches, iters=3, wrt=wrt)
     tr = analysis.hessian_trace(model, crit, batches, samples=2, wrt=wrt)
@@ -399,7 +399,7 @@ def test_sharpness_measures_run_with_liq(wrt):
 
 def test_liq_first_layer_input_clip_covers_the_data():
     """LIQ's fixed 1.0 clip would cut normalised inputs; the first layer's starts at max|x| (8-bit there)."""
-    import saq
+    import torchsaq as saq
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import saq
-from saq.models import ModelInfo, create_model, list_models, model_info, register_model
-from saq.models import _registry
+import torchsaq as saq
+from torchsaq.models import ModelInfo, create_model, list_models, model_info, register_model
+from torchsaq.models import _registry
 
 SMALL = ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "resnet32", "resnet56", "preresnet20",
          "preresnet32", "preresnet56", "mobilenetv2_cifar"]
@@ -255,7 +255,7 @@ def test_quantized_vit_tiny_digits_fits_a_batch():
 @pytest.mark.slow
 def test_cnn1d_float_accuracy_on_mnist1d():
     """The benchmark model is a strong baseline: >= 90% test accuracy after 8 epochs (a few CPU seconds)."""
-    from saq.data import build_datasets
+    from torchsaq.data import build_datasets
 
     b = build_datasets("mnist1d")
     (x, y), (xt, yt) = b.train.tensors, b.test.tensors

@@ -22,8 +22,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import saq  # noqa: E402
-from saq.cli import main  # noqa: E402
-from saq.export_onnx import CONTAINERS, export_onnx, onnx_layers  # noqa: E402
+from torchsaq.cli import main  # noqa: E402
+from torchsaq.export_onnx import CONTAINERS, export_onnx, onnx_layers  # noqa: E402
 
 TP = onnx.TensorProto
 INT_TYPES = {TP.INT4: "INT4", TP.UINT4: "UINT4", TP.INT8: "INT8", TP.UINT8: "UINT8"}
@@ -230,7 +230,7 @@ def test_cli_exports_a_checkpoint_to_onnx(tmp_path, capsys):
     other = tmp_path / "notes.onnx"
     other.write_text("not a model")
     assert main(["export", str(run), str(other)]) == 1
-    assert "not a saq ONNX export" in capsys.readouterr().err
+    assert "not a torchsaq ONNX export" in capsys.readouterr().err
     assert other.read_text() == "not a model"
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import saq
-from saq.quantizer import LSQQuantizer, NotInitializedError, lsq
+import torchsaq as saq
+from torchsaq.quantizer import LSQQuantizer, NotInitializedError, lsq
 
 
 def ref_range(bits, signed):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-import saq
-from saq.config import TrainConfig, load_recipe
-from saq.data import DATASETS
-from saq.models import create_model, model_info
+import torchsaq as saq
+from torchsaq.config import TrainConfig, load_recipe
+from torchsaq.data import DATASETS
+from torchsaq.models import create_model, model_info
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPES]
@@ -44,7 +44,7 @@ def test_recipe_text(path):
     assert isinstance(raw, dict) and set(raw) <= {f for f in TrainConfig.__dataclass_fields__}
     cfg = load_recipe(path)
     assert cfg.dataset in DATASETS
-    assert f"saq train --config recipes/{path.name}" in text  # the header shows how to run this very file
+    assert f"torchsaq train --config recipes/{path.name}" in text  # the header shows how to run this very file
     assert cfg.output == f"runs/{path.stem}"
     expected_bits = f"w{cfg.w_bits}a{cfg.a_bits}"
     assert path.stem.endswith(expected_bits)
@@ -94,7 +94,7 @@ def test_recipe_model_builds_and_quantizes(path):
 def test_recipe_optimizer_builds(path):
     if importlib.util.find_spec("saq.train") is None:
         pytest.skip("saq.train (build_optimizer) is not written yet")
-    from saq.train import build_optimizer
+    from torchsaq.train import build_optimizer
 
     cfg = load_recipe(path)
     model, _ = _build(cfg)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import saq
-from saq import QuantConfig, QuantLayer
-from saq.sam import SAQ, rho_warmup
+import torchsaq as saq
+from torchsaq import QuantConfig, QuantLayer
+from torchsaq.sam import SAQ, rho_warmup
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 ETA = 0.01
@@ -783,7 +783,7 @@ def test_one_host_device_sync_per_step(monkeypatch, strategy, kw, scaled):
 
 
 def test_device_side_select_is_bit_exact_with_nan_and_inf():
-    from saq.sam import _select_, _zero_unless
+    from torchsaq.sam import _select_, _zero_unless
     vals = torch.tensor([1.5, -0.0, float("nan"), float("inf"), -float("inf"), 3e-39])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = vals.to(dtype)

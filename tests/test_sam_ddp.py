@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import saq
-from saq import QuantConfig
-from saq.sam import SAQ
+import torchsaq as saq
+from torchsaq import QuantConfig
+from torchsaq.sam import SAQ
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 RHO = 0.3

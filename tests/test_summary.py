@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import saq
+import torchsaq as saq
 
 
 def tiny():

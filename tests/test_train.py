@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import saq
-from saq.checkpoint import load_checkpoint, load_model, save_checkpoint
-from saq.config import TrainConfig
-from saq.train import (TrainingInterrupted, build_model, build_optimizer, load_pretrained, lr_lambda,
+import torchsaq as saq
+from torchsaq.checkpoint import load_checkpoint, load_model, save_checkpoint
+from torchsaq.config import TrainConfig
+from torchsaq.train import (TrainingInterrupted, build_model, build_optimizer, load_pretrained, lr_lambda,
                        param_groups, train)
 
 # tiny, fast runs: 4 steps of 32 samples per epoch, evaluation on 4 batches
@@ -30,7 +30,7 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
 
 
 def _mnist1d_test():
-    from saq.data import build_datasets
+    from torchsaq.data import build_datasets
 
     b = build_datasets("mnist1d")
     x = torch.stack([b.test[i][0] for i in range(len(b.test))])
@@ -160,10 +160,10 @@ def test_loading_never_runs_code_and_rejects_bad_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.pt"
     torch.save({"format": "saq-checkpoint", "config": {}, "model": _Evil(), "data": {}}, evil)
-    with pytest.raises(ValueError, match="not a saq checkpoint"):
+    with pytest.raises(ValueError, match="not a torchsaq checkpoint"):
         load_checkpoint(evil)
     assert not (tmp_path / "EVIL_RAN").exists()
-    with pytest.raises(ValueError, match="not a saq checkpoint"):
+    with pytest.raises(ValueError, match="not a torchsaq checkpoint"):
         load_checkpoint(_save(tmp_path / "plain.pt", {"weight": torch.ones(2)}))
     good = save_checkpoint(tmp_path / "good.pt", {"config": {}, "model": {}, "data": {}})
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:40])
@@ -272,7 +272,7 @@ def test_pretrained_float_weights_load_strictly(tmp_path):
 
 # -- AMP on CPU --------------------------------------------------------------------------------------------
 def test_amp_on_cpu_runs_in_bfloat16(tmp_path, monkeypatch):
-    import saq.train as T
+    import torchsaq.train as T
 
     seen = set()
     real = T.build_model
@@ -290,13 +290,13 @@ def test_amp_on_cpu_runs_in_bfloat16(tmp_path, monkeypatch):
 # -- DistributedDataParallel: 2 CPU processes (gloo) -----------------------------------------------------
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "saq",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "torchsaq",
            "train", "--epochs", "1", "--batch-size", "32", "--limit-train-batches", "3", "--limit-eval-batches", "2",
            "--device", "cpu", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("saq train: cnn1d on mnist1d") == 1, p.stdout  # rank 0 reports, once
+    assert p.stdout.count("torchsaq train: cnn1d on mnist1d") == 1, p.stdout  # rank 0 reports, once
     assert "2 processes" in p.stdout
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["global_step"] == 3 and len(state["history"]) == 1

@@ -1,4 +1,4 @@
-"""All-or-nothing file writes: every file saq writes (checkpoints, exports, metrics) goes through here."""
+"""All-or-nothing file writes: every file torchsaq writes (checkpoints, exports, metrics) goes through here."""
 from __future__ import annotations
 
 import contextlib

@@ -22,8 +22,8 @@ _IMAGENET = dict(family="imagenet", dataset="imagenet", input_shape=(3, 224, 224
 def _no_download(name: str, kwargs: dict[str, Any]) -> None:
     for key in ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
         if kwargs.get(key):
-            raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported; saq builds models without weights. "
-                             "Load float weights with TrainConfig.pretrained (saq train --pretrained PATH) "
+            raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported; torchsaq builds models without weights. "
+                             "Load float weights with TrainConfig.pretrained (torchsaq train --pretrained PATH) "
                              "or model.load_state_dict(...)")
         kwargs.pop(key, None)
 

@@ -1,6 +1,6 @@
 """Model registry (timm-style) with the paper's networks and small models for the embedded data sets.
 
-    from saq.models import create_model, list_models, model_info
+    from torchsaq.models import create_model, list_models, model_info
     model = create_model("resnet20", num_classes=100)          # float model, random init
     model_info("resnet20").input_shape                         # (3, 32, 32)
 

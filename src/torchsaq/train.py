@@ -1,4 +1,4 @@
-"""The training loop of ``saq train``: build, calibrate, train (optionally sharpness-aware), evaluate, save.
+"""The training loop of ``torchsaq train``: build, calibrate, train (optionally sharpness-aware), evaluate, save.
 
 One function runs a whole experiment, :func:`train`; the pieces it is made of are public too:
 :func:`build_model`, :func:`build_optimizer`, :func:`wrap_sharpness`, :func:`build_scheduler`,
@@ -16,7 +16,7 @@ Ctrl-C aborts at once (the last complete checkpoint stays intact). Killed outrig
 resumes from its last epoch checkpoint.
 
 Accuracies are percentages (0-100). Evaluation always runs in float32 (also with ``amp``), so the reported
-numbers are the ones ``saq eval`` and the integer export reproduce.
+numbers are the ones ``torchsaq eval`` and the integer export reproduce.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> list[str
     """Load a float checkpoint into a float ``model`` (before quantization), strictly.
 
     Accepts a safetensors file, a ``torch.save``-d state dict (also under a ``state_dict``/``model`` key,
-    ``module.`` prefixes stripped) or a saq checkpoint (its quantizer steps are dropped). A classifier head
+    ``module.`` prefixes stripped) or a torchsaq checkpoint (its quantizer steps are dropped). A classifier head
     of another class count is left at its fresh initialisation (fine-tuning, as in the paper); any other
     mismatch is a ValueError. Returns the keys that were skipped.
     """
@@ -169,7 +169,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     if cfg.pretrained:
         skipped = load_pretrained(model, cfg.pretrained)
         if skipped:
-            print(f"saq: pretrained {cfg.pretrained}: classifier head re-initialised ({', '.join(skipped)})",
+            print(f"torchsaq: pretrained {cfg.pretrained}: classifier head re-initialised ({', '.join(skipped)})",
                   file=sys.stderr)
     return quantize(model, cfg.quant_config())
 
@@ -357,7 +357,7 @@ class _StopRequest:
 def _claim_output(out: Path, cfg: TrainConfig) -> Any:
     """Lock the run folder ``out`` for this run and apply the folder policy; returns the held lock.
 
-    One run at a time: a second ``saq train`` (or ``--resume``) into a folder in use is refused. A folder
+    One run at a time: a second ``torchsaq train`` (or ``--resume``) into a folder in use is refused. A folder
     that already holds a run is never reused silently: ``resume`` continues it, ``overwrite`` deletes that
     run's files (:data:`RUN_FILES`) first, anything else is refused. Files of other names are left alone.
     """
@@ -370,7 +370,7 @@ def _claim_output(out: Path, cfg: TrainConfig) -> Any:
         lock = FileLock(str(out / LOCK_NAME), timeout=0)
         lock.acquire()
     except Timeout:
-        raise ValueError(f"output folder {out} is in use by another saq train (it holds the lock {out / LOCK_NAME}); "
+        raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock {out / LOCK_NAME}); "
                          "wait for that run or choose another --output") from None
     except OSError as e:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
@@ -383,7 +383,7 @@ def _claim_output(out: Path, cfg: TrainConfig) -> Any:
             for name in held:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            print(f"saq: --overwrite: deleted the previous run in {out} ({', '.join(held)})", file=sys.stderr)
+            print(f"torchsaq: --overwrite: deleted the previous run in {out} ({', '.join(held)})", file=sys.stderr)
     except BaseException:
         lock.release()
         raise
@@ -893,7 +893,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
             if new_dead and main:
                 # a step the optimizer pushed to <= 0 quantizes with the smallest step (STEP_EPS): its channel
                 # outputs ~0, a dead channel, not a divergence (8-bit first layers see it at ordinary LRs)
-                print(f"saq: warning: {len(new_dead)} quantizer(s) have a step size <= 0 after epoch {epoch + 1} "
+                print(f"torchsaq: warning: {len(new_dead)} quantizer(s) have a step size <= 0 after epoch {epoch + 1} "
                       f"(e.g. {new_dead[0]}); their channels compute with the smallest step and output ~0",
                       file=sys.stderr)
             warned_dead.update(new_dead)
@@ -903,7 +903,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
             for split, loader in (("val", val_loader), ("test", test_loader)):
                 if loader is None:
                     continue
-                # float32 (no autocast), the numbers `saq eval` reproduces from the checkpoint
+                # float32 (no autocast), the numbers `torchsaq eval` reproduces from the checkpoint
                 es = _eval_sums(raw_model, loader, device, None, cfg.limit_eval_batches)
                 if distributed:
                     dist.all_reduce(es)
@@ -949,9 +949,9 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
 
 
 def format_result(r: dict[str, Any]) -> str:
-    """The end-of-run summary `saq train` prints: accuracy, size, BOPs and where the files are."""
+    """The end-of-run summary `torchsaq train` prints: accuracy, size, BOPs and where the files are."""
     mib = 8 * 2**20
-    lines = [f"saq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
+    lines = [f"torchsaq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, "
              f"{r['epochs']} epochs in {_fmt_time(r['time_s'])} ({r['device']}"

@@ -1,9 +1,9 @@
-"""The ``saq`` command line: train, eval, export, summary, landscape, sharpness.
+"""The ``torchsaq`` command line: train, eval, export, summary, landscape, sharpness.
 
-``saq train``'s flags are generated from :class:`saq.config.TrainConfig`'s fields (``--field-name``;
+``torchsaq train``'s flags are generated from :class:`saq.config.TrainConfig`'s fields (``--field-name``;
 booleans as ``--x/--no-x``), so they never drift from the config. Only flags given explicitly override
 the recipe (``--config recipes/X.yaml``) or, with ``--resume``, the resumed run's stored config.
-Errors in the user's input are one line, ``saq: error: ...``, and a non-zero exit status.
+Errors in the user's input are one line, ``torchsaq: error: ...``, and a non-zero exit status.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
 
-#: extra help for the generated `saq train` flags (a field without an entry still gets its flag)
+#: extra help for the generated `torchsaq train` flags (a field without an entry still gets its flag)
 TRAIN_HELP = {
     "dataset": "data set: mnist1d (embedded, default), digits (embedded), fashion_mnist, cifar10, cifar100, "
                "imagenet, imagefolder, flowers102, pets",
@@ -91,10 +91,10 @@ _PATH_FIELDS = {"data_dir", "pretrained", "output"}
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``saq: error: MESSAGE (see 'saq CMD --help')``, exit status 2."""
+    """argparse with one-line errors: ``torchsaq: error: MESSAGE (see 'torchsaq CMD --help')``, exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
-        self.exit(2, f"saq: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"torchsaq: error: {message} (see '{self.prog} --help')\n")
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
@@ -162,19 +162,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``saq`` argument parser with its sub-commands."""
-    p = _Parser(prog="saq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
+    """The ``torchsaq`` argument parser with its sub-commands."""
+    p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a quantized model (default: MNIST-1D, 1-D CNN, w4a4, SAQ)",
                        description="Train a quantized model. With no options: the embedded MNIST-1D data set, "
                                    "a 1-D CNN, 4-bit weights and activations, SAQ (case 3). Run under "
-                                   "`torchrun --nproc_per_node N -m saq train ...` for DistributedDataParallel.")
+                                   "`torchrun --nproc_per_node N -m torchsaq train ...` for DistributedDataParallel.")
     t.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe (keys = option names); flags override it")
     _add_config_flags(t)
 
     def checkpoint_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("checkpoint", help="a checkpoint.pt written by saq train (or its output folder)")
+        sp.add_argument("checkpoint", help="a checkpoint.pt written by torchsaq train (or its output folder)")
 
     e = sub.add_parser("eval", help="top-1/top-5 accuracy and loss of a checkpoint on its test set")
     checkpoint_arg(e)
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors, or ONNX)")
     checkpoint_arg(x)
     x.add_argument("out", help="output file: .safetensors, or .onnx for a QDQ graph (4-bit weights) that "
-                               "onnxruntime runs (needs pip install 'saq[onnx]')")
+                               "onnxruntime runs (needs pip install 'torchsaq[onnx]')")
 
     s = sub.add_parser("summary", help="per-layer table, model size and BOPs of a checkpoint")
     checkpoint_arg(s)
@@ -256,9 +256,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
             return 130
         if e.checkpoint:
-            print(f"saq: {e}; continue with: saq train --resume --output {cfg.output}", file=sys.stderr)
+            print(f"torchsaq: {e}; continue with: torchsaq train --resume --output {cfg.output}", file=sys.stderr)
         else:
-            print(f"saq: {e}", file=sys.stderr)
+            print(f"torchsaq: {e}", file=sys.stderr)
         return 130
     if result.get("rank", 0) == 0:
         print(format_result(result))
@@ -358,7 +358,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``saq`` command; returns the exit status (also for ``python -m saq``)."""
+    """Entry point of the ``torchsaq`` command; returns the exit status (also for ``python -m torchsaq``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -370,10 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _COMMANDS[args.command](args)
     # OSError: disk, permissions, images; ImportError: an optional extra (onnx) that is not installed
     except (ValueError, OSError, NotInitializedError, FloatingPointError, ImportError) as e:
-        print(f"saq: error: {_one_line(e)}", file=sys.stderr)
+        print(f"torchsaq: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("saq: interrupted", file=sys.stderr)
+        print("torchsaq: interrupted", file=sys.stderr)
         return 130
 
 

@@ -259,7 +259,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inpu
            **onnx_options: Any) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
 
-    The file is a safetensors file (no pickle), written atomically. It replaces an earlier saq export at
+    The file is a safetensors file (no pickle), written atomically. It replaces an earlier torchsaq export at
     ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
     and the float32 model size; ``verbose`` also prints it. A ``path`` ending in ``.onnx`` writes an ONNX
     QDQ graph instead, traced with ``example_inputs`` (see :func:`saq.export_onnx.export_onnx`, which takes
@@ -274,7 +274,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inpu
     if os.path.isdir(path):
         raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.safetensors")
     if os.path.exists(path) and not _is_export(os.fspath(path)):
-        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq export (a checkpoint?); "
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq export (a checkpoint?); "
                          "refusing to replace it")
     model = _unwrap(model)
     layers = _checked_layers(model)
@@ -324,13 +324,13 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any], str]:
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"load_exported: {path!r} is not a safetensors file ({e})") from e
     if metadata.get("format") != FORMAT or "layers" not in metadata:
-        raise ValueError(f"load_exported: {path!r} is a safetensors file but not a saq export "
+        raise ValueError(f"load_exported: {path!r} is a safetensors file but not a torchsaq export "
                          f"(metadata format={metadata.get('format')!r})")
     if metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"load_exported: unsupported saq export version {metadata.get('version')!r} (this saq "
-                         f"reads versions {', '.join(READABLE_VERSIONS)}; a newer saq wrote it?)")
+        raise ValueError(f"load_exported: unsupported torchsaq export version {metadata.get('version')!r} (this torchsaq "
+                         f"reads versions {', '.join(READABLE_VERSIONS)}; a newer torchsaq wrote it?)")
     if "sha256" not in metadata:
-        raise ValueError(f"load_exported: {path!r} has no content hash (written by an older saq?); export it again")
+        raise ValueError(f"load_exported: {path!r} has no content hash (written by an older torchsaq?); export it again")
     if _digest(tensors, metadata) != metadata["sha256"]:
         raise ValueError(f"load_exported: {path!r} does not match its content hash: its codes or metadata were "
                          "edited or corrupted after export")

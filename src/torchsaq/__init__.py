@@ -1,6 +1,6 @@
-"""saq: Sharpness-Aware Quantization (SAQ) for PyTorch -- LSQ quantization-aware training made flatter.
+"""torchsaq: Sharpness-Aware Quantization (SAQ) for PyTorch -- LSQ quantization-aware training made flatter.
 
-    import saq
+    import torchsaq
     saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
     opt = saq.SAQ(model, torch.optim.SGD(model.parameters(), lr=0.01), rho=0.05)
 """
@@ -15,7 +15,7 @@ from .quantizer import LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotIni
 
 __version__ = "0.1.0"
 
-# heavier parts load on first use (keeps `import saq` and the CLI start-up fast)
+# heavier parts load on first use (keeps `import torchsaq` and the CLI start-up fast)
 _LAZY = {
     "SAQ": "sam", "rho_warmup": "sam",
     "export": "export", "load_exported": "export",
@@ -34,7 +34,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
-        raise AttributeError(f"module 'saq' has no attribute {name!r}")
+        raise AttributeError(f"module 'torchsaq' has no attribute {name!r}")
     module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
     value = module if _LAZY[name] is None else getattr(module, name)
     globals()[name] = value

@@ -43,7 +43,7 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
-    Raises ``ValueError`` for a missing file, a corrupted file, or a file that is not a saq checkpoint.
+    Raises ``ValueError`` for a missing file, a corrupted file, or a file that is not a torchsaq checkpoint.
     """
     path = Path(path)
     if path.is_dir():
@@ -56,21 +56,21 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False: that would run the file's code, and a saq
+        # torch's own message suggests weights_only=False: that would run the file's code, and a torchsaq
         # checkpoint never needs it
-        raise ValueError(f"{path} is not a saq checkpoint: it holds Python objects other than tensors and plain "
-                         "values, which a saq checkpoint never does (not loaded: loading them could run code)"
+        raise ValueError(f"{path} is not a torchsaq checkpoint: it holds Python objects other than tensors and plain "
+                         "values, which a torchsaq checkpoint never does (not loaded: loading them could run code)"
                          ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is corrupted or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saq checkpoint (no 'format: {FORMAT}' entry; a float state_dict "
-                         "can be used with `saq train --pretrained`)")
+        raise ValueError(f"{path} is not a torchsaq checkpoint (no 'format: {FORMAT}' entry; a float state_dict "
+                         "can be used with `torchsaq train --pretrained`)")
     if int(state.get("version", 0)) > VERSION:
-        raise ValueError(f"{path} was written by a newer saq (checkpoint version {state['version']})")
+        raise ValueError(f"{path} was written by a newer torchsaq (checkpoint version {state['version']})")
     for key in ("config", "model", "data"):
         if key not in state:
-            raise ValueError(f"{path} is an incomplete saq checkpoint (missing {key!r})")
+            raise ValueError(f"{path} is an incomplete torchsaq checkpoint (missing {key!r})")
     return state
 
 

@@ -527,7 +527,7 @@ def plot_landscapes(landscapes: dict[str, Landscape], path: Union[str, Path], ti
 
 
 # ---------------------------------------------------------------------------------------------------------
-# checkpoint drivers (used by `saq landscape` / `saq sharpness`)
+# checkpoint drivers (used by `torchsaq landscape` / `torchsaq sharpness`)
 # ---------------------------------------------------------------------------------------------------------
 def _eval_transform_view(bundle: Any) -> Any:
     """The training set with the evaluation transform (no augmentation), where the dataset allows it.

@@ -1,4 +1,4 @@
-"""The training configuration: one dataclass shared by `saq train`, YAML recipes and the Python API."""
+"""The training configuration: one dataclass shared by `torchsaq train`, YAML recipes and the Python API."""
 from __future__ import annotations
 
 import dataclasses

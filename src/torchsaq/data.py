@@ -15,7 +15,7 @@ evaluation transform); the test set is never used for it.
 
 The tensor data sets (mnist1d, digits, fashion_mnist) are :class:`~torch.utils.data.TensorDataset` s;
 :class:`DeviceLoader` keeps such a split whole on the training device and makes shuffled, augmented
-batches there (``saq train`` uses it for them instead of a DataLoader).
+batches there (``torchsaq train`` uses it for them instead of a DataLoader).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ __all__ = ["DATASETS", "DEFAULT_MODELS", "DataBundle", "TransformSubset", "Tenso
 
 DATASETS = ("mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "imagenet", "imagefolder", "flowers102",
             "pets")
-#: the model ``saq train --dataset NAME`` trains when no ``--model`` is given
+#: the model ``torchsaq train --dataset NAME`` trains when no ``--model`` is given
 DEFAULT_MODELS = {"mnist1d": "cnn1d", "digits": "cnn_digits", "fashion_mnist": "cnn_fmnist", "cifar10": "resnet20",
                   "cifar100": "resnet20", "imagenet": "resnet18", "imagefolder": "resnet18", "flowers102": "resnet18",
                   "pets": "resnet18"}

@@ -1,6 +1,6 @@
 """ONNX export of a quantized model: a QDQ graph (opset >= 21) with 4-bit weights that onnxruntime runs.
 
-``saq.export(model, "model.onnx", example_inputs=(x,))`` (or ``saq export CHECKPOINT model.onnx``) writes the
+``saq.export(model, "model.onnx", example_inputs=(x,))`` (or ``torchsaq export CHECKPOINT model.onnx``) writes the
 float graph of the model (traced by ``torch.onnx.export``'s TorchScript exporter) in which every quantized
 layer computes with
 
@@ -62,7 +62,7 @@ def _onnx():
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - the test extra installs it
-        raise ImportError("ONNX export needs the onnx package: pip install 'saq[onnx]' "
+        raise ImportError("ONNX export needs the onnx package: pip install 'torchsaq[onnx]' "
                           "(onnx and onnxruntime)") from e
     return onnx
 
@@ -377,11 +377,11 @@ def _is_onnx_export(path: str) -> bool:
 
 
 def onnx_layers(path: PathLike) -> dict[str, dict[str, Any]]:
-    """The per-layer record (bits, containers, per-channel axis) a saq ONNX export carries in its metadata."""
+    """The per-layer record (bits, containers, per-channel axis) a torchsaq ONNX export carries in its metadata."""
     proto = _onnx().load(os.fspath(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("saq_format") != ONNX_FORMAT:
-        raise ValueError(f"{os.fspath(path)} is not a saq ONNX export")
+        raise ValueError(f"{os.fspath(path)} is not a torchsaq ONNX export")
     return json.loads(props["saq_layers"])
 
 
@@ -406,7 +406,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     if os.path.isdir(path):
         raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.onnx")
     if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
-        raise ValueError(f"export: {os.fspath(path)} exists and is not a saq ONNX export; refusing to replace it")
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
     model = _unwrap(model)
     layers = _checked_layers(model)
     names = {id(m): n for n, m in layers}
@@ -449,7 +449,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
             for attr in ("_onnx_name", "_onnx_weight", "_onnx_act", "_onnx_float"):
                 layer.__dict__.pop(attr, None)
     proto = _rewrite(onnx.load_from_string(buf.getvalue()), weights, acts, opset)
-    proto.producer_name = "saq"
+    proto.producer_name = "torchsaq"
     meta = {"saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized), "saq_layers": json.dumps(record)}
     config = getattr(model, "_saq_config", None)
     if config is not None:

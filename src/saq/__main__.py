@@ -1,7 +1,0 @@
-"""``python -m saq`` (and ``torchrun -m saq``): the ``saq`` command line."""
-import sys
-
-from .cli import main
-
-if __name__ == "__main__":
-    sys.exit(main())
