@@ -92,8 +92,8 @@ def test_recipe_model_builds_and_quantizes(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=NAMES)
 def test_recipe_optimizer_builds(path):
-    if importlib.util.find_spec("saq.train") is None:
-        pytest.skip("saq.train (build_optimizer) is not written yet")
+    if importlib.util.find_spec("torchsaq.train") is None:
+        pytest.skip("torchsaq.train (build_optimizer) is not written yet")
     from torchsaq.train import build_optimizer
 
     cfg = load_recipe(path)
