@@ -18,16 +18,14 @@ from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
 
-#: extra help for the generated `torchsaq train` flags (a field without an entry still gets its flag)
+#: extra help for the generated `torchsaq train` flags (a field without an entry still gets its flag); the
+#: lists of names (data sets, models, modes, strategies, ...) are appended from their registries and
+#: :mod:`torchsaq.vocab` by :func:`train_help`
 TRAIN_HELP = {
-    "dataset": "data set: mnist1d (embedded, default), digits (embedded), fashion_mnist, cifar10, cifar100, "
-               "imagenet, imagefolder, flowers102, pets",
+    "dataset": "data set (torchsaq.data.list_datasets())",
     "data_dir": "folder of the data set (never downloaded; fashion_mnist: its four IDX files, default "
                 "/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
-    "model": "model name (see saq.list_models()): cnn1d, cnn_digits, vit_tiny_digits, cnn_fmnist, resnet20/32/56, "
-             "mobilenetv2_cifar, resnet18/34/50, mobilenet_v2, vit_base_patch16_224, deit_*_patch16_224; default: "
-             "the data set's (mnist1d cnn1d, digits cnn_digits, fashion_mnist cnn_fmnist, cifar10/100 resnet20, "
-             "the ImageNet-style sets resnet18)",
+    "model": "model name (torchsaq.list_models())",
     "model_kwargs": "extra model options as a YAML/JSON mapping, e.g. '{drop_path_rate: 0.1}'",
     "pretrained": "float checkpoint (state dict or .safetensors) to start quantization-aware training from",
     "img_size": "image side for image data sets",
@@ -38,13 +36,11 @@ TRAIN_HELP = {
     "w_bits": "weight bits (2..8, 32 = float)",
     "a_bits": "activation bits (2..8, 32 = float)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
-    "quantizer": "lsq: learned step (LSQ); liq: the official SAQ code's LIQ_wn (learned clip, weights "
-                 "standardised per tensor with detached mean/std)",
+    "quantizer": "weight and activation quantizer",
     "per_channel": "one LSQ weight step per output channel (LIQ: one clip per tensor)",
     "weight_standardize": "LSQ: quantize (w-mean)/std with per-output-channel statistics kept in the graph "
                           "(not the official code's per-tensor detached one: that is --quantizer liq)",
-    "act_grad_scale": "LSQ activation step-gradient scale 1/sqrt(N*Qp): N counts one sample's elements "
-                      "(per_sample, the LSQ paper) or the whole batch's",
+    "act_grad_scale": "what N counts in the LSQ activation step-gradient scale 1/sqrt(N*Qp)",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
@@ -59,11 +55,10 @@ TRAIN_HELP = {
     "step_gamma": "LR factor at each step milestone",
     "label_smoothing": "label smoothing of the cross-entropy",
     "max_grad_norm": "clip the global gradient norm",
-    "sharpness": "none: plain QAT; sam; case1 (mismatch); case2 (diminishment); case3 (SAQ)",
+    "sharpness": "sharpness-aware step",
     "rho": "radius of the sharpness-aware perturbation",
     "adaptive": "adaptive (ASAM) perturbation",
-    "strategy": "prev_grad (default): one pass at the point perturbed by the previous gradient; full: two passes "
-                "every step (the paper); every_k: LookSAM reuse",
+    "strategy": "how often the sharpness-aware step runs its ascent pass",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "
                       "size; 0.7 is LookSAM's published value)",
@@ -90,6 +85,31 @@ TRAIN_HELP = {
 _PATH_FIELDS = {"data_dir", "pretrained", "output"}
 
 
+def _vocabularies() -> dict[str, dict[str, str]]:
+    """TrainConfig field -> {accepted name: description}: the ``choices`` of its flag (torchsaq.vocab)."""
+    from . import vocab
+
+    return {"sharpness": vocab.SHARPNESS_HELP, "strategy": vocab.STRATEGY_HELP, "quantizer": vocab.QUANTIZER_HELP,
+            "act_grad_scale": vocab.ACT_GRAD_SCALE_HELP, "optimizer": vocab.OPTIMIZER_HELP,
+            "lr_schedule": vocab.SCHEDULE_HELP}
+
+
+def train_help() -> dict[str, str]:
+    """:data:`TRAIN_HELP` with the accepted names appended: every registered data set (with its default model),
+    every registered model, and the vocabularies of :mod:`torchsaq.vocab`."""
+    from .data import dataset_info, list_datasets
+    from .models import list_models
+    from .vocab import describe
+
+    out = dict(TRAIN_HELP)
+    out["dataset"] += ": " + "; ".join(f"{d} (model {dataset_info(d).default_model}): {dataset_info(d).description}"
+                                       for d in list_datasets())
+    out["model"] += ": " + ", ".join(list_models()) + "; default: the data set's (see --dataset)"
+    for name, names in _vocabularies().items():
+        out[name] += ": " + describe(names)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``torchsaq: error: MESSAGE (see 'torchsaq CMD --help')``, exit status 2."""
 
@@ -98,7 +118,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
-    import yaml
+    from ._optional import require
+
+    yaml = require("yaml", "cli", "a mapping option")
 
     try:
         value = yaml.safe_load(text)
@@ -133,17 +155,17 @@ def _field_parser(name: str, item: bool = False) -> Any:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
-    from .config import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES, TrainConfig
+    from .config import TrainConfig
 
-    choices = {"sharpness": SHARPNESS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "strategy": STRATEGIES,
-               "quantizer": QUANTIZERS, "act_grad_scale": ACT_GRAD_SCALES}
+    choices = {name: tuple(names) for name, names in _vocabularies().items()}
+    helps = train_help()
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (TrainConfig fields; default in brackets)")
     for f in dataclasses.fields(TrainConfig):
         tp = _strip_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_ = f"{TRAIN_HELP.get(f.name, f.name.replace('_', ' '))} [{default}]"
+        help_ = f"{helps.get(f.name, f.name.replace('_', ' '))} [{default}]"
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
         origin = typing.get_origin(tp)
         if tp is bool:
@@ -161,8 +183,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_field_parser(f.name), metavar=metavar, **kw)
 
 
+def _where(text: str) -> str:
+    """``--where``: a name of :data:`torchsaq.vocab.WHERE`; "float" (the flag's earlier spelling) means latent."""
+    return "latent" if text == "float" else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
+    from .vocab import WHERE, WHERE_HELP, describe
+
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -199,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
     ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
     ls.add_argument("--batch-size", type=int, default=256)
-    ls.add_argument("--where", choices=("quantized", "float"), default="quantized",
-                    help="perturb the quantized weights Q(w) or the float weights w")
+    ls.add_argument("--where", type=_where, choices=WHERE, default="quantized",
+                    help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
     ls.add_argument("--seed", type=int, default=0)
     ls.add_argument("--device", default="cpu")
     ls.add_argument("--output", default="runs/landscape", help="output folder")
@@ -246,10 +275,38 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def check_train_requirements(cfg: Any) -> None:
+    """An ImportError naming the missing distributions and the extra to install, before a run starts.
+
+    ``torchsaq train`` needs the ``cli`` extra (progress bar; with ``save``: the YAML config, the output
+    folder lock and the loss plot), the data set's own requirements and, for a torchvision or timm model,
+    that package -- checked here so that a run does not fail at its end, after the training.
+    """
+    from ._optional import install_hint, missing
+    from .data import dataset_info
+    from .models import model_info
+
+    needs: dict[str, list[str]] = {"cli": ["tqdm"]}
+    if cfg.save:
+        needs["cli"] += ["yaml", "filelock", "matplotlib"]
+    info = dataset_info(cfg.dataset)
+    needs.setdefault(info.extra, []).extend(info.requires)
+    source = model_info(cfg.model).source
+    if source in ("torchvision", "timm"):
+        needs.setdefault("vision" if source == "torchvision" else "timm", []).append(source)
+    lacking = {extra: missing(modules) for extra, modules in needs.items()}
+    lacking = {extra: dists for extra, dists in lacking.items() if dists}
+    if lacking:
+        dists = sorted({d for ds in lacking.values() for d in ds})
+        raise ImportError(f"torchsaq train ({cfg.dataset}, {cfg.model}) needs {', '.join(dists)}, not installed: "
+                          + " and ".join(install_hint(extra) for extra in lacking))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingInterrupted, format_result, train
 
     cfg = config_from_args(args)
+    check_train_requirements(cfg)
     try:
         result = train(cfg, progress=True)
     except TrainingInterrupted as e:

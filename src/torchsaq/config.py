@@ -9,19 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
-from .convert import ACT_GRAD_SCALES, QuantConfig
-from .data import DATASETS, default_model
-from .quantizer import QUANTIZERS, check_bits
+from ._optional import require
+from .convert import QuantConfig
+from .data import dataset_info, default_model
+from .quantizer import check_bits
+from .vocab import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
 
 __all__ = ["TrainConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES",
            "QUANTIZERS", "ACT_GRAD_SCALES"]
-
-SHARPNESS = ("none", "sam", "case1", "case2", "case3")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-STRATEGIES = ("full", "every_k", "prev_grad")
 
 
 @dataclass
@@ -31,7 +26,7 @@ class TrainConfig:
     # data and model
     dataset: str = "mnist1d"
     data_dir: Optional[str] = None
-    model: Optional[str] = None     # None: the data set's default (saq.data.DEFAULT_MODELS: mnist1d -> cnn1d, ...)
+    model: Optional[str] = None     # None: the data set's default (torchsaq.data.dataset_info(name).default_model)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: Optional[str] = None
     img_size: Optional[int] = None
@@ -101,8 +96,7 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             setattr(self, f.name, parse_field(f.name, getattr(self, f.name)))
-        if self.dataset not in DATASETS:
-            default_model(self.dataset)  # raises the unknown-data-set error
+        dataset_info(self.dataset)  # an unknown data set: a ValueError naming the registered ones
         if not isinstance(self.model, str) or not self.model:
             bad(f"model must be a model name, got {self.model!r}")
         fixed = sorted({"num_classes", "img_size"} & set(self.model_kwargs))
@@ -281,6 +275,7 @@ def parse_field(name: str, value: Any) -> Any:
 
 def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
     """Read a YAML recipe (keys = TrainConfig fields) and apply overrides (None values are ignored)."""
+    yaml = require("yaml", "cli", "reading a YAML recipe")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe file not found: {path}")

@@ -12,11 +12,9 @@ from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, quant_layers
 from .quantizer import QUANTIZERS, Quantizer, check_bits
+from .vocab import ACT_GRAD_SCALES
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
-
-#: what N counts in LSQ's activation step-gradient scale 1/sqrt(N*Qp): one sample's elements, or the batch's
-ACT_GRAD_SCALES = ("per_sample", "batch")
 
 Bits = Union[int, tuple[int, int], list]
 

@@ -28,25 +28,23 @@ import zlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-__all__ = ["DATASETS", "DEFAULT_MODELS", "DataBundle", "TransformSubset", "TensorAugment", "AugmentedTensorDataset",
-           "DeviceLoader", "build_datasets", "default_model", "image_transforms", "read_idx",
+from ._optional import missing, require
+
+if TYPE_CHECKING:  # numpy is imported where it is used (the "data" extra): `import torchsaq.data` needs torch only
+    import numpy as np
+
+__all__ = ["DATASETS", "DEFAULT_MODELS", "DataBundle", "DatasetInfo", "TransformSubset", "TensorAugment",
+           "AugmentedTensorDataset", "DeviceLoader", "build_datasets", "default_model", "register_dataset",
+           "list_datasets", "dataset_info", "image_transforms", "read_idx",
            "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_FILES", "FASHION_MNIST_SYSTEM_DIR"]
-
-DATASETS = ("mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "imagenet", "imagefolder", "flowers102",
-            "pets")
-#: the model ``torchsaq train --dataset NAME`` trains when no ``--model`` is given
-DEFAULT_MODELS = {"mnist1d": "cnn1d", "digits": "cnn_digits", "fashion_mnist": "cnn_fmnist", "cifar10": "resnet20",
-                  "cifar100": "resnet20", "imagenet": "resnet18", "imagefolder": "resnet18", "flowers102": "resnet18",
-                  "pets": "resnet18"}
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -209,11 +207,14 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
     mnist1d seeds Python's and NumPy's global generators; their states are restored afterwards.
     """
-    import mnist1d.data
+    require("numpy", "data", "the mnist1d data set")
+    import numpy as np
+
+    mnist1d_data = require("mnist1d.data", "data", "the mnist1d data set")
 
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        d = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+        d = mnist1d_data.make_dataset(mnist1d_data.get_dataset_args())
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -228,8 +229,12 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn digits as (N, 1, 8, 8) in [0, 1], standardised with the training set's mean/std;
     a fixed stratified split of 1437 train / 360 test (random_state=0)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    require("numpy", "data", "the digits data set")
+    import numpy as np
+
+    sk_datasets = require("sklearn.datasets", "data", "the digits data set")
+    sk_model_selection = require("sklearn.model_selection", "data", "the digits data set")
+    load_digits, train_test_split = sk_datasets.load_digits, sk_model_selection.train_test_split
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
@@ -244,8 +249,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 # -- Fashion-MNIST (IDX files) -------------------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+#: IDX type code -> numpy dtype (big-endian where it matters)
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: PathLike, magic: Optional[int] = None) -> np.ndarray:
@@ -255,6 +260,9 @@ def read_idx(path: PathLike, magic: Optional[int] = None) -> np.ndarray:
     0x0D float32, 0x0E float64), the number of dimensions, one uint32 per dimension, then the data.
     ``magic``: the expected first four bytes as an int (2051 for uint8 images N x H x W, 2049 for labels).
     """
+    require("numpy", "data", "reading IDX files")
+    import numpy as np
+
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -267,12 +275,12 @@ def read_idx(path: PathLike, magic: Optional[int] = None) -> np.ndarray:
     if len(raw) < 4:
         raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than the 4-byte magic number)")
     found = int.from_bytes(raw[:4], "big")
-    if raw[0] or raw[1] or raw[2] not in _IDX_DTYPES:
+    if raw[0] or raw[1] or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (magic number 0x{found:08x}"
                          f"{f', expected {magic} = 0x{magic:08x}' if magic is not None else ''})")
     if magic is not None and found != magic:
         raise ValueError(f"{path}: wrong IDX magic number {found} (0x{found:08x}), expected {magic} (0x{magic:08x})")
-    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, shorter than its {header}-byte header)")
@@ -308,6 +316,8 @@ def _fashion_mnist_files(data_dir: Optional[PathLike]) -> list[Path]:
 
 def _fashion_mnist_split(images: Path, labels: Path) -> tuple[Tensor, Tensor]:
     """(N, 1, 28, 28) float images normalised with the training mean/std, (N,) int64 labels; checked."""
+    import numpy as np  # read_idx has checked that it is installed
+
     x = read_idx(images, magic=0x0803)
     y = read_idx(labels, magic=0x0801)
     if x.shape[1:] != (28, 28):
@@ -341,7 +351,7 @@ def image_transforms(name: str, img_size: Optional[int] = None) -> tuple[Callabl
     fine-tuning) the image is first resized to ``img_size`` and the crop padding scaled (img_size // 8).
     ImageNet-style sets: RandomResizedCrop(size) + flip / Resize(size / 0.875) + CenterCrop(size).
     """
-    from torchvision import transforms as T
+    T = require("torchvision.transforms", "data", f"the {name} data set")
 
     if name in ("cifar10", "cifar100"):
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
@@ -411,7 +421,7 @@ def _torchvision_call(name: str, data_dir: PathLike, build: Callable[[], Dataset
 
 
 def _image_folder(name: str, data_dir: Optional[PathLike], split: str) -> Any:
-    from torchvision.datasets import ImageFolder
+    ImageFolder = require("torchvision.datasets", "data", f"the {name} data set").ImageFolder
 
     assert data_dir is not None
     path = Path(data_dir).expanduser() / split
@@ -432,7 +442,7 @@ def _same_classes(name: str, data_dir: PathLike, train: Any, other: Any, split: 
 def _path_dataset(name: str, data_dir: Optional[PathLike]) -> tuple[Dataset, Dataset, Optional[Dataset], int,
                                                                       Optional[list[str]]]:
     """(train base, test base, own val base or None, num_classes, classes); bases carry no transform."""
-    from torchvision import datasets as tvd
+    tvd = require("torchvision.datasets", "data", f"the {name} data set")
 
     if name in ("cifar10", "cifar100"):
         folder, files, cls = (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
@@ -477,24 +487,95 @@ def _path_dataset(name: str, data_dir: Optional[PathLike]) -> tuple[Dataset, Dat
     raise AssertionError(name)
 
 
+# -- the registry --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a registered data set is: the model trained on it by default and what building it needs.
+
+    ``needs_data_dir``: read from ``data_dir`` (never downloaded); ``requires``: modules its builder imports
+    (checked before a run starts; :func:`missing_requirements`), installed by ``pip install 'torchsaq[EXTRA]'``.
+    """
+
+    name: str
+    default_model: str
+    description: str = ""
+    needs_data_dir: bool = False
+    requires: tuple[str, ...] = ()
+    extra: str = "data"
+
+
+#: ``build(data_dir=, img_size=, val_split=, seed=, augment=) -> DataBundle``
+Builder = Callable[..., DataBundle]
+B = TypeVar("B", bound=Builder)
+_REGISTRY: dict[str, tuple[Builder, DatasetInfo]] = {}
+#: the registered data set names (kept up to date by :func:`register_dataset`; :func:`list_datasets` is the same)
+DATASETS: tuple[str, ...] = ()
+#: data set -> the model ``torchsaq train --dataset NAME`` trains when no ``--model`` is given (updated in place)
+DEFAULT_MODELS: dict[str, str] = {}
+
+
+def register_dataset(fn: Optional[B] = None, *, name: Optional[str] = None, default_model: str,
+                     description: str = "", needs_data_dir: bool = False, requires: Sequence[str] = (),
+                     extra: str = "data") -> Any:
+    """Register a data set builder under ``name`` (default: the function's name); a decorator, or call it with ``fn``.
+
+    The builder is called with keyword arguments ``data_dir``, ``img_size``, ``val_split``, ``seed`` and
+    ``augment`` (checked by :func:`build_datasets` first) and returns a :class:`DataBundle`.
+    ``default_model`` is the registered model (``torchsaq.models``) trained on it when none is named.
+    Registering a taken name is an error.
+    """
+
+    def wrap(f: B) -> B:
+        key = name or getattr(f, "__name__", None)
+        if not key:
+            raise ValueError("register_dataset: give name= for a builder without a __name__")
+        if key in _REGISTRY:
+            raise ValueError(f"data set {key!r} is already registered")
+        if not isinstance(default_model, str) or not default_model:
+            raise ValueError(f"data set {key!r}: default_model must be a model name, got {default_model!r}")
+        global DATASETS
+        _REGISTRY[key] = (f, DatasetInfo(key, default_model, description, needs_data_dir, tuple(requires), extra))
+        DATASETS = tuple(_REGISTRY)
+        DEFAULT_MODELS[key] = default_model
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_datasets() -> list[str]:
+    """The registered data set names, in registration order (the built-in ones first, ``mnist1d`` leading)."""
+    return list(_REGISTRY)
+
+
 def _unknown_dataset(name: str) -> ValueError:
     import difflib
 
-    close = difflib.get_close_matches(str(name), DATASETS, n=3)
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ValueError(f"unknown data set {name!r}{hint}; choose one of {', '.join(DATASETS)}")
+    return ValueError(f"unknown data set {name!r}{hint}; choose one of {', '.join(_REGISTRY)}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a registered data set (a ValueError with suggestions for an unknown name)."""
+    if name not in _REGISTRY:
+        raise _unknown_dataset(name)
+    return _REGISTRY[name][1]
 
 
 def default_model(dataset: str) -> str:
-    """The model trained on ``dataset`` when none is named (:data:`DEFAULT_MODELS`)."""
-    if dataset not in DEFAULT_MODELS:
-        raise _unknown_dataset(dataset)
-    return DEFAULT_MODELS[dataset]
+    """The model trained on ``dataset`` when none is named (its :class:`DatasetInfo`)."""
+    return dataset_info(dataset).default_model
+
+
+def missing_requirements(dataset: str) -> list[str]:
+    """The distributions that building ``dataset`` needs and that are not installed (nothing is imported)."""
+    return missing(dataset_info(dataset).requires)
 
 
 def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, img_size: Optional[int] = None,
                    val_split: float = 0.0, seed: int = 0, augment: bool = True) -> DataBundle:
-    """Build the train / val / test sets of data set ``name`` (one of :data:`DATASETS`).
+    """Build the train / val / test sets of the registered data set ``name`` (:func:`list_datasets`).
 
     ``data_dir`` is required for the image sets (never downloaded); "fashion_mnist" reads its four IDX
     files from ``data_dir``, or from /usr/share/datasets/fashion-mnist (Debian package
@@ -506,23 +587,45 @@ def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, i
     "imagefolder" tests on ``data_dir/test`` if present (else ``data_dir/val``); with both present,
     ``data_dir/val`` becomes the validation set. Flowers-102 trains on its train+val splits.
     """
-    if name not in DATASETS:
+    if name not in _REGISTRY:
         raise _unknown_dataset(name)
     if not 0 <= val_split < 1:
         raise ValueError(f"val_split must be in [0, 1), got {val_split}")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise ValueError(f"img_size must be a positive int or None, got {img_size!r}")
+    build, _ = _REGISTRY[name]
+    return build(data_dir=data_dir, img_size=img_size, val_split=val_split, seed=seed, augment=augment)
 
-    if name == "mnist1d":
-        _check_no_img_size(name, img_size, 40)
-        return _tensor_bundle(name, *_mnist1d_arrays(), num_classes=10, val_split=val_split, seed=seed)
-    if name == "digits":
-        _check_no_img_size(name, img_size, 8)
-        return _tensor_bundle(name, *_digits_arrays(), num_classes=10, val_split=val_split, seed=seed)
-    if name == "fashion_mnist":
-        _check_no_img_size(name, img_size, 28)
-        return _fashion_mnist_bundle(data_dir, val_split, seed, augment)
 
+# -- the built-in data sets -----------------------------------------------------------------------------
+
+@register_dataset(name="mnist1d", default_model="cnn1d", requires=("numpy", "mnist1d"),
+                  description="MNIST-1D, generated locally, 4,000 train / 1,000 test sequences of 40 values")
+def _mnist1d(data_dir: Optional[PathLike] = None, img_size: Optional[int] = None, val_split: float = 0.0,
+            seed: int = 0, augment: bool = True) -> DataBundle:
+    _check_no_img_size("mnist1d", img_size, 40)
+    return _tensor_bundle("mnist1d", *_mnist1d_arrays(), num_classes=10, val_split=val_split, seed=seed)
+
+
+@register_dataset(name="digits", default_model="cnn_digits", requires=("numpy", "sklearn"),
+                  description="scikit-learn's 8x8 digits, embedded, 1,437 train / 360 test")
+def _digits(data_dir: Optional[PathLike] = None, img_size: Optional[int] = None, val_split: float = 0.0,
+           seed: int = 0, augment: bool = True) -> DataBundle:
+    _check_no_img_size("digits", img_size, 8)
+    return _tensor_bundle("digits", *_digits_arrays(), num_classes=10, val_split=val_split, seed=seed)
+
+
+@register_dataset(name="fashion_mnist", default_model="cnn_fmnist", requires=("numpy",),
+                  description=f"Fashion-MNIST from its four IDX files in data_dir or {FASHION_MNIST_SYSTEM_DIR}")
+def _fashion_mnist(data_dir: Optional[PathLike] = None, img_size: Optional[int] = None, val_split: float = 0.0,
+                  seed: int = 0, augment: bool = True) -> DataBundle:
+    _check_no_img_size("fashion_mnist", img_size, 28)
+    return _fashion_mnist_bundle(data_dir, val_split, seed, augment)
+
+
+def _image_bundle(name: str, data_dir: Optional[PathLike] = None, img_size: Optional[int] = None,
+                  val_split: float = 0.0, seed: int = 0, augment: bool = True) -> DataBundle:
+    """An image data set read from ``data_dir`` (:func:`_path_dataset`) with the paper's transforms."""
     train_base, test_base, own_val, num_classes, classes = _path_dataset(name, data_dir)
     train_tf, eval_tf = image_transforms(name, img_size)
     if not augment:
@@ -539,6 +642,17 @@ def build_datasets(name: str = "mnist1d", data_dir: Optional[PathLike] = None, i
         val = TransformSubset(own_val, None, eval_tf) if own_val is not None else None
     return DataBundle(name, train, val, TransformSubset(test_base, None, eval_tf), num_classes, 3,
                       (3, size, size), classes)
+
+
+for _name, _model, _description in (
+        ("cifar10", "resnet20", "CIFAR-10, python version, from data_dir"),
+        ("cifar100", "resnet20", "CIFAR-100, python version, from data_dir"),
+        ("imagenet", "resnet18", "ImageNet: train/ and val/ class folders under data_dir"),
+        ("imagefolder", "resnet18", "any class-per-folder image set: train/ and test/ or val/ under data_dir"),
+        ("flowers102", "resnet18", "Oxford Flowers-102 from data_dir, trained on its train+val splits"),
+        ("pets", "resnet18", "Oxford-IIIT Pets from data_dir")):
+    register_dataset(functools.partial(_image_bundle, _name), name=_name, default_model=_model,
+                     description=_description, needs_data_dir=True, requires=("torchvision", "PIL"))
 
 
 def subset_train(bundle: DataBundle, n: int) -> DataBundle:

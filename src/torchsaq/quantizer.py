@@ -14,11 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .vocab import QUANTIZERS
+
 __all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
            "make_quantizers", "QUANTIZERS", "NotInitializedError"]
-
-#: the quantizer kinds of ``QuantConfig(quantizer=...)``
-QUANTIZERS = ("lsq", "liq")
 
 #: smallest step the forward pass will use; keeps a step that an optimizer pushed to <= 0 valid.
 STEP_EPS = 1e-8

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._optional import require
 from ._registry import register_model
 
 __all__ = ["CNN1d", "CNNDigits", "CNNFashion", "cnn1d", "cnn_digits", "cnn_fmnist", "vit_tiny_digits"]
@@ -113,7 +114,7 @@ def cnn_fmnist(num_classes: int = 10, in_chans: Optional[int] = None, img_size: 
 def vit_tiny_digits(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
                     **kwargs: Any) -> nn.Module:
     """Tiny timm VisionTransformer for 8x8 digits: patch 2 (16 tokens + class token), dim 64, depth 4, 4 heads."""
-    from timm.models.vision_transformer import VisionTransformer
+    VisionTransformer = require("timm.models.vision_transformer", "timm", "model vit_tiny_digits").VisionTransformer
 
     cfg: dict[str, Any] = dict(patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
     cfg.update(kwargs)

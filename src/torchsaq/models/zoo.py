@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .._optional import require
 from ._registry import register_model
 
 __all__ = ["TORCHVISION_MODELS", "TIMM_MODELS"]
@@ -36,7 +37,7 @@ def _replace_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
 def _torchvision(name: str):
     def build(num_classes: int = 1000, in_chans: Optional[int] = None, img_size: Optional[int] = None,
               **kwargs: Any) -> nn.Module:
-        import torchvision.models as tvm
+        tvm = require("torchvision.models", "vision", f"model {name}")
 
         _no_download(name, kwargs)
         model = getattr(tvm, name)(weights=None, num_classes=num_classes, **kwargs)
@@ -54,7 +55,7 @@ def _torchvision(name: str):
 def _timm(name: str):
     def build(num_classes: int = 1000, in_chans: Optional[int] = None, img_size: Optional[int] = None,
               **kwargs: Any) -> nn.Module:
-        import timm
+        timm = require("timm", "timm", f"model {name}")
 
         _no_download(name, kwargs)
         extra: dict[str, Any] = {}
