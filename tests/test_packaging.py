@@ -72,7 +72,7 @@ def _core_site(tmp_path: Path) -> Path:
             top = f.parts[0]
             if top in ("..", "__pycache__") or (site / top).exists():
                 continue
-            target = Path(dist.locate_file(top))
+            target = Path(str(dist.locate_file(top)))
             if target.exists():
                 (site / top).symlink_to(target)
     return site

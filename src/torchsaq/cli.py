@@ -113,7 +113,7 @@ def train_help() -> dict[str, str]:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``torchsaq: error: MESSAGE (see 'torchsaq CMD --help')``, exit status 2."""
 
-    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"torchsaq: error: {message} (see '{self.prog} --help')\n")
 
 

@@ -412,7 +412,7 @@ def _root(name: str, data_dir: Optional[PathLike], folder: str, required: Sequen
     return root
 
 
-def _torchvision_call(name: str, data_dir: PathLike, build: Callable[[], Dataset]) -> Dataset:
+def _torchvision_call(name: str, data_dir: PathLike, build: Callable[[], Any]) -> Any:
     try:
         return build()
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (md5 mismatch)
@@ -454,7 +454,7 @@ def _path_dataset(name: str, data_dir: Optional[PathLike]) -> tuple[Dataset, Dat
         return train, test, None, len(train.classes), list(train.classes)
     if name == "flowers102":
         root = _root(name, data_dir, "flowers-102", ["jpg", "imagelabels.mat", "setid.mat"])
-        parts = [_torchvision_call(name, root, lambda s=s: tvd.Flowers102(str(root), split=s, download=False))
+        parts = [_torchvision_call(name, root, functools.partial(tvd.Flowers102, str(root), split=s, download=False))
                  for s in ("train", "val", "test")]
         # train on the official train+val splits (2,040 images), test on the test split, as in ViT/BiT
         return ConcatDataset(parts[:2]), parts[2], None, 102, list(tvd.Flowers102.classes)
@@ -634,6 +634,7 @@ def _image_bundle(name: str, data_dir: Optional[PathLike] = None, img_size: Opti
     if own_val is not None and val_split > 0:
         raise ValueError(f"{name}: {data_dir!r} has its own val/ folder next to test/; drop val_split "
                          "(or remove val/ to carve the validation set out of train/)")
+    val: Optional[TransformSubset]
     if val_split > 0:
         tr, va = _split_indices(len(train_base), val_split, seed)  # type: ignore[arg-type]
         train, val = TransformSubset(train_base, tr, train_tf), TransformSubset(train_base, va, eval_tf)

@@ -98,7 +98,7 @@ class Summary:
                      f"{self.float_bits:,} bits ({self.float_bits / mib:.3f} MiB); compression {self.compression:.2f}x "
                      "(parameters only; an export file also holds buffers such as BatchNorm statistics); "
                      f"{self.other_params:,} other params at 32 bits")
-        if self.bops is None:
+        if self.bops is None or self.macs is None:
             lines.append("MACs/BOPs: unknown (run one forward pass first, or pass example_inputs)")
         else:
             lines.append(f"per sample: {self.macs:,} MACs, {self.bops:,} BOPs ({self.bops / 1e9:.3f} GBOPs; "
@@ -150,11 +150,13 @@ def bops(model: nn.Module, example_inputs: Any = None) -> int:
     layers = _layers(model)
     if example_inputs is not None:
         _measure_macs(model, example_inputs)
-    unknown = [n for n, m in layers if m._saq_macs is None]
-    if unknown:
-        raise ValueError("bops: MACs unknown (the model has not run a forward pass since saq.quantize); "
-                         "pass example_inputs")
-    return sum(m._saq_macs * m.w_bits * m.a_bits for _, m in layers)
+    total = 0
+    for _, m in layers:
+        if m._saq_macs is None:
+            raise ValueError("bops: MACs unknown (the model has not run a forward pass since saq.quantize); "
+                             "pass example_inputs")
+        total += m._saq_macs * m.w_bits * m.a_bits
+    return total
 
 
 def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
@@ -170,7 +172,8 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
     layer_params = 0
     for name, m in layers:
         ws, as_ = _steps(m.weight_quantizer), _steps(m.act_quantizer)
-        n = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        bias = getattr(m, "bias", None)  # the nn.Conv/nn.Linear side of the layer
+        n = m.weight.numel() + (bias.numel() if bias is not None else 0)
         layer_params += n
         rows.append(LayerRow(
             name=name, type=type(m).__name__.replace("Quant", ""), role=m.quant_role,

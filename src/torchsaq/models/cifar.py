@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +237,7 @@ def _preresnet(depth: int):
     return build
 
 
-_CIFAR = dict(family="cifar", dataset="cifar100", input_shape=(3, 32, 32), num_classes=100)
+_CIFAR: dict[str, Any] = dict(family="cifar", dataset="cifar100", input_shape=(3, 32, 32), num_classes=100)
 resnet20 = register_model(_resnet(20), name="resnet20", **_CIFAR)
 resnet32 = register_model(_resnet(32), name="resnet32", **_CIFAR)
 resnet56 = register_model(_resnet(56), name="resnet56", **_CIFAR)

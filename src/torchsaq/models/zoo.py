@@ -17,7 +17,7 @@ __all__ = ["TORCHVISION_MODELS", "TIMM_MODELS"]
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 TIMM_MODELS = ("vit_base_patch16_224", "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 
-_IMAGENET = dict(family="imagenet", dataset="imagenet", input_shape=(3, 224, 224), num_classes=1000)
+_IMAGENET: dict[str, Any] = dict(family="imagenet", dataset="imagenet", input_shape=(3, 224, 224), num_classes=1000)
 
 
 def _no_download(name: str, kwargs: dict[str, Any]) -> None:
@@ -30,8 +30,9 @@ def _no_download(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def _replace_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups, conv.bias is not None)
+    geometry: dict[str, Any] = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                                    dilation=conv.dilation)
+    return nn.Conv2d(in_chans, conv.out_channels, groups=conv.groups, bias=conv.bias is not None, **geometry)
 
 
 def _torchvision(name: str):
