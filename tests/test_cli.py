@@ -40,6 +40,7 @@ def _fails(capsys, argv, *needles) -> str:
 
 
 # -- train end to end ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_writes_checkpoint_metrics_and_plot(run_dir):
     state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["epoch"] == 1 and state["config"]["sharpness"] == "none"
@@ -56,6 +57,7 @@ def test_train_prints_accuracy_size_and_bops(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_eval_matches_the_training_metrics(run_dir, capsys):
     # the full test set, evaluated from the checkpoint, against a hand-written loop over the same data
     assert main(["eval", str(run_dir / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
@@ -76,6 +78,7 @@ def test_eval_matches_the_training_metrics(run_dir, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_and_summary(run_dir, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     assert main(["export", str(run_dir / "checkpoint.pt"), str(out)]) == 0
@@ -113,6 +116,7 @@ def test_every_config_field_has_a_flag_and_only_given_flags_override(tmp_path):
 
 
 # -- one-line errors --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_input_gives_one_line_errors(tmp_path, capsys, run_dir):
     _fails(capsys, ["train", "--model", "resnet9000"], "unknown model")
     _fails(capsys, ["train", "--w-bits", "33"], "w-bits")
@@ -136,6 +140,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, run_dir):
 
 
 # -- Ctrl-C in a real process, then --resume ---------------------------------------------------------------
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_cleanly_and_resume_finishes(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torchsaq", "train", "--epochs", "3", "--sharpness", "none", "--batch-size", "32",
@@ -160,6 +165,7 @@ def test_ctrl_c_saves_exits_cleanly_and_resume_finishes(tmp_path, capsys):
     assert final["epoch"] == 3 and final["global_step"] == 120 and final["config"]["limit_train_batches"] == 40
 
 
+@pytest.mark.slow
 def test_landscape_and_sharpness_delegate_to_analysis(run_dir, tmp_path, capsys):
     ckpt = str(run_dir / "checkpoint.pt")
     assert main(["landscape", ckpt, ckpt, "--steps", "3", "--num-samples", "32", "--output", str(tmp_path / "ls")]) == 0

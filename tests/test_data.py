@@ -25,6 +25,7 @@ def _rows(t: torch.Tensor) -> set[bytes]:
 
 # -- embedded data sets ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mnist1d_matches_generator_and_keeps_global_rng():
     import mnist1d.data
 
@@ -630,6 +631,7 @@ def test_device_loader_for_evaluation_is_in_order_and_unaugmented():
 
 # -- torchsaq train on Fashion-MNIST end to end -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
     from torchsaq.checkpoint import load_checkpoint
     from torchsaq.cli import main
@@ -653,6 +655,7 @@ def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
     assert "resnet20 on fashion_mnist" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_system_fmnist):
     """Data order and augmentation on the device depend on (seed, epoch) only: an interrupted run resumes exactly."""
     from torchsaq.checkpoint import load_checkpoint

@@ -92,6 +92,7 @@ def _hf_run(tmp_path, sharp: bool):
     return model, opt, seen, metrics
 
 
+@pytest.mark.slow
 def test_hf_trainer_with_saq_perturbs_and_differs_from_sgd(tmp_path):
     model, opt, seen, metrics = _hf_run(tmp_path, sharp=True)
     assert opt.step_count == 4 and opt.passes_last_step == 1

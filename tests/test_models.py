@@ -235,6 +235,7 @@ def test_quantize_and_one_training_step(name):
         assert m.weight.grad is not None and m.weight_quantizer.step.grad is not None
 
 
+@pytest.mark.slow
 def test_quantized_vit_tiny_digits_fits_a_batch():
     """The quantized tiny ViT trains: AdamW drives the loss on one fixed batch well down."""
     torch.manual_seed(0)

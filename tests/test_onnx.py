@@ -137,6 +137,7 @@ def test_cnn_matches_pytorch(tmp_path, kind, bits, per_channel, ws):
     assert_agrees(run_ort(path, x), ref)
 
 
+@pytest.mark.slow
 def test_torchvision_mobilenet_v2(tmp_path):
     import torchvision
 
@@ -190,6 +191,7 @@ def resnet18(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lsq", "liq"])
 def test_resnet18_five_times_smaller_than_float_onnx(resnet18, kind):
     model, path = resnet18[kind]
@@ -200,6 +202,7 @@ def test_resnet18_five_times_smaller_than_float_onnx(resnet18, kind):
     assert not [n for n in proto.graph.node if "Quantize" in n.op_type]  # the baseline is float32 throughout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lsq", "liq"])
 def test_resnet18_matches_pytorch(resnet18, kind):
     model, path = resnet18[kind]

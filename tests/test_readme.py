@@ -2,11 +2,13 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_api_example_runs(tmp_path, monkeypatch):
     block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S)
     assert block, "README.md has no Python API example"
