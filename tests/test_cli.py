@@ -201,3 +201,53 @@ def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
     # a pattern that matches nothing is a one-line error, before any training
     capsys.readouterr()
     _fails(capsys, ["train", "--exclude", "nothing.here", "--output", str(tmp_path / "bad"), *FAST], "exclude")
+
+
+# -- choices and help come from the registries and torchsaq.vocab -------------------------------------------
+def _train_parser():
+    return build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_vocab():
+    from torchsaq import vocab
+    from torchsaq.data import list_datasets
+
+    parser = _train_parser()
+    text = " ".join(parser.format_help().split())
+    model_help = next(a.help for a in parser._actions if a.dest == "model")
+    for name in saq.list_models():  # preresnet20/32/56 included
+        assert f" {name}," in model_help or f" {name};" in model_help, name
+    for name in list_datasets():
+        assert f"{name} (model " in text, name
+    choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    assert choices == {"sharpness": vocab.SHARPNESS, "strategy": vocab.STRATEGIES, "quantizer": vocab.QUANTIZERS,
+                       "act_grad_scale": vocab.ACT_GRAD_SCALES, "optimizer": vocab.OPTIMIZERS,
+                       "lr_schedule": vocab.SCHEDULES}
+    for names in (vocab.SHARPNESS_HELP, vocab.STRATEGY_HELP, vocab.QUANTIZER_HELP):
+        for name, description in names.items():
+            assert f"{name}: {description}" in text, name
+    landscape = build_parser()._subparsers._group_actions[0].choices["landscape"]
+    where = next(a for a in landscape._actions if a.dest == "where")
+    assert tuple(where.choices) == vocab.WHERE
+    assert build_parser().parse_args(["landscape", "x.pt", "--where", "float"]).where == "latent"
+
+
+def test_every_vocabulary_is_defined_once():
+    """The names each option accepts: vocab's tuples; modules that keep their own copy must agree with it."""
+    import importlib
+    import pkgutil
+
+    from torchsaq import config, convert, quantizer, vocab
+
+    assert vocab.SHARPNESS == ("none", *vocab.MODES)
+    assert config.SHARPNESS is vocab.SHARPNESS and config.STRATEGIES is vocab.STRATEGIES
+    assert quantizer.QUANTIZERS is vocab.QUANTIZERS and convert.ACT_GRAD_SCALES is vocab.ACT_GRAD_SCALES
+    same = {"MODES": vocab.MODES, "STRATEGIES": vocab.STRATEGIES, "WHERE": vocab.WHERE, "_WHERE": vocab.WHERE,
+            "QUANTIZERS": vocab.QUANTIZERS, "ACT_GRAD_SCALES": vocab.ACT_GRAD_SCALES, "SHARPNESS": vocab.SHARPNESS,
+            "OPTIMIZERS": vocab.OPTIMIZERS, "SCHEDULES": vocab.SCHEDULES}
+    for info in pkgutil.walk_packages(saq.__path__, "torchsaq."):
+        module = importlib.import_module(info.name)
+        for name, expected in same.items():
+            value = getattr(module, name, None)
+            if isinstance(value, (tuple, list)):
+                assert tuple(value) == expected, f"{info.name}.{name}"

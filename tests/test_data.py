@@ -696,3 +696,71 @@ def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
     assert subset_train(full, 0) is full and subset_train(full, 10**6) is full
     with pytest.raises(ValueError, match="train_subset"):
         subset_train(full, -1)
+
+
+# -- the data set registry ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Registrations made by a test are dropped afterwards (the module's registry attributes are restored)."""
+    monkeypatch.setattr(sdata, "_REGISTRY", dict(sdata._REGISTRY))
+    monkeypatch.setattr(sdata, "DATASETS", sdata.DATASETS)
+    monkeypatch.setattr(sdata, "DEFAULT_MODELS", dict(sdata.DEFAULT_MODELS))
+
+
+def test_registry_lists_the_built_in_data_sets_with_default_models():
+    assert sdata.list_datasets() == list(DATASETS) == ["mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100",
+                                                      "imagenet", "imagefolder", "flowers102", "pets"]
+    assert DEFAULT_MODELS == {d: sdata.dataset_info(d).default_model for d in DATASETS}
+    info = sdata.dataset_info("cifar100")
+    assert (info.name, info.default_model, info.needs_data_dir, info.extra) == ("cifar100", "resnet20", True, "data")
+    assert "torchvision" in info.requires and sdata.dataset_info("mnist1d").requires == ("numpy", "mnist1d")
+    assert all(sdata.dataset_info(d).description for d in DATASETS)
+    with pytest.raises(ValueError, match="unknown data set 'digit' \\(did you mean digits"):
+        sdata.dataset_info("digit")
+
+
+def test_a_registered_data_set_builds_trains_and_shows_in_the_cli(own_registry, tmp_path, capsys):
+    from torchsaq.cli import build_parser, check_train_requirements, main
+    from torchsaq.config import TrainConfig
+
+    calls = []
+
+    @sdata.register_dataset(default_model="cnn_digits", description="random 8x8 images for a test")
+    def toy8(data_dir=None, img_size=None, val_split=0.0, seed=0, augment=True):
+        calls.append(dict(data_dir=data_dir, img_size=img_size, val_split=val_split, seed=seed, augment=augment))
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        return sdata._tensor_bundle("toy8", x, y, x[:16], y[:16], 3, val_split, seed)
+
+    assert sdata.list_datasets()[-1] == "toy8" and sdata.DATASETS[-1] == "toy8"
+    assert sdata.DEFAULT_MODELS["toy8"] == "cnn_digits" and sdata.default_model("toy8") == "cnn_digits"
+    bundle = build_datasets("toy8", data_dir="somewhere", val_split=0.25, seed=3, augment=False)
+    assert calls == [dict(data_dir="somewhere", img_size=None, val_split=0.25, seed=3, augment=False)]
+    assert len(bundle.train) == 48 and len(bundle.val) == 16 and bundle.num_classes == 3
+    with pytest.raises(ValueError, match="val_split"):  # the shared checks run before the builder
+        build_datasets("toy8", val_split=1.5)
+    assert len(calls) == 1
+    cfg = TrainConfig(dataset="toy8")
+    assert cfg.model == "cnn_digits"
+    check_train_requirements(cfg)  # nothing missing
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert "toy8 (model cnn_digits): random 8x8 images for a test" in " ".join(train.format_help().split())
+    assert main(["train", "--dataset", "toy8", "--epochs", "1", "--batch-size", "16", "--no-save"]) == 0
+    assert "test      top-1" in capsys.readouterr().out and len(calls) == 2
+    with pytest.raises(ValueError, match="already registered"):
+        sdata.register_dataset(toy8, name="toy8", default_model="cnn1d")
+
+
+def test_missing_requirements_are_named_before_a_run(own_registry, tmp_path, capsys):
+    from torchsaq.cli import main
+
+    sdata.register_dataset(lambda **kw: None, name="needs_more", default_model="cnn1d", extra="data",
+                           requires=("numpy", "a_module_nobody_installs"))
+    assert sdata.missing_requirements("needs_more") == ["a_module_nobody_installs"]
+    assert sdata.missing_requirements("mnist1d") == []
+    assert main(["train", "--dataset", "needs_more", "--output", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchsaq: error: torchsaq train (needs_more, cnn1d) needs a_module_nobody_installs")
+    assert "pip install 'torchsaq[data]'" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
