@@ -15,13 +15,45 @@ from .data import dataset_info, default_model
 from .quantizer import check_bits
 from .vocab import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
 
-__all__ = ["TrainConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES",
-           "QUANTIZERS", "ACT_GRAD_SCALES"]
+__all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES",
+           "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES"]
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """The sharpness-aware part of a :class:`TrainConfig` in :class:`torchsaq.SAQ`'s terms (``cfg.sharpness_config``).
+
+    ``mode``: a name of :data:`torchsaq.vocab.MODES`, or ``None`` for plain quantization-aware training
+    (``sharpness: none``); ``k`` / ``alpha``: the every_k strategy's period and weight (``"auto"``: measured).
+    ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs.
+    """
+
+    mode: Optional[str] = "case3"
+    rho: float = 0.05
+    adaptive: bool = False
+    strategy: str = "prev_grad"
+    k: int = 5
+    alpha: Union[str, float] = "auto"
+    rho_warmup_epochs: float = 0.0
+
+    #: TrainConfig field -> SharpnessConfig field, where the names differ
+    FIELDS = {"sharpness": "mode", "rho": "rho", "adaptive": "adaptive", "strategy": "strategy", "strategy_k": "k",
+              "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs"}
+
+    def flat(self) -> dict[str, Any]:
+        """The :class:`TrainConfig` fields that say the same (``sharpness``, ``rho``, ..., ``strategy_alpha``)."""
+        values = {"sharpness": self.mode or "none", "strategy_alpha": None if self.alpha == "auto" else self.alpha}
+        return {f: values.get(f, getattr(self, name)) for f, name in self.FIELDS.items()}
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. YAML recipes use these field names; CLI flags are --field-name."""
+    """Every knob of a training run. YAML recipes use these field names; CLI flags are --field-name.
+
+    The fields are flat (one flag or recipe key each); :attr:`quant` and :attr:`sharpness_config` group them
+    as :class:`torchsaq.QuantConfig` and :class:`SharpnessConfig`, :meth:`saq_kwargs` gives the arguments of
+    :class:`torchsaq.SAQ`, and :meth:`from_parts` builds a config from those groups.
+    """
 
     # data and model
     dataset: str = "mnist1d"
@@ -165,12 +197,66 @@ class TrainConfig:
                              f"({in_chans} channel(s)); drop it, the data set gives it")
         return options
 
+    #: the fields that :attr:`quant` reads (QuantConfig's own names)
+    QUANT_FIELDS = ("w_bits", "a_bits", "first_last_bits", "per_channel", "weight_standardize", "quantizer",
+                    "act_grad_scale", "layer_bits", "exclude")
+
     def quant_config(self) -> QuantConfig:
         """The :class:`saq.QuantConfig` these options describe."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
                            per_channel=self.per_channel, weight_standardize=self.weight_standardize,
                            quantizer=self.quantizer, act_grad_scale=self.act_grad_scale,
                            layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude))
+
+    @property
+    def quant(self) -> QuantConfig:
+        """:meth:`quant_config`: a new :class:`QuantConfig` built from the fields (changing it changes nothing here)."""
+        return self.quant_config()
+
+    @property
+    def sharpness_config(self) -> SharpnessConfig:
+        """The sharpness-aware fields as a :class:`SharpnessConfig` (``mode`` None for ``sharpness: none``)."""
+        return SharpnessConfig(mode=None if self.sharpness == "none" else self.sharpness, rho=self.rho,
+                               adaptive=self.adaptive, strategy=self.strategy, k=self.strategy_k,
+                               alpha="auto" if self.strategy_alpha is None else self.strategy_alpha,
+                               rho_warmup_epochs=self.rho_warmup_epochs)
+
+    def saq_kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
+        """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
+
+        ``rho_schedule`` is :func:`torchsaq.rho_warmup` over ``rho_warmup_epochs * steps_per_epoch`` steps
+        (``None`` without warm-up). A ValueError for ``sharpness: none`` (that run has no SAQ optimizer).
+        """
+        s = self.sharpness_config
+        if s.mode is None:
+            raise ValueError("sharpness 'none' trains with the base optimizer alone: there are no SAQ arguments")
+        from .sam import rho_warmup
+
+        warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
+        return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,
+                    rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm)
+
+    @classmethod
+    def from_parts(cls, quant: Optional[QuantConfig] = None, sharpness: Optional[SharpnessConfig] = None,
+                   **fields: Any) -> "TrainConfig":
+        """A config from a :class:`QuantConfig` and/or a :class:`SharpnessConfig` plus other fields, e.g.
+        ``TrainConfig.from_parts(QuantConfig(w_bits=2, a_bits=2), SharpnessConfig(mode="sam"), epochs=5)``.
+
+        A field given both ways is an error; so is a QuantConfig option that has no TrainConfig field (``a_signed``).
+        """
+        parts: dict[str, Any] = {}
+        if quant is not None:
+            q = quant.to_dict()
+            if q.pop("a_signed") is not None:
+                raise ValueError("QuantConfig.a_signed has no TrainConfig field (the signed range is decided per "
+                                 "layer from the data); leave it None")
+            parts.update(q)
+        if sharpness is not None:
+            parts.update(sharpness.flat())
+        both = sorted(set(parts) & set(fields))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both in a part and as a field")
+        return cls.from_dict({**parts, **fields})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
