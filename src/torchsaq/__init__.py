@@ -1,6 +1,6 @@
 """torchsaq: Sharpness-Aware Quantization (SAQ) for PyTorch -- LSQ quantization-aware training made flatter.
 
-    import torchsaq
+    import torchsaq as saq
     saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
     opt = saq.SAQ(model, torch.optim.SGD(model.parameters(), lr=0.01), rho=0.05)
 """
@@ -15,14 +15,16 @@ from .quantizer import LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotIni
 
 __version__ = "0.1.0"
 
-# heavier parts load on first use (keeps `import torchsaq` and the CLI start-up fast)
+# heavier parts load on first use (keeps `import torchsaq` and the CLI start-up fast; `import torchsaq` needs
+# only torch: optional dependencies are imported where they are used, see _optional.py)
 _LAZY = {
     "SAQ": "sam", "rho_warmup": "sam",
     "export": "export", "load_exported": "export",
     "summary": "summary", "model_size_bits": "summary", "bops": "summary",
     "create_model": "models", "list_models": "models", "register_model": "models",
-    "TrainConfig": "config",
-    "analysis": None, "models": None, "data": None, "train": None, "checkpoint": None,
+    "TrainConfig": "config", "SharpnessConfig": "config",
+    "list_datasets": "data", "register_dataset": "data",
+    "analysis": None, "vocab": None, "models": None, "data": None, "train": None, "checkpoint": None,
 }
 
 __all__ = [

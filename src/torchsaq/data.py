@@ -3,6 +3,11 @@
     bundle = saq.data.build_datasets("cifar100", data_dir="/data", val_split=0.1)
     bundle.train, bundle.val, bundle.test, bundle.num_classes, bundle.input_shape
 
+Data sets are a registry, as models are: :func:`list_datasets`, :func:`dataset_info` (default model,
+description, the modules it needs) and :func:`register_dataset` for your own (``torchsaq train --dataset NAME``
+then trains on it). numpy, mnist1d, scikit-learn and torchvision are imported only by the data sets that use
+them (the ``data`` extra).
+
 Nothing is downloaded: "mnist1d" is generated locally, "digits" ships with scikit-learn, "fashion_mnist"
 is read from its four IDX files (``data_dir``, else the Debian package's folder), and the image sets are
 read from ``data_dir`` in the layout torchvision uses (a wrong path raises ValueError showing the layout
