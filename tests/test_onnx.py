@@ -21,7 +21,7 @@ from torch import nn
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-import saq  # noqa: E402
+import torchsaq as saq  # noqa: E402
 from torchsaq.cli import main  # noqa: E402
 from torchsaq.export_onnx import CONTAINERS, export_onnx, onnx_layers  # noqa: E402
 
