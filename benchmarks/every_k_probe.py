@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-import torchsaq.sam
+import torchsaq as saq
+import torchsaq.sam  # noqa: F401  (binds saq.sam)
 from torchsaq.config import TrainConfig
 from torchsaq.quantizer import Quantizer
 from torchsaq.train import train

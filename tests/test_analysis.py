@@ -355,8 +355,8 @@ def fake_ckpt(monkeypatch):
         augment = lambda t: t + 100.0  # noqa: E731 - a training augmentation the analysis must not use
         return types.SimpleNamespace(train=_TfDataset(x, y, augment), val=None, test=_TfDataset(x, y, lambda t: t))
 
-    monkeypatch.setitem(sys.modules, "saq.checkpoint", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.setitem(sys.modules, "saq.data", types.SimpleNamespace(build_datasets=build_datasets))
+    monkeypatch.setitem(sys.modules, "torchsaq.checkpoint", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setitem(sys.modules, "torchsaq.data", types.SimpleNamespace(build_datasets=build_datasets))
     return models, x, y
 
 
