@@ -341,7 +341,7 @@ class _TfDataset(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_ckpt(monkeypatch):
-    """saq.checkpoint.load_model / saq.data.build_datasets stand-ins: a conv model and a tensor data set."""
+    """torchsaq.checkpoint.load_model / torchsaq.data.build_datasets stand-ins: a conv model and a tensor data set."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 2, 5, 5, generator=g)
     y = torch.randint(0, 3, (40,), generator=g)
