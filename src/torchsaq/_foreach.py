@@ -43,8 +43,9 @@ def norm(ts: Sequence[Tensor]) -> Tensor:
     parts: list[Tensor] = []
 
     def bucket(group: list[Tensor]) -> None:
-        norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        parts.append(torch.linalg.vector_norm(torch.stack(norms)).to(dev))
+        acc = torch.float64 if group[0].dtype == torch.float64 else torch.float32  # no narrowing (torch refuses)
+        norms = torch._foreach_norm(group, 2, dtype=acc)
+        parts.append(torch.linalg.vector_norm(torch.stack(norms)).to(dev, torch.float32))
 
     foreach(bucket, ts)
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
