@@ -160,8 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="save base and SAQ checkpoints of the first seed "
-                        "(for `torchsaq sharpness` / `torchsaq landscape`)")
+                   help="save base and SAQ checkpoints of the first seed (for `torchsaq sharpness` / `landscape`)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--finetune", action="store_true",
                    help="the paper's regime: QAT (every method) starts from the float model of the same seed, "

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import torchsaq.sam
+import torchsaq.strategies
 from torchsaq.config import TrainConfig
 from torchsaq.quantizer import Quantizer
 from torchsaq.train import train
@@ -39,8 +40,29 @@ def _cos(a: Sequence[Optional[torch.Tensor]], b: Sequence[Optional[torch.Tensor]
     return dot / (_norm(a) * _norm(b) + 1e-30)
 
 
-class ProbedSAQ(saq.sam.SAQ):
-    """saq.SAQ that records the every_k quantities at each full step (nothing else changes)."""
+class ProbedEveryK(torchsaq.strategies.EveryK):
+    """every_k that records its quantities at each full step (nothing else changes)."""
+
+    kind_idx: dict[str, list[int]] = {}
+
+    def update(self, params: list[torch.Tensor], g_first: list[Optional[torch.Tensor]]) -> None:
+        gf = [None if g is None else g.clone() for g in g_first]
+        gs = [None if p.grad is None else p.grad.clone() for p in params]
+        old = None if self.gv is None else [None if t is None else t.clone() for t in self.gv]
+        super().update(params, g_first)
+        gv = self.gv or []
+        rec = {"g": _norm(gf), "gs": _norm(gs), "gv": _norm(gv)}
+        for kind, idx in self.kind_idx.items():
+            rec["gv_" + kind] = _norm([gv[i] for i in idx])
+            rec["g_" + kind] = _norm([gf[i] for i in idx])
+        if old is not None:
+            rec["cos_gv_prev"] = _cos(old, gv)
+            rec["cos_g_oldgv"] = _cos(old, gf)  # is the stored g_v still orthogonal to the new plain gradient?
+        STATS.append(rec)
+
+
+class ProbedSAQ(torchsaq.sam.SAQ):
+    """torchsaq.SAQ whose every_k strategy records its quantities (nothing else changes)."""
 
     def __init__(self, model: torch.nn.Module, base: torch.optim.Optimizer, *args: Any, **kwargs: Any):
         if PROBE_ALPHA is not None:
@@ -50,25 +72,12 @@ class ProbedSAQ(saq.sam.SAQ):
         for m in model.modules():
             for p in m.parameters(recurse=False):
                 kind[id(p)] = "step" if isinstance(m, Quantizer) else ("w" if p.ndim > 1 else "norm_bias")
-        self._kind_idx: dict[str, list[int]] = {}
+        kind_idx: dict[str, list[int]] = {}
         for i, p in enumerate(self._params()):
-            self._kind_idx.setdefault(kind.get(id(p), "other"), []).append(i)
-
-    def _update_gv(self, g_first: Optional[list[Optional[torch.Tensor]]]) -> None:
-        assert g_first is not None
-        gf = [None if g is None else g.clone() for g in g_first]
-        gs = [None if p.grad is None else p.grad.clone() for p in self._params()]
-        old = None if self._gv is None else [None if t is None else t.clone() for t in self._gv]
-        super()._update_gv(g_first)
-        gv = self._gv or []
-        rec = {"g": _norm(gf), "gs": _norm(gs), "gv": _norm(gv)}
-        for kind, idx in self._kind_idx.items():
-            rec["gv_" + kind] = _norm([gv[i] for i in idx])
-            rec["g_" + kind] = _norm([gf[i] for i in idx])
-        if old is not None:
-            rec["cos_gv_prev"] = _cos(old, gv)
-            rec["cos_g_oldgv"] = _cos(old, gf)  # is the stored g_v still orthogonal to the new plain gradient?
-        STATS.append(rec)
+            kind_idx.setdefault(kind.get(id(p), "other"), []).append(i)
+        if isinstance(self._strategy, torchsaq.strategies.EveryK):
+            self._strategy.__class__ = ProbedEveryK
+            self._strategy.kind_idx = kind_idx  # type: ignore[attr-defined]
 
 
 PROBE_ALPHA: Optional[float | str] = None
@@ -83,7 +92,7 @@ def main() -> None:
     if args.alpha is not None:
         PROBE_ALPHA = "auto" if args.alpha == "auto" else float(args.alpha)
     torch.set_num_threads(1)
-    saq.sam.SAQ = ProbedSAQ  # type: ignore[misc]  # what saq.train builds
+    torchsaq.sam.SAQ = ProbedSAQ  # type: ignore[misc]  # what torchsaq.train builds
     over = json.loads(args.overrides)
     cfg = dict(dataset="mnist1d", model="cnn1d", epochs=10, batch_size=128, lr=0.05, weight_decay=5e-4, save=False,
                w_bits=2, a_bits=2, first_last_bits=8, sharpness="case3", strategy="every_k", rho=0.05)

@@ -32,6 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # swept at w2a2 only (the full 60k x 3 bit-widths x 10 methods x full sweeps is ~10x the ~4 h budget)
     "cpu": dict(model="cnn_fmnist", model_kwargs={"width": 16}, train_subset=10000, float_epochs=15, qat_epochs=10,
                 batch_size=128, lr=0.05, qat_lr=0.01, weight_decay=5e-4, sweep_bits=[2]),
+    # the regime SAM is made for: the same CNN over-fitting a small training set (2,000 images, no augmentation:
+    # ~98% train vs ~85% test accuracy in float) -- is the missing gain above the model under-fitting its data?
+    "cpu_gap": dict(model="cnn_fmnist", model_kwargs={"width": 16}, train_subset=2000, augment=False,
+                    float_epochs=30, qat_epochs=15, batch_size=128, lr=0.05, qat_lr=0.01, weight_decay=5e-4,
+                    sweep_bits=[2], rhos=[0.05, 0.1, 0.2]),
     # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
     "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=15, qat_epochs=10,
                 batch_size=256, lr=0.2, qat_lr=0.02, weight_decay=5e-4, sweep_bits=[2, 3, 4]),
@@ -88,6 +93,8 @@ def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     cfg = dict(dataset="fashion_mnist", data_dir=args.data_dir, model=p["model"], model_kwargs=dict(p["model_kwargs"]),
                seed=seed, val_split=args.val_split, train_subset=p["train_subset"], batch_size=p["batch_size"],
                weight_decay=p["weight_decay"], device=args.device)
+    if not p.get("augment", True):
+        cfg["augment"] = False
     if args.smoke:  # a few batches per epoch: checks the whole pipeline in seconds
         cfg.update(limit_train_batches=2, limit_eval_batches=2)
     return cfg
@@ -134,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, default=5, help="paired seeds of base, SAQ and the LIQ_wn pair")
     ap.add_argument("--other-seeds", type=int, default=3, help="seeds of the other methods")
-    ap.add_argument("--rhos", nargs="+", type=float, default=[0.02, 0.05, 0.1])
+    ap.add_argument("--rhos", nargs="+", type=float, default=None, help="default: the preset's, else 0.02 0.05 0.1")
     ap.add_argument("--sweep-bits", nargs="+", type=int, default=None,
                     help="bit-widths swept (default: the preset's); others take the rho of the nearest swept one")
     ap.add_argument("--val-split", type=float, default=0.1)
@@ -149,6 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="2 batches per epoch: check the pipeline, not results")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args(argv)
+    args.rhos = args.rhos or PRESETS[args.preset].get("rhos", [0.02, 0.05, 0.1])
     args.tag = ("" if args.preset == "cpu" else f"_{args.preset}") + ("_smoke" if args.smoke else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,22 +221,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     final = runner.run(final_cfgs, "final runs (test set)")
     acc: dict[tuple[int, str], dict[int, float]] = {}
     secs: dict[tuple[int, str], list[float]] = {}
+    train_acc: dict[tuple[int, str], list[float]] = {}
     curves: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for (b, m, s), rec in zip(index, final):
         if rec is None:
             continue
         acc.setdefault((b, m), {})[s] = rec["result"]["test_acc"]
         secs.setdefault((b, m), []).append(rec["time_s"])
+        if rec["result"].get("train_acc") is not None:
+            train_acc.setdefault((b, m), []).append(rec["result"]["train_acc"])
         if s == 0:
             curves[(b, m)] = rec.get("curve", [])
     fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if r is not None and c["seed"] != sweep_seed}
     frec = [r for r in frec if r is not None]
-    report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start)
+    report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start, train_acc)
     return 0
 
 
 def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs: dict, curves: dict, chosen: dict,
-           val: dict, fp: dict[int, float], frec: list[dict[str, Any]], t_start: float) -> None:
+           val: dict, fp: dict[int, float], frec: list[dict[str, Any]], t_start: float,
+           train_acc: Optional[dict] = None) -> None:
     """Markdown table (mean +- sd, paired gain with 95% interval, share of the quantization gap closed), JSON, plot."""
     p = PRESETS[args.preset]
     fp_vals = [fp[s] for s in sorted(fp)]
@@ -239,10 +251,13 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
-             f"rho from {args.rhos} on the validation split (one seed).",
-             "", f"Full precision: {_mean_sd(fp_vals)} ({len(fp_vals)} seeds)", "",
-             "| bits | method | rho | seeds | test acc | gain vs baseline | gap closed | s/run |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"rho from {args.rhos} on the validation split (one seed). train acc: the last epoch's accuracy on "
+             f"the training batches as trained (training mode{', augmented' if p.get('augment', True) else ''}).",
+             "", f"Full precision: {_mean_sd(fp_vals)} ({len(fp_vals)} seeds); train acc "
+             f"{_mean_sd([r['result']['train_acc'] for r in frec if r['result'].get('train_acc') is not None])}",
+             "", "| bits | method | rho | seeds | test acc | train acc | gain vs baseline | gap closed | s/run |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    train_acc = train_acc or {}
     rows = []
     fp_mean = statistics.fmean(fp_vals) if fp_vals else float("nan")
     for (b, m), a in sorted(acc.items(), key=lambda kv: (kv[0][0], list(acc).index(kv[0]))):
@@ -261,7 +276,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
             gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 else "-"  # False for NaN too
         rho = chosen.get((b, basename))
         lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
-                     f"{gain_txt} | {gap_txt} | {statistics.fmean(secs[(b, m)]):.0f} |")
+                     f"{_mean_sd(train_acc.get((b, m), []))} | {gain_txt} | {gap_txt} | "
+                     f"{statistics.fmean(secs[(b, m)]):.0f} |")
         rows.append(dict(bits=b, method=m, rho=rho, accs=vals, gain=gain, time_s=statistics.fmean(secs[(b, m)])))
     sweep_lines = ["", "rho sweep (validation accuracy, sweep seed):", "",
                    "| bits | method | " + " | ".join(str(r) for r in args.rhos) + " |",

@@ -341,7 +341,7 @@ class _TfDataset(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_ckpt(monkeypatch):
-    """saq.checkpoint.load_model / saq.data.build_datasets stand-ins: a conv model and a tensor data set."""
+    """torchsaq.checkpoint.load_model / torchsaq.data.build_datasets stand-ins: a conv model and a tensor data set."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 2, 5, 5, generator=g)
     y = torch.randint(0, 3, (40,), generator=g)
@@ -355,8 +355,8 @@ def fake_ckpt(monkeypatch):
         augment = lambda t: t + 100.0  # noqa: E731 - a training augmentation the analysis must not use
         return types.SimpleNamespace(train=_TfDataset(x, y, augment), val=None, test=_TfDataset(x, y, lambda t: t))
 
-    monkeypatch.setitem(sys.modules, "saq.checkpoint", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.setitem(sys.modules, "saq.data", types.SimpleNamespace(build_datasets=build_datasets))
+    monkeypatch.setitem(sys.modules, "torchsaq.checkpoint", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setitem(sys.modules, "torchsaq.data", types.SimpleNamespace(build_datasets=build_datasets))
     return models, x, y
 
 

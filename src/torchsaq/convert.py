@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .layers import QUANT_CLASSES, QuantLayer, quant_layers
+from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
 from .quantizer import QUANTIZERS, Quantizer, check_bits
 from .vocab import ACT_GRAD_SCALES
 
@@ -182,15 +182,24 @@ def _float_pass(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]
     """
     layers = [m for _, m in quant_layers(model)]
     order: list = []
-    for m in layers:
-        m._saq_trace = order
-        m._saq_macs = 0  # the float forward adds each call's MACs per sample (see QuantLayer.forward)
+
+    def record(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if m not in order:
+            order.append(m)
+        m._saq_macs += macs_per_sample(m, args[0] if args else kwargs["input"], out)
+
+    swapped: list = []  # (layer, its class, hook handle)
     try:
+        for m in layers:
+            m._saq_macs = 0  # each call adds its MACs per sample
+            swapped.append((m, type(m), m.register_forward_hook(record, with_kwargs=True)))
+            m.__class__ = float_class(m)  # the float forward: no quantizer (steps not initialised yet)
         with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
     finally:
-        for m in layers:
-            m._saq_trace = None
+        for m, cls, handle in swapped:
+            m.__class__ = cls
+            handle.remove()
     return order
 
 

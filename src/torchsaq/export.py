@@ -327,8 +327,9 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any], str]:
         raise ValueError(f"load_exported: {path!r} is a safetensors file but not a torchsaq export "
                          f"(metadata format={metadata.get('format')!r})")
     if metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"load_exported: unsupported torchsaq export version {metadata.get('version')!r} "
-                         f"(this torchsaq reads versions {', '.join(READABLE_VERSIONS)}; a newer torchsaq wrote it?)")
+        raise ValueError(f"load_exported: unsupported torchsaq export version {metadata.get('version')!r} (this "
+                         f"torchsaq "
+                         f"reads versions {', '.join(READABLE_VERSIONS)}; a newer torchsaq wrote it?)")
     if "sha256" not in metadata:
         raise ValueError(f"load_exported: {path!r} has no content hash (written by an older torchsaq?); "
                          "export it again")

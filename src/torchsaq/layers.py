@@ -1,12 +1,16 @@
 """Quantized Conv1d / Conv2d / Linear: the float layer plus a weight and an input-activation quantizer.
 
 The layers are the float classes with their ``__class__`` swapped (see :func:`saq.quantize`), so they keep
-their parameters, names and hooks. Each exposes the hook the sharpness-aware optimizer needs:
+their parameters, names and hooks. Each has the slots a sharpness-aware perturbation uses; only
+:mod:`saq.perturb` (its ``Site`` and ``Targets``) sets them, for the optimizer and the analysis alike:
 
 * ``perturb_pre``  -- a tensor added to the float weight *before* quantization (SAQ case 2),
 * ``perturb_post`` -- a tensor added to the quantized weight *after* quantization (cases 1 and 3),
 * ``capture_qweight = True`` -- the forward keeps the quantized weight it used (``qweight``) and the
   backward accumulates the gradient w.r.t. it in ``qweight_grad`` (the gradient SAQ case 3 perturbs with).
+
+The forward is the quantized one only: the execution-order trace and the MAC count of :func:`saq.quantize`
+run the float class's forward with a forward hook (``convert._float_pass``).
 
 The quantizers are LSQ or LIQ (:class:`saq.quantizer.Quantizer`); for LIQ the quantized weight of a
 convolution is in the standardised domain (what the official code convolves with), and the hooks act on it
@@ -22,7 +26,8 @@ from torch import Tensor, nn
 
 from .quantizer import FLOAT_BITS, Quantizer, make_quantizers
 
-__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers"]
+__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers", "num_samples",
+           "macs_per_sample", "float_class"]
 
 _STD_EPS = 1e-5
 
@@ -50,7 +55,6 @@ class QuantLayer:
         self.capture_qweight = False
         self.qweight: Optional[Tensor] = None
         self.qweight_grad: Optional[Tensor] = None
-        self._saq_trace: Optional[list] = None  # set by quantize() while recording execution order
         self._saq_macs: Optional[int] = None  # multiply-accumulates per sample, recorded by the trace
 
     # -- bits ------------------------------------------------------------------------------------------
@@ -107,25 +111,7 @@ class QuantLayer:
         self.qweight_grad = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._saq_trace is not None:  # recording execution order: float forward, no quantizer
-            if self not in self._saq_trace:
-                self._saq_trace.append(self)
-            out = self._float_forward(x, self.weight)
-            self._saq_macs = (self._saq_macs or 0) + self._macs_per_sample(x, out)
-            return out
-        return self._float_forward(self.act_quantizer(x, samples=self._samples(x)), self.quantized_weight())
-
-    def _samples(self, x: Tensor) -> int:
-        """How many samples the input holds: its batch size, 1 for an unbatched (or empty) input."""
-        if isinstance(self, nn.Linear):
-            batched = x.dim() >= 2  # (B, in) or (B, T, in): tokens count per sample
-        else:
-            batched = x.dim() == self.weight.dim()  # conv: (B, C, ...) vs unbatched (C, ...)
-        return x.shape[0] if batched and x.shape[0] > 0 else 1
-
-    def _macs_per_sample(self, x: Tensor, out: Tensor) -> int:
-        """MACs of one call per sample: output elements per sample x weight elements per output element."""
-        return out.numel() // self._samples(x) * self.weight[0].numel()
+        return self._float_forward(self.act_quantizer(x, samples=num_samples(self, x)), self.quantized_weight())
 
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -154,6 +140,27 @@ class QuantLinear(QuantLayer, nn.Linear):
 
 #: float class -> quantized class; only these exact types are converted
 QUANT_CLASSES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def num_samples(layer: nn.Module, x: Tensor) -> int:
+    """How many samples the input ``x`` of a Conv/Linear ``layer`` holds: its batch size, 1 for an unbatched
+    (or empty) input."""
+    if isinstance(layer, nn.Linear):
+        batched = x.dim() >= 2  # (B, in) or (B, T, in): tokens count per sample
+    else:
+        batched = x.dim() == layer.weight.dim()  # conv: (B, C, ...) vs unbatched (C, ...)
+    return x.shape[0] if batched and x.shape[0] > 0 else 1
+
+
+def macs_per_sample(layer: nn.Module, x: Tensor, out: Tensor) -> int:
+    """MACs of one call of a Conv/Linear ``layer`` per sample: output elements per sample x weight elements per
+    output element."""
+    return out.numel() // num_samples(layer, x) * layer.weight[0].numel()
+
+
+def float_class(layer: QuantLayer) -> type:
+    """The float class (``nn.Conv2d``, ...) a quantized layer's class derives from."""
+    return next(c for c in type(layer).__mro__ if c in QUANT_CLASSES)
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:

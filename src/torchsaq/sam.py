@@ -106,186 +106,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
-from torch.amp.grad_scaler import OptState
 from torch.nn.parallel import DataParallel, DistributedDataParallel
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _group_by_device_dtype
 
-from .layers import QuantLayer, quant_layers
-from .quantizer import Quantizer
+from . import _foreach as fe
+from ._update import base_step, finite, first_failure
+from .functional import sam_perturbation
+from .layers import quant_layers
+from .perturb import MODES, Mode, Targets
+from .strategies import STRATEGIES, Strategy, make_strategy
 
 __all__ = ["SAQ", "rho_warmup", "MODES", "STRATEGIES"]
 
-MODES = ("sam", "case1", "case2", "case3")
-STRATEGIES = ("full", "every_k", "prev_grad")
 NONFINITE = ("raise", "skip")
-_EPS = 1e-12
-
-# mode -> (where a quantized layer's perturbation direction is read, where the perturbation is added)
-_HOOKS: dict[str, tuple[Optional[str], Optional[str]]] = {
-    "sam": (None, None),
-    "case1": ("weight_grad", "perturb_post"),
-    "case2": ("weight_grad", "perturb_pre"),
-    "case3": ("qweight_grad", "perturb_post"),
-}
-
-
-# -- fused per-(device, dtype) helpers --------------------------------------------------------------------
-# Nothing here reads a device value on the host: a step makes its decisions on the device (torch.where, masks)
-# and reads its finiteness flags once, at the end (``_first_failure``), so the CPU never waits for the GPU
-# in the middle of a step (a launch-bound CNN loses its queued work at every such wait).
-def _map(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
-    """Apply a ``torch._foreach_*`` op to aligned tensor lists, one call per (device, dtype) bucket.
-
-    Returns the op's per-tensor results (if any) in the original order.
-    """
-    n = len(lists[0])
-    out: list = [None] * n
-    if n == 0:
-        return out
-    # torch's C++ grouping (what its optimizers use), by the first list's tensors; the tensors at one index
-    # share a device (a dtype mismatch there only sends that bucket down torch's per-tensor path)
-    groups = _group_by_device_dtype([list(lst) for lst in lists], with_indices=True).values()
-    for tensors, idx in groups:
-        res = fn(*tensors)
-        if res is not None:
-            for i, r in zip(idx, res):
-                out[i] = r
-    return out
-
-
-def _norm(ts: Sequence[Tensor]) -> Tensor:
-    """Global L2 norm (float32, on the first tensor's device) over all tensors of ``ts``."""
-    if not ts:
-        return torch.zeros(())
-    dev = ts[0].device
-    parts: list[Tensor] = []
-
-    def bucket(group: list[Tensor]) -> None:
-        norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        parts.append(torch.linalg.vector_norm(torch.stack(norms)).to(dev))
-
-    _map(bucket, ts)
-    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Global dot product a.b (float64 device scalar) by polarisation, (||a+b||^2 - ||a-b||^2) / 4."""
-    s = _map(torch._foreach_add, a, b)
-    plus = _norm(s).double() ** 2
-    del s
-    d = _map(torch._foreach_sub, a, b)
-    minus = _norm(d).double() ** 2
-    return (plus - minus) / 4.0
-
-
-def _on(x: Tensor, like: Tensor) -> Tensor:
-    """The 0-dim ``x`` on ``like``'s device and in its dtype (what a fused foreach op takes as a tensor scalar)."""
-    return x.to(device=like.device, dtype=like.dtype)
-
-
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(ts: Sequence[Tensor]) -> list[Tensor]:
-    return [t.view(_INT_OF_SIZE[t.element_size()]) for t in ts]
-
-
-def _zero_unless(ok: Tensor, ts: Sequence[Tensor]) -> None:
-    """In place: ``ts`` unchanged where the device bool ``ok`` is true, else all zeros (NaN and inf too).
-
-    A float multiply by 0 keeps NaN and inf, so the bit patterns are multiplied by 1 or 0 as integers.
-    """
-    if ts:
-        _map(lambda b: torch._foreach_mul_(b, _on(ok, b[0])), _bits(ts))
-
-
-def _select_(ok: Tensor, ts: Sequence[Tensor], others: Sequence[Tensor]) -> None:
-    """In place: ``ts`` where the device bool ``ok`` is true, else ``others`` (which are overwritten), bit-exact."""
-    if ts:
-        _zero_unless(ok, ts)
-        _zero_unless(~ok, others)
-        _map(torch._foreach_add_, _bits(ts), _bits(others))  # x + 0 as integers: exactly x
-
-
-def _mul_owned(ts: Sequence[Tensor], owned: Sequence[bool], by: Tensor | Sequence[Tensor]) -> list[Tensor]:
-    """``ts * by``: in place where ``owned``, new tensors elsewhere. ``by``: a 0-dim device scalar or a list."""
-    out = list(ts)
-    for inplace in (True, False):
-        sel = [i for i, o in enumerate(owned) if bool(o) is inplace]
-        if not sel:
-            continue
-        op = torch._foreach_mul_ if inplace else torch._foreach_mul
-        xs = [ts[i] for i in sel]
-        if torch.is_tensor(by):
-            res = _map(lambda a: op(a, _on(by, a[0])), xs)
-        else:
-            res = _map(op, xs, [by[i] for i in sel])
-        if not inplace:
-            for i, x in zip(sel, res):
-                out[i] = x
-    return out
-
-
-def _clone(ts: Sequence[Tensor]) -> list[Tensor]:
-    out = [torch.empty_like(t) for t in ts]
-    if out:
-        _map(torch._foreach_copy_, out, ts)
-    return out
-
-
-class _Snapshot:
-    """Copies of a list of tensors, to put back bit-exactly; the copy buffers are allocated once and reused.
-
-    ``take`` copies the tensors in (one fused copy per (device, dtype)), ``put_back`` copies them back once.
-    """
-
-    def __init__(self) -> None:
-        self.tensors: list[Tensor] = []
-        self.copies: list[Tensor] = []
-        self.active = False
-
-    def take(self, tensors: list[Tensor]) -> None:
-        c = self.copies
-        if len(c) != len(tensors) or any(x.shape != t.shape or x.dtype != t.dtype or x.device != t.device
-                                         for x, t in zip(c, tensors)):
-            self.copies = [torch.empty_like(t) for t in tensors]
-        self.tensors = tensors
-        if tensors:
-            _map(torch._foreach_copy_, self.copies, tensors)
-        self.active = True
-
-    def put_back(self) -> None:
-        if self.active and self.tensors:
-            _map(torch._foreach_copy_, self.tensors, self.copies)
-        self.active = False
-
-
-def _finite(value: Any) -> Tensor | bool:
-    """Whether a closure's return value is finite: a device bool for a tensor (not read here), else a bool."""
-    if torch.is_tensor(value):
-        return torch.isfinite(value.detach()).all()
-    if isinstance(value, (int, float)):
-        return math.isfinite(value)
-    return True
-
-
-def _first_failure(checks: Sequence[tuple[str, Tensor | bool]]) -> Optional[str]:
-    """The description of the first failed finiteness check, or None: the step's one host-device sync.
-
-    ``checks`` holds (description, device bool or bool); the device flags are read in one transfer.
-    """
-    flags = [f for _, f in checks if torch.is_tensor(f)]
-    values = iter(torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else ())
-    for what, f in checks:
-        if not (next(values) if torch.is_tensor(f) else f):
-            return what
-    return None
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, Optional[DistributedDataParallel]]:
@@ -338,6 +175,57 @@ def rho_warmup(rho: float, warmup_steps: int) -> Callable[[int], float]:
     return _RhoWarmup(float(rho), warmup_steps)
 
 
+def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strategy: Any, k: Any, alpha: Any,
+                   eta: Any, nonfinite: Any, max_grad_norm: Any, rho_schedule: Any, grad_scaler: Any) -> None:
+    """ValueError for any constructor argument of :class:`SAQ` out of its domain."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAQ):
+        raise ValueError("base_optimizer must be a torch.optim.Optimizer (not a SAQ), got "
+                         f"{type(base_optimizer).__name__}")
+    _check_rho(rho)
+    Mode.parse(mode)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (the every_k period) must be an int >= 1, got {k!r}")
+    if alpha != "auto" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0 or 'auto', got {alpha!r}")
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+    if rho_schedule is not None and not callable(rho_schedule):
+        raise ValueError("rho_schedule must be a callable step -> rho (e.g. saq.rho_warmup(rho, steps))")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+
+
+def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.Optimizer,
+                    perturb_unquantized: bool, perturb_steps: bool) -> Targets:
+    """The perturbation targets among the parameters the base optimizer trains (see :class:`Targets`)."""
+    base_params = [p for g in base_optimizer.param_groups for p in g["params"]]
+    model_ids = {id(p) for p in module.parameters()}
+    foreign = [p for p in base_params if id(p) not in model_ids]
+    if foreign:
+        raise ValueError(f"the base optimizer updates {len(foreign)} tensor(s) that are not parameters of the "
+                         f"model (first shape {tuple(foreign[0].shape)}); build it from model.parameters()")
+    if mode is not Mode.SAM and not quant_layers(module):
+        raise ValueError(f"mode {mode.value!r} needs a quantized model (call saq.quantize(model, ...) first); "
+                         "use mode='sam' for a float model")
+    trainable = [p for p in base_params if p.requires_grad]
+    targets = Targets.select(module, mode, trainable, unquantized=perturb_unquantized, steps=perturb_steps)
+    if mode is not Mode.SAM and not targets.layers:
+        raise ValueError(f"mode {mode.value!r}: none of the quantized layers' weights is trained by the base "
+                         "optimizer")
+    if not len(targets):
+        raise ValueError("nothing to perturb: no trainable parameter matches the mode / perturb_* options")
+    return targets
+
+
 class SAQ(torch.optim.Optimizer):
     """Sharpness-aware wrapper around a base optimizer: SAM, SAQ cases 1-3, ASAM, and cheaper strategies.
 
@@ -358,6 +246,9 @@ class SAQ(torch.optim.Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` for AMP (see the module docstring).
         max_grad_norm: clip the final (unscaled) gradient to this global norm before the base step.
         nonfinite: ``"raise"`` or ``"skip"`` on a non-finite loss or gradient (without a grad scaler).
+
+    Which tensors are perturbed and where: :mod:`saq.perturb`; the formulas: :mod:`saq.functional`; each
+    strategy: :mod:`saq.strategies`; the final update: :mod:`saq._update`. This class runs the passes.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
@@ -367,69 +258,12 @@ class SAQ(torch.optim.Optimizer):
                  rho_schedule: Optional[Callable[[int], float]] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, nonfinite: str = "raise"):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, SAQ):
-            raise ValueError("base_optimizer must be a torch.optim.Optimizer (not a SAQ), got "
-                             f"{type(base_optimizer).__name__}")
-        _check_rho(rho)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (the every_k period) must be an int >= 1, got {k!r}")
-        if alpha != "auto" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-                                    and math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0 or 'auto', got {alpha!r}")
-        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
-        if rho_schedule is not None and not callable(rho_schedule):
-            raise ValueError("rho_schedule must be a callable step -> rho (e.g. saq.rho_warmup(rho, steps))")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-
+        _check_options(model, base_optimizer, rho, mode, strategy, k, alpha, eta, nonfinite, max_grad_norm,
+                       rho_schedule, grad_scaler)
         module, ddp = _unwrap(model)
-        base_params = [p for g in base_optimizer.param_groups for p in g["params"]]
-        model_ids = {id(p) for p in module.parameters()}
-        foreign = [p for p in base_params if id(p) not in model_ids]
-        if foreign:
-            raise ValueError(f"the base optimizer updates {len(foreign)} tensor(s) that are not parameters of the "
-                             f"model (first shape {tuple(foreign[0].shape)}); build it from model.parameters()")
-        trainable = [p for p in base_params if p.requires_grad]
-        trainable_ids = {id(p) for p in trainable}
-        layers = quant_layers(module)
-        if perturb_steps is None:
-            perturb_steps = mode == "sam"
-
-        hook_layers: list[QuantLayer] = []
-        if mode != "sam":
-            if not layers:
-                raise ValueError(f"mode {mode!r} needs a quantized model (call saq.quantize(model, ...) first); "
-                                 "use mode='sam' for a float model")
-            hook_layers = [m for _, m in layers if id(m.weight) in trainable_ids]
-            if not hook_layers:
-                raise ValueError(f"mode {mode!r}: none of the quantized layers' weights is trained by the base "
-                                 "optimizer")
-        hooked_ids = {id(m.weight) for m in hook_layers}
-        step_ids = {id(q.scale) for q in module.modules() if isinstance(q, Quantizer)}
-        weight_ids = {id(m.weight) for m in module.modules()
-                      if isinstance(m, (QuantLayer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
-        data_params: list[Tensor] = []
-        for p in trainable:
-            if id(p) in hooked_ids:
-                continue
-            if id(p) in step_ids:
-                if perturb_steps:
-                    data_params.append(p)
-            elif perturb_unquantized or (mode == "sam" and id(p) in weight_ids):
-                data_params.append(p)
-        if not hook_layers and not data_params:
-            raise ValueError("nothing to perturb: no trainable parameter matches the mode / perturb_* options")
+        kind = Mode.parse(mode)
+        perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
+        targets = _select_targets(module, kind, base_optimizer, perturb_unquantized, perturb_steps)
 
         self._initialised = False
         super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {})
@@ -439,11 +273,9 @@ class SAQ(torch.optim.Optimizer):
         self.defaults = base_optimizer.defaults
         self._initialised = True
 
-        self.model = model
-        self.module = module
-        self._ddp = ddp
+        self.model, self.module, self._ddp = model, module, ddp
         self.rho = float(rho)
-        self.mode = mode
+        self.mode = kind.value
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.perturb_unquantized = bool(perturb_unquantized)
@@ -457,42 +289,18 @@ class SAQ(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.passes_last_step = 0
 
-        self._src, self._dst = _HOOKS[mode]
-        self._hook_layers = hook_layers
-        self._data_params = data_params
-        self._quant_layers = [m for _, m in layers]
+        self._targets = targets
+        self._quant_layers = [m for _, m in quant_layers(module)]
         self._norm_modules = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
-        # capture Q(w) and its gradient where the direction or ASAM's T needs them
-        self._need_capture = mode == "case3" or (mode == "case1" and self.adaptive)
+        self._need_capture = kind.needs_capture(self.adaptive)  # Q(w) and its gradient, for e or ASAM's T
         self._set_capture(True)
-        # strategy state (saved in state_dict)
-        self._step = 0
-        self._gv: Optional[list[Optional[Tensor]]] = None
-        self._gv_norm: Optional[Tensor] = None  # ||g_v|| on the device
-        self._gv_ratio: Optional[Tensor] = None  # ||g_v|| / ||g|| at the full step that built g_v (alpha="auto")
-        self._gv_unconfirmed: Optional[Tensor] = None  # device bool: whether a first g_v (no older one) is finite
-        self._e_prev: Optional[list[Optional[Tensor]]] = None
+        self._step = 0  # saved in state_dict, with the strategy's own state
+        self._strategy: Strategy = make_strategy(strategy, module, targets, k, self.alpha)
         # transient state (never saved); the snapshots keep their buffers from step to step
-        self._saved = _Snapshot()    # the data-perturbed parameters while perturbed
-        self._bn_pre = _Snapshot()   # BatchNorm statistics before the step (rolled back on a non-finite step)
-        self._bn_mid = _Snapshot()   # ... after the first pass (put back after the second)
-        self._hooked: list[QuantLayer] = []
+        self._bn_pre = fe.Snapshot()   # BatchNorm statistics before the step (rolled back on a non-finite step)
+        self._bn_mid = fe.Snapshot()   # ... after the first pass (put back after the second)
         self._first_done = False
         self._skip_pending = False
-        # closure-free prev_grad (``loss.backward(); opt.step()``): e_prev is applied by a forward pre-hook on
-        # the first training-mode forward after a step, and removed by the next step() (or an eval forward)
-        self._closure_free = False
-        self._pending_applied = False
-        self._pre_hook = None
-        if strategy == "prev_grad":
-            ref = weakref.ref(self)  # the hook must not keep a discarded optimizer alive
-
-            def pre_hook(mod: nn.Module, args: Any) -> None:
-                opt = ref()
-                if opt is not None:
-                    opt._forward_pre_hook(mod, args)
-
-            self._pre_hook = module.register_forward_pre_hook(pre_hook)
 
     # -- torch.optim.Optimizer surface ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -509,9 +317,8 @@ class SAQ(torch.optim.Optimizer):
             layer.qweight = None
 
     def __repr__(self) -> str:
-        extra = f", k={self.k}, alpha={self.alpha}" if self.strategy == "every_k" else ""
         return (f"SAQ(mode={self.mode!r}, rho={self.rho}, adaptive={self.adaptive}, strategy={self.strategy!r}"
-                f"{extra}, base={self.base_optimizer.__class__.__name__})")
+                f"{self._strategy.describe()}, base={self.base_optimizer.__class__.__name__})")
 
     @property
     def step_count(self) -> int:
@@ -552,9 +359,9 @@ class SAQ(torch.optim.Optimizer):
         call ``scaler.step(opt)``); the two-pass strategies raise, since the step would not be sharpness-aware.
         """
         if closure is None:
-            if self.strategy == "prev_grad" and not self._first_done:
-                return self._closure_free_step()
-            if not (self._first_done or self._saved.active or self._hooked):
+            if self._strategy.closure_free and not self._first_done:
+                return self._strategy.step_without_closure(self)
+            if not (self._first_done or self._targets.active):
                 # a loop that calls opt.step() / scaler.step(opt) after its own backward would otherwise
                 # train plain QAT while reporting SAQ: refuse, never step plainly
                 raise RuntimeError(
@@ -564,68 +371,12 @@ class SAQ(torch.optim.Optimizer):
                     "forward + backward and returns the loss, or use the two-call form first_step() / "
                     "second_step() (strategy='full').")
             return self._second_half(scaler=None)
-        if self._pending_applied:  # a closure-free forward ran, then a closure step: that forward is discarded
-            self._remove_pending()
-        self._closure_free = False
-        if self._saved.active or self._hooked:
+        self._strategy.leave_closure_free()
+        if self._targets.active:
             raise RuntimeError("step(closure) called while a first_step() perturbation is applied; "
                                "call second_step() or restore() first")
-        scaler = self._scaler(grad_scaler)
         closure = torch.enable_grad()(closure)
-        rho = self._rho_at(self._step)
-        if self.strategy == "full":
-            return self._two_pass(closure, rho, scaler, keep_first=False)
-        if self.strategy == "every_k":
-            self._confirm_gv()
-            if self._step % self.k == 0 or self._gv is None or len(self._gv) != len(self._params()):
-                return self._two_pass(closure, rho, scaler, keep_first=True)
-            return self._one_pass(closure, scaler, hook=self._apply_gv, perturb=False)
-        return self._one_pass(closure, scaler, hook=self._stage_next, perturb=True)
-
-    def _closure_free_step(self) -> Any:
-        """prev_grad without a closure: the caller's forward/backward ran at Q(w) + e_prev (applied by the
-        forward pre-hook); undo it, take the base step, and build the next perturbation from this backward's
-        gradients, applied at the next training forward. Equals ``step(closure)`` step for step."""
-        self._closure_free = True
-        self._remove_pending()
-        self.passes_last_step = 1
-        sc = self._scaler(None)
-        if sc is not None:
-            # AMP: scaler.step(opt) has unscaled the parameters' gradients before calling this step; the captured
-            # gradients w.r.t. Q(w) are still scaled: bring them to the same scale (e's direction mixes both)
-            state = sc._per_optimizer_states.get(id(self), {})
-            if state.get("stage") is not OptState.UNSCALED:
-                raise RuntimeError("saq.SAQ with a grad_scaler and no closure: call scaler.step(opt) (which unscales "
-                                   "the gradients and skips overflowing steps), then scaler.update(); not opt.step()")
-            inv = sc._scale.double().reciprocal()  # type: ignore[union-attr]
-            for layer in self._hook_layers:
-                if layer.qweight_grad is not None:
-                    layer.qweight_grad.mul_(inv.to(layer.qweight_grad))
-        return self._finish(None, None, [], False, None, self._stage_next)
-
-    def _forward_pre_hook(self, module: nn.Module, args: Any) -> None:
-        """Closure-free prev_grad: a training forward sees Q(w) + e_prev, an eval forward never does."""
-        if not self._closure_free:
-            return
-        if module.training and not self._pending_applied and self._e_prev is not None:
-            with torch.no_grad():
-                self._apply_stored(self._e_prev)
-            self._pending_applied = True
-        elif not module.training and self._pending_applied:
-            self._remove_pending()
-
-    @torch.no_grad()
-    def _unperturb(self) -> None:
-        """Remove whatever perturbation is applied: data-perturbed parameters bit-exact, layer hooks cleared."""
-        self._saved.put_back()
-        for layer in self._hooked:
-            setattr(layer, self._dst, None)  # type: ignore[arg-type]
-        self._hooked = []
-        self._pending_applied = False
-
-    def _remove_pending(self) -> None:
-        if self._pending_applied:
-            self._unperturb()
+        return self._strategy.step(self, closure, self._rho_at(self._step), self._scaler(grad_scaler))
 
     def first_step(self, zero_grad: bool = True) -> bool:
         """Two-call form, after the first backward: perturb along the gradients now held.
@@ -633,10 +384,8 @@ class SAQ(torch.optim.Optimizer):
         Returns whether a perturbation was applied (False: non-finite gradients with a grad scaler or with
         ``nonfinite="skip"``; the next ``second_step`` then skips the step unless a grad scaler decides).
         """
-        if self.strategy != "full":
-            raise ValueError(f"first_step/second_step support strategy='full' only (this optimizer uses "
-                             f"{self.strategy!r}); use step(closure)")
-        if self._saved.active or self._hooked:
+        self._check_two_call()
+        if self._targets.active:
             raise RuntimeError("first_step() called twice without second_step() / restore()")
         # the gradients may be used as scratch space only if they are cleared afterwards; a non-finite
         # direction gives a zero perturbation (the second pass may run)
@@ -654,16 +403,20 @@ class SAQ(torch.optim.Optimizer):
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Two-call form, after the second backward: restore the weights, (unscale, clip,) base step."""
-        if self.strategy != "full":
-            raise ValueError("first_step/second_step support strategy='full' only; use step(closure)")
+        self._check_two_call()
         self._second_half(scaler=self._scaler(None))
         if zero_grad:
             self.zero_grad()
 
+    def _check_two_call(self) -> None:
+        if not self._strategy.two_call:
+            raise ValueError(f"first_step/second_step support strategy='full' only (this optimizer uses "
+                             f"{self.strategy!r}); use step(closure)")
+
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the perturbation (weights bit-exact) and put BatchNorm statistics back to their first-pass values."""
-        self._unperturb()
+        self._targets.restore()
         self._bn_mid.put_back()
         self._set_capture(True)
 
@@ -671,15 +424,8 @@ class SAQ(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Base optimizer state + strategy state (step counter, every_k's g_v, prev_grad's e_prev)."""
         saq: dict[str, Any] = {"step": self._step, "mode": self.mode, "strategy": self.strategy,
-                               "num_targets": self._num_targets()}
-        if self.strategy == "every_k":
-            self._confirm_gv()
-            saq["gv"] = None if self._gv is None else list(self._gv)
-            saq["gv_norm"] = 0.0 if self._gv_norm is None else float(self._gv_norm)
-            saq["gv_ratio"] = 0.0 if self._gv_ratio is None else float(self._gv_ratio)
-        if self.strategy == "prev_grad":
-            saq["e_prev"] = None if self._e_prev is None else list(self._e_prev)
-            saq["closure_free"] = self._closure_free
+                               "num_targets": len(self._targets)}
+        saq.update(self._strategy.state_dict(self))
         out: dict[str, Any] = {"base": self.base_optimizer.state_dict(), "saq": saq}
         if self.grad_scaler is not None:
             out["grad_scaler"] = self.grad_scaler.state_dict()
@@ -691,8 +437,7 @@ class SAQ(torch.optim.Optimizer):
             raise ValueError("not a saq.SAQ state_dict (expected keys 'base' and 'saq'); to load a plain "
                              "optimizer state use opt.base_optimizer.load_state_dict")
         saq = state_dict["saq"]
-        n = self._num_targets()
-        for key, mine in (("mode", self.mode), ("strategy", self.strategy), ("num_targets", n)):
+        for key, mine in (("mode", self.mode), ("strategy", self.strategy), ("num_targets", len(self._targets))):
             if saq.get(key) != mine:
                 raise ValueError(f"state_dict was saved with {key}={saq.get(key)!r} but this optimizer has "
                                  f"{key}={mine!r}")
@@ -702,78 +447,61 @@ class SAQ(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._step = int(saq["step"])
-        params = self._params()
-        if self.strategy == "every_k":
-            gv = saq.get("gv")
-            if gv is not None and len(gv) != len(params):
-                raise ValueError(f"state_dict g_v has {len(gv)} entries but the optimizer has {len(params)} params")
-            self._gv = None if gv is None else [None if t is None else t.to(p.device, p.dtype, copy=True)
-                                                for t, p in zip(gv, params)]
-            dev = next((t.device for t in self._gv or [] if t is not None), None)
-            self._gv_norm = (None if self._gv is None
-                             else torch.tensor(float(saq.get("gv_norm", 0.0)), dtype=torch.float32, device=dev))
-            self._gv_ratio = (None if self._gv is None
-                              else torch.tensor(float(saq.get("gv_ratio", 0.0)), dtype=torch.float64, device=dev))
-            self._gv_unconfirmed = None
-        if self.strategy == "prev_grad":
-            ep = saq.get("e_prev")
-            if ep is not None and len(ep) != n:
-                raise ValueError(f"state_dict e_prev has {len(ep)} entries, expected {n}")
-            refs = [m.weight for m in self._hook_layers] + list(self._data_params)
-            self._e_prev = None if ep is None else [None if t is None else t.to(r.device, r.dtype, copy=True)
-                                                    for t, r in zip(ep, refs)]
-            self._closure_free = bool(saq.get("closure_free", False))  # (restore() above removed a pending e)
+        self._strategy.load_state_dict(saq, self)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self._first_done = self._skip_pending = False
 
-    # -- strategy bodies --------------------------------------------------------------------------------------
+    # -- the passes (the strategies call these) ----------------------------------------------------------------
     # Finiteness (without a grad scaler) is checked once, at the end of the step, with one host-device sync:
     # a non-finite first pass still runs the second one (at a garbage point; the weights are restored anyway)
     # and the step is then rejected. With a grad scaler the scaler checks, and a non-finite direction gives a
     # zero perturbation (computed on the device).
     def _two_pass(self, closure: Callable[[], Any], rho: float, scaler: Optional[torch.amp.GradScaler],
-                  keep_first: bool) -> Any:
-        """First pass, perturb, second pass at the perturbed point, restore, base step."""
+                  after: Optional[Callable[[list[Optional[Tensor]]], None]] = None) -> Any:
+        """First pass, perturb, second pass at the perturbed point, restore, base step.
+
+        ``after(g_first)`` runs with a copy of the first pass's gradients before the base step (every_k). That
+        gradient must then be the same on every replica, so the first backward is synchronised under DDP.
+        """
         rollback = scaler is None
         if rollback:
             self._bn_pre.take(self._bn_buffers())
-        rng = self._rng_get()
-        # every_k's first gradient also defines g_v, which must be identical on all replicas: synchronise it
-        sync = contextlib.nullcontext() if (keep_first or self._ddp is None) else self._ddp.no_sync()
-        with sync:
+        sync = contextlib.nullcontext() if (after is not None or self._ddp is None) else self._ddp.no_sync()
+        with self._replayed_rng(), sync:  # the second pass draws the same dropout masks
             loss = closure()
         self.passes_last_step = 1
         g_first = None
-        if keep_first:
+        if after is not None:
             with torch.no_grad():
-                params = self._params()
-                have = [p.grad is not None for p in params]
-                cl = iter(_clone([p.grad for p in params if p.grad is not None]))
-                g_first = [next(cl) if h else None for h in have]
+                grads = [p.grad for p in self._params()]
+                copies = iter(fe.clone([g for g in grads if g is not None]))
+                g_first = [None if g is None else next(copies) for g in grads]
         ok = self._ascent(rho, safe=scaler is not None)
-        checks = [("loss of the first pass", _finite(loss)), ("gradient of the first pass", ok)] if rollback else []
+        checks = [("loss of the first pass", finite(loss)), ("gradient of the first pass", ok)] if rollback else []
         self.zero_grad()
-        self._rng_set(rng)
         try:
             loss2 = closure()
         finally:
             self.restore()
         self.passes_last_step = 2
-        hook = (lambda: self._update_gv(g_first)) if keep_first else None
+        hook = (lambda: after(g_first)) if after is not None else None  # type: ignore[arg-type]
         return self._finish(loss, loss2, checks, rollback, scaler, hook)
 
     def _one_pass(self, closure: Callable[[], Any], scaler: Optional[torch.amp.GradScaler],
-                  hook: Callable[[], None], perturb: bool) -> Any:
-        """One forward/backward (prev_grad: at the point perturbed by e_prev), then the base step."""
+                  hook: Callable[[], None], perturbation: Optional[list[Optional[Tensor]]] = None,
+                  capture: bool = True) -> Any:
+        """One forward/backward (at the point ``perturbation`` gives, if any), then the base step.
+
+        ``capture=False``: the pass needs no Q(w) gradient (every_k's plain iterations).
+        """
         rollback = scaler is None
         if rollback:
             self._bn_pre.take(self._bn_buffers())
-        if perturb:
-            if self._e_prev is not None:
-                self._apply_stored(self._e_prev)
-        else:
-            self._set_capture(False)  # every_k's plain iterations need no Q(w) gradient
+        if perturbation is not None:
+            self._targets.apply(perturbation)
+        if not capture:
+            self._set_capture(False)
         try:
             loss = closure()
         finally:
@@ -800,25 +528,13 @@ class SAQ(torch.optim.Optimizer):
         if scaler is None:
             total = torch.nn.utils.get_total_norm([p.grad for p in params])
             what = "loss or gradient of the pass at the perturbed point"
-            failed = _first_failure(checks + [(what, _finite(loss_check)), (what, torch.isfinite(total))])
+            failed = first_failure(checks + [(what, finite(loss_check)), (what, torch.isfinite(total))])
             if failed is not None:
                 return self._nonfinite(failed, rollback, loss)
         if hook is not None:
             hook()
             total = None  # the hook may have changed the gradients
-        if scaler is not None:
-            scaler.unscale_(self.base_optimizer)
-            if self.max_grad_norm is not None and params:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            scaler.step(self.base_optimizer)
-            scaler.update()
-        else:
-            if self.max_grad_norm is not None and params:
-                if total is None:
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, total)
-            self.base_optimizer.step()
+        base_step(self.base_optimizer, params, grad_scaler=scaler, max_grad_norm=self.max_grad_norm, grad_norm=total)
         self._step += 1
         return loss
 
@@ -831,66 +547,9 @@ class SAQ(torch.optim.Optimizer):
             self._bn_pre.put_back()
         if self.nonfinite == "raise":
             raise FloatingPointError(self._nonfinite_message(what))
-        if self.strategy == "prev_grad":
-            self._e_prev = None
+        self._strategy.on_nonfinite()
         self._step += 1
         return loss
-
-    # -- the perturbation: one code path for every mode ------------------------------------------------------
-    def _sources(self, clobber: bool) -> tuple[list[int], list[Tensor], list[Optional[Tensor]], list[bool]]:
-        """(target index, direction source, tensor the perturbation is added to, source may be overwritten)."""
-        idx: list[int] = []
-        srcs: list[Tensor] = []
-        ws: list[Optional[Tensor]] = []
-        owned: list[bool] = []
-        for j, layer in enumerate(self._hook_layers):
-            if self._src == "qweight_grad":
-                g, own = layer.qweight_grad, True
-            else:
-                g, own = layer.weight.grad, clobber
-            if g is None:
-                continue
-            w = None
-            if self.adaptive:
-                w = layer.weight if self._dst == "perturb_pre" else layer.qweight
-                if w is None:
-                    raise RuntimeError(f"mode {self.mode!r} with adaptive=True needs the quantized weight of the "
-                                       "pass, but a layer ran without capture_qweight")
-            idx.append(j)
-            srcs.append(g)
-            ws.append(w)
-            owned.append(own)
-        h = len(self._hook_layers)
-        for j, p in enumerate(self._data_params):
-            if p.grad is None:
-                continue
-            idx.append(h + j)
-            srcs.append(p.grad)
-            ws.append(p if self.adaptive else None)
-            owned.append(clobber)
-        return idx, srcs, ws, owned
-
-    @torch.no_grad()
-    def _perturbation(self, rho: float, srcs: list[Tensor], ws: list[Optional[Tensor]],
-                      owned: list[bool]) -> tuple[list[Tensor], Tensor, list[bool], Tensor]:
-        """(d, scale, d_is_ours, ok) with e = scale * d; ``scale`` (float64) and ``ok`` are device scalars.
-
-        ``ok`` says whether the norm is finite; if not, ``scale`` is 0 (but d may hold NaN or inf).
-        """
-        if self.adaptive:
-            t = _map(torch._foreach_abs, ws)
-            _map(lambda a: torch._foreach_add_(a, self.eta), t)
-            d = _mul_owned(srcs, owned, t)       # T g
-            norm = _norm(d)                      # ||T g||
-            _map(torch._foreach_mul_, d, t)      # T^2 g
-            del t
-            ours = [True] * len(d)
-        else:
-            d, ours = srcs, list(owned)
-            norm = _norm(d)
-        ok = torch.isfinite(norm)
-        scale = torch.where(ok, rho / (norm.double() + _EPS), 0.0)  # float64, as rho / (float(norm) + eps)
-        return d, scale, ours, ok
 
     @torch.no_grad()
     def _ascent(self, rho: float, clobber: bool = True, safe: bool = False) -> Tensor | bool:
@@ -900,148 +559,27 @@ class SAQ(torch.optim.Optimizer):
         non-finite direction a zero perturbation (otherwise e is garbage and the caller rejects the step).
         """
         self._bn_mid.take(self._bn_buffers())
-        idx, srcs, ws, owned = self._sources(clobber=clobber)
-        res = self._perturbation(rho, srcs, ws, owned) if srcs else None
-        self._drop_captures()
+        idx, srcs, refs, owned = self._targets.directions(self.adaptive, clobber)
+        res = sam_perturbation(srcs, rho, refs=refs, eta=self.eta, owned=owned, zero_nonfinite=safe) if srcs else None
+        self._targets.drop_captures()
         self._set_capture(False)  # the second pass needs no Q(w) gradient
         if res is None:
             return True
-        d, scale, ours, ok = res
-        es = _mul_owned(d, ours, scale)
-        if safe:
-            _zero_unless(ok, es)
-        self._apply_stored(self._per_target(idx, es))
+        es, ok = res
+        self._targets.apply(self._targets.per_target(idx, es))
         return ok
 
-    @torch.no_grad()
-    def _apply_stored(self, es: list[Optional[Tensor]]) -> None:
-        """Add a per-target perturbation (data: saved copy for exact restore; layers: the hook)."""
-        h = len(self._hook_layers)
-        data = [(self._data_params[j - h], e) for j, e in enumerate(es) if j >= h and e is not None]
-        if data:
-            ps = [p for p, _ in data]
-            self._saved.take(ps)
-            _map(torch._foreach_add_, ps, [e for _, e in data])
-        for layer, e in zip(self._hook_layers, es[:h]):
-            if e is not None:
-                setattr(layer, self._dst, e)  # type: ignore[arg-type]
-                self._hooked.append(layer)
-
-    @torch.no_grad()
-    def _stage_next(self) -> None:
-        """prev_grad: build next iteration's perturbation from this pass's (still scaled) gradients.
-
-        A non-finite direction gives a zero perturbation (decided on the device).
-        """
-        rho = self._rho_at(self._step + 1)
-        idx, srcs, ws, owned = self._sources(clobber=False)  # p.grad is the update gradient: keep it
-        res = self._perturbation(rho, srcs, ws, owned) if rho > 0 else None
-        self._drop_captures()
-        if res is None:
-            self._e_prev = None
-            return
-        d, scale, ours, ok = res
-        es = _mul_owned(d, ours, scale)
-        _zero_unless(ok, es)
-        self._e_prev = self._per_target(idx, es)
-
-    @torch.no_grad()
-    def _update_gv(self, g_first: Optional[list[Optional[Tensor]]]) -> None:
-        """every_k full step: g_v = g_s - (g_s.g / ||g||^2) g, built in the buffers of g.
-
-        A non-finite g_v (grad scaler overflow) keeps the previous one, selected on the device; a first g_v is
-        checked on the host at the next step (``_confirm_gv``).
-        """
-        assert g_first is not None
-        params = self._params()
-        pairs = [(i, g, p.grad) for i, (p, g) in enumerate(zip(params, g_first))
-                 if g is not None and p.grad is not None]
-        if not pairs:
-            return
-        gf = [g for _, g, _ in pairs]
-        gs = [s for _, _, s in pairs]
-        gg = _norm(gf).double() ** 2
-        dot = _dot(gs, gf)
-        c = torch.where(gg > 0, dot / gg, 0.0)
-        _map(lambda a: torch._foreach_mul_(a, _on(-c, a[0])), gf)
-        _map(torch._foreach_add_, gf, gs)
-        gvn = _norm(gf)
-        ok = torch.isfinite(gg) & torch.isfinite(dot) & torch.isfinite(gvn)
-        ratio = torch.where(gg > 0, gvn.double() / gg.sqrt(), 0.0)
-        gv: list[Optional[Tensor]] = [None] * len(params)
-        for (i, _, _), t in zip(pairs, gf):
-            gv[i] = t
-        old = self._gv
-        if old is not None and self._gv_norm is not None and [t is None for t in old] == [t is None for t in gv]:
-            _select_(ok, gf, [old[i] for i, _, _ in pairs])  # type: ignore[misc]
-            self._gv_norm = torch.where(ok, gvn, self._gv_norm.to(gvn.device))
-            prev = self._gv_ratio if self._gv_ratio is not None else torch.zeros((), dtype=torch.float64)
-            self._gv_ratio = torch.where(ok, ratio, prev.to(ratio.device))
-        else:  # no previous g_v to keep: zeros for now, dropped at the next step if it was not finite
-            _zero_unless(ok, gf)
-            self._gv_norm = torch.where(ok, gvn, 0.0)
-            self._gv_ratio = torch.where(ok, ratio, 0.0)
-            self._gv_unconfirmed = ok
-        self._gv = gv
-
-    def _confirm_gv(self) -> None:
-        """every_k: drop a first g_v that was not finite (one host read, only until a finite g_v exists)."""
-        if self._gv_unconfirmed is not None:
-            if not bool(self._gv_unconfirmed):
-                self._gv = self._gv_norm = self._gv_ratio = None
-            self._gv_unconfirmed = None
-
-    @torch.no_grad()
-    def _apply_gv(self) -> None:
-        """every_k plain iteration: g <- g + alpha * (||g|| / ||g_v||) * g_v (coefficient on the device).
-
-        ``alpha="auto"`` uses the ratio ||g_v|| / ||g|| measured at the full step that built g_v, i.e.
-        g <- g + (||g|| / ||g_full||) * g_v: the stored component keeps the size it had relative to the gradient.
-        """
-        assert self._gv is not None and self._gv_norm is not None
-        params = self._params()
-        grads = [p.grad for p in params if p.grad is not None]
-        pairs = [(p.grad, v) for p, v in zip(params, self._gv) if p.grad is not None and v is not None]
-        if not pairs or self.alpha == 0 or (self.alpha == "auto" and self._gv_ratio is None):
-            return
-        gvn = self._gv_norm.double()
-        alpha: Union[float, Tensor] = self.alpha if self.alpha != "auto" else self._gv_ratio.to(gvn.device)  # type: ignore[union-attr]
-        coef = torch.where(gvn > 0, alpha * _norm(grads).double().to(gvn.device) / gvn, 0.0)
-        add = _map(lambda v: torch._foreach_mul(v, _on(coef, v[0])), [v for _, v in pairs])
-        _map(torch._foreach_add_, [g for g, _ in pairs], add)
-
     # -- small utilities ------------------------------------------------------------------------------------
-    def _num_targets(self) -> int:
-        """Perturbation targets: the hook-perturbed layers, then the data-perturbed parameters."""
-        return len(self._hook_layers) + len(self._data_params)
-
-    def _per_target(self, idx: list[int], es: list[Tensor]) -> list[Optional[Tensor]]:
-        """The perturbations ``es`` of targets ``idx`` as a list over all targets (None: not perturbed)."""
-        full: list[Optional[Tensor]] = [None] * self._num_targets()
-        for j, e in zip(idx, es):
-            full[j] = e
-        return full
-
     def _set_capture(self, on: bool) -> None:
         if self._need_capture:
-            for layer in self._hook_layers:
-                layer.capture_qweight = on
-
-    def _drop_captures(self) -> None:
-        for layer in self._hook_layers:
-            layer.qweight_grad = None
-            layer.qweight = None
+            self._targets.capture(on)
 
     def _bn_buffers(self) -> list[Tensor]:
         return [b for m in self._norm_modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
                 if b is not None]
 
-    def _rng_get(self) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-        devs = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
-        return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devs]
-
-    @staticmethod
-    def _rng_set(state: tuple[Tensor, list[tuple[int, Tensor]]]) -> None:
-        torch.set_rng_state(state[0])
-        for d, s in state[1]:
-            torch.cuda.set_rng_state(s, d)
+    def _replayed_rng(self) -> contextlib.AbstractContextManager:
+        """A block whose random draws are replayed after it: the CPU RNG and that of each CUDA device holding
+        a parameter are put back as they were before it."""
+        devices = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
+        return torch.random.fork_rng(devices=devices, device_type="cuda")

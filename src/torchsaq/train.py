@@ -370,7 +370,8 @@ def _claim_output(out: Path, cfg: TrainConfig) -> Any:
         lock = FileLock(str(out / LOCK_NAME), timeout=0)
         lock.acquire()
     except Timeout:
-        raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock {out / LOCK_NAME}); "
+        raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock "
+                         f"{out / LOCK_NAME}); "
                          "wait for that run or choose another --output") from None
     except OSError as e:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
