@@ -21,10 +21,7 @@ numbers are the ones ``torchsaq eval`` and the integer export reproduce.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 import random
@@ -41,11 +38,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ._io import atomic_write, atomic_write_text
-from .checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from ._io import atomic_write_text
+from .checkpoint import load_checkpoint, load_pretrained, load_state_dict_checked, save_checkpoint
 from .config import TrainConfig
 from .convert import calibrate, eval_mode, quantize, trace
+from .device import SMALL_BATCH_MACS, auto_threads, autocast, resolve_device  # noqa: F401 - re-exported
+from .device import amp_dtype as _amp_dtype
 from .quantizer import Quantizer
+from .runlog import TensorBoard as _TensorBoard
+from .runlog import plot_history
+from .runlog import write_metrics as _write_metrics
 
 __all__ = ["train", "evaluate", "build_model", "build_optimizer", "wrap_sharpness", "build_scheduler",
            "lr_lambda", "param_groups", "load_pretrained", "resolve_device", "format_result", "plot_history",
@@ -58,8 +60,6 @@ LOCK_NAME = ".saq.lock"
 #: options that may differ between a run and the run it resumes (they do not change the numbers)
 _RESUME_FREE = {"resume", "output", "device", "workers", "data_dir", "log_every", "save", "epochs",
                 "limit_eval_batches", "pretrained", "overwrite", "threads"}
-#: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
-SMALL_BATCH_MACS = 5e8
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
@@ -78,88 +78,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 # -------------------------------------------------------------------------------------------------------
 # building blocks
 # -------------------------------------------------------------------------------------------------------
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's CUDA device if there is one, else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    return device
-
-
-def _classifier_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the classification head (timm's get_classifier(), else the last nn.Linear)."""
-    head = None
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        try:
-            head = get()
-        except Exception:  # pragma: no cover - model-specific
-            head = None
-    if not isinstance(head, nn.Module):
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
-    if head is None:
-        return set()
-    names = {id(m): n for n, m in model.named_modules()}
-    prefix = names.get(id(head))
-    if prefix is None:
-        return set()
-    return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
-
-
-def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
-    """Load a float checkpoint into a float ``model`` (before quantization), strictly.
-
-    Accepts a safetensors file, a ``torch.save``-d state dict (also under a ``state_dict``/``model`` key,
-    ``module.`` prefixes stripped) or a torchsaq checkpoint (its quantizer steps are dropped). A classifier head
-    of another class count is left at its fresh initialisation (fine-tuning, as in the paper); any other
-    mismatch is a ValueError. Returns the keys that were skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"pretrained checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            sd: Any = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read pretrained safetensors file {path}: {e}") from None
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
-            raise ValueError(f"cannot read pretrained checkpoint {path} with weights_only=True "
-                             f"({type(e).__name__}); give a state dict or a safetensors file") from None
-        if isinstance(sd, dict):
-            for key in ("model", "state_dict", "model_state_dict", "model_ema"):
-                if isinstance(sd.get(key), dict):
-                    sd = sd[key]
-                    break
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"pretrained checkpoint {path} does not hold a state dict of tensors")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if ".weight_quantizer." not in k and ".act_quantizer." not in k}
-    own = model.state_dict()
-    skipped = []
-    for k in sorted(_classifier_keys(model)):
-        if k in sd and k in own and sd[k].shape != own[k].shape:
-            sd[k] = own[k]
-            skipped.append(k)
-    load_state_dict_checked(model, sd, f"pretrained checkpoint {path}")
-    return skipped
-
-
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """create_model -> optional float ``cfg.pretrained`` weights -> :func:`saq.quantize` (not yet traced)."""
     from .models import create_model
@@ -251,18 +169,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if not cfg.amp:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def _eval_sums(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
                limit: int = 0) -> torch.Tensor:
@@ -273,7 +179,7 @@ def _eval_sums(model: nn.Module, loader: Any, device: torch.device, amp_dtype: O
             if limit and i >= limit:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = model(x)
             out = out.float()
             k = min(5, out.shape[1])
@@ -370,8 +276,8 @@ def _claim_output(out: Path, cfg: TrainConfig) -> Any:
         lock = FileLock(str(out / LOCK_NAME), timeout=0)
         lock.acquire()
     except Timeout:
-        raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock {out / LOCK_NAME}); "
-                         "wait for that run or choose another --output") from None
+        raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock "
+                         f"{out / LOCK_NAME}); wait for that run or choose another --output") from None
     except OSError as e:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
     try:
@@ -412,23 +318,6 @@ def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
     return [(n, low) for (n, _), low in zip(qs, lows) if low <= 0]
 
 
-def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_world: int = 1) -> int:
-    """The CPU thread count ``threads=0`` picks: 1 for a small model on the CPU, else this process's share
-    of the cores it may use (never more than torch's own default, which OMP_NUM_THREADS sets).
-
-    Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
-    little, and on a machine busy with other work it costs a lot (README: steps 20-80x slower, measured).
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    share = max(1, min(torch.get_num_threads(), cores // max(local_world, 1)))
-    if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
-        return 1
-    return share
-
-
 def _agree(message: Optional[str], distributed: bool) -> None:
     """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
     if distributed:
@@ -437,79 +326,6 @@ def _agree(message: Optional[str], distributed: bool) -> None:
         message = box[0]
     if message:
         raise ValueError(message)
-
-
-def _json_value(v: Any) -> Any:
-    """NaN/inf have no JSON form: they are written as null (the CSV keeps 'nan')."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _write_metrics(history: list[dict[str, Any]], jsonl: Path, csv_path: Path) -> None:
-    atomic_write_text(jsonl, "".join(json.dumps({k: _json_value(v) for k, v in r.items()}, allow_nan=False) + "\n"
-                                     for r in history))
-    cols: list[str] = []
-    for r in history:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(csv_path, buf.getvalue())
-
-
-def plot_history(history: list[dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
-    """PNG with the loss curves (left) and the accuracy curves (right) of a metrics history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
-        if f"{split}_loss" in history[0]:
-            ax_l.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
-        if f"{split}_acc" in history[0]:
-            ax_a.plot(epochs, [r[f"{split}_acc"] for r in history], style, label=split)
-    ax_l.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_a.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
-    for ax in (ax_l, ax_a):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-
-
-class _TensorBoard:
-    """A SummaryWriter that degrades to a no-op (with one warning) if tensorboard cannot be imported."""
-
-    def __init__(self, log_dir: Optional[Path], purge_step: Optional[int]):
-        self.writer = None
-        if log_dir is None:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"TensorBoard logging disabled ({e})")
-            return
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, Any], step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch",):
-                self.writer.add_scalar(k.replace("_", "/", 1), v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -702,7 +518,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
             if isinstance(q, Quantizer):
                 q._sync_flags()
 
-    amp_dtype = _amp_dtype(cfg, device)
+    amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     base = build_optimizer(raw_model, cfg)
     optimizer = wrap_sharpness(model, base, cfg, steps_per_epoch, scaler)
@@ -805,7 +621,7 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
                 logits_box: list[torch.Tensor] = []
 
                 def closure() -> torch.Tensor:
-                    with _autocast(device, amp_dtype):
+                    with autocast(device, amp_dtype):
                         logits = model(x)
                         loss = criterion(logits, y)
                     if not logits_box:
