@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "DistEnv", "init_distributed", "amp_dtype", "autocast", "auto_threads",
+__all__ = ["resolve_device", "DistEnv", "init_distributed", "agree", "amp_dtype", "autocast", "auto_threads",
            "SMALL_BATCH_MACS"]
 
 #: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
@@ -101,3 +101,13 @@ def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_wo
     if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
         return 1
     return share
+
+
+def agree(message: Optional[str], distributed: bool) -> None:
+    """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
+    if distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
