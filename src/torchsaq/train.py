@@ -79,6 +79,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: weight decay on weights; none on quantizer step sizes, biases, norm parameters, 1-D
     parameters and names the model lists in ``no_weight_decay()`` (timm's position embeddings, tokens)."""
+    # not timm's param_groups_weight_decay: it puts the no-decay group first (checkpointed optimizer states and
+    # param_groups[0] would change) and decays quantizer steps / norm weights of more than one dimension
     skip_names: set[str] = set()
     nwd = getattr(model, "no_weight_decay", None)
     if callable(nwd):
@@ -129,6 +131,8 @@ def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConf
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Per-iteration LR factor: linear warm-up over ``warmup_epochs``, then cosine to 0 / step / constant."""
+    # not timm's CosineLRScheduler: its warm-up starts at warmup_lr_init (ours at lr / warm-up steps), and its
+    # state_dict differs from LambdaLR's (checkpoints)
     total = max(cfg.epochs * steps_per_epoch, 1)
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     milestones = sorted(int(m) for m in cfg.step_milestones)
