@@ -286,7 +286,7 @@ def test_export_refuses_non_finite_weights_and_dead_steps(tmp_path):
 
 
 def test_metrics_jsonl_is_valid_json_with_non_finite_values(tmp_path):
-    from torchsaq.train import _write_metrics
+    from torchsaq.runlog import write_metrics as _write_metrics
 
     _write_metrics([{"epoch": 1, "train_loss": 0.5, "val_acc": math.nan, "val_loss": math.inf}],
                    tmp_path / "m.jsonl", tmp_path / "m.csv")

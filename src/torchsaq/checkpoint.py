@@ -1,5 +1,6 @@
-"""Training checkpoints: atomic save, safe load (``weights_only=True``: a checkpoint cannot run code) and
-rebuilding the quantized model from a checkpoint alone (no data set needed).
+"""Training checkpoints: atomic save, safe load (``weights_only=True``: a checkpoint cannot run code),
+rebuilding the quantized model from a checkpoint alone (no data set needed), and loading float
+(pretrained) weights into a model before quantization.
 
 A checkpoint is a plain dict of tensors and Python scalars/containers written with :func:`torch.save`::
 
@@ -22,7 +23,7 @@ from torch import nn
 from ._io import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model", "model_from_checkpoint",
-           "load_state_dict_checked"]
+           "load_state_dict_checked", "load_pretrained"]
 
 FORMAT = "saq-checkpoint"
 VERSION = 1
@@ -91,6 +92,70 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], what: 
             parts.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])} (file vs model)")
         raise ValueError(f"{what} does not match the model architecture: {'; '.join(parts)}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classification head (timm's get_classifier(), else the last nn.Linear)."""
+    head = None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # pragma: no cover - model-specific
+            head = None
+    if not isinstance(head, nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = names.get(id(head))
+    if prefix is None:
+        return set()
+    return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
+
+
+def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
+    """Load a float checkpoint into a float ``model`` (before quantization), strictly.
+
+    Accepts a safetensors file, a ``torch.save``-d state dict (also under a ``state_dict``/``model`` key,
+    ``module.`` prefixes stripped) or a torchsaq checkpoint (its quantizer steps are dropped). A classifier head
+    of another class count is left at its fresh initialisation (fine-tuning, as in the paper); any other
+    mismatch is a ValueError. Returns the keys that were skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pretrained checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            sd: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read pretrained safetensors file {path}: {e}") from None
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
+            raise ValueError(f"cannot read pretrained checkpoint {path} with weights_only=True "
+                             f"({type(e).__name__}); give a state dict or a safetensors file") from None
+        if isinstance(sd, dict):
+            for key in ("model", "state_dict", "model_state_dict", "model_ema"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"pretrained checkpoint {path} does not hold a state dict of tensors")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if ".weight_quantizer." not in k and ".act_quantizer." not in k}
+    own = model.state_dict()
+    skipped = []
+    for k in sorted(_classifier_keys(model)):
+        if k in sd and k in own and sd[k].shape != own[k].shape:
+            sd[k] = own[k]
+            skipped.append(k)
+    load_state_dict_checked(model, sd, f"pretrained checkpoint {path}")
+    return skipped
 
 
 def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device] = "cpu",

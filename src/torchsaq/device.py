@@ -1,0 +1,113 @@
+"""Where a training run computes: the device, the process group under ``torchrun``, AMP, CPU threads."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["resolve_device", "DistEnv", "init_distributed", "agree", "amp_dtype", "autocast", "auto_threads",
+           "SMALL_BATCH_MACS"]
+
+#: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
+SMALL_BATCH_MACS = 5e8
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's CUDA device if there is one, else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return device
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` job (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE); one
+    process without torchrun."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world: int = 1
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(world=world, rank=int(os.environ.get("RANK", "0")),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs and saves."""
+        return self.rank == 0
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> bool:
+    """Start the process group (NCCL on GPUs, gloo on CPU) if this is a torchrun job without one yet;
+    returns whether it was started here (and so is this caller's to destroy)."""
+    if not env.distributed or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def amp_dtype(amp: bool, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of training with ``amp``: float16 on CUDA (with a GradScaler), bfloat16 elsewhere."""
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype``, or nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_world: int = 1) -> int:
+    """The CPU thread count ``threads=0`` picks: 1 for a small model on the CPU, else this process's share
+    of the cores it may use (never more than torch's own default, which OMP_NUM_THREADS sets).
+
+    Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
+    little, and on a machine busy with other work it costs a lot (README: steps 20-80x slower, measured).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, min(torch.get_num_threads(), cores // max(local_world, 1)))
+    if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
+        return 1
+    return share
+
+
+def agree(message: Optional[str], distributed: bool) -> None:
+    """Raise ``ValueError(message)`` on every rank when rank 0 has one (the others would wait for it forever)."""
+    if distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
