@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import _foreach as fe
 from .layers import QuantLayer, quant_layers
 from .quantizer import Quantizer
+from .vocab import MODES, WHERE
 
 __all__ = ["Site", "Direction", "Mode", "MODES", "WHERE", "site_of", "Targets", "cleared"]
 
@@ -82,7 +83,8 @@ class Direction(Enum):
 
 
 class Mode(Enum):
-    """The four perturbation modes (see the module docstring)."""
+    """The four perturbation modes (see the module docstring); the values are :data:`torchsaq.vocab.MODES`
+    (checked below), the members name them for the rule table."""
 
     SAM = "sam"
     CASE1 = "case1"
@@ -118,12 +120,15 @@ _RULES: dict[Mode, tuple[Optional[Direction], Optional[Site]]] = {
     Mode.CASE3: (Direction.QWEIGHT_GRAD, Site.AFTER),
 }
 
-#: the mode names, for ``saq.SAQ(mode=...)`` and the ``--sharpness`` option (with "none")
-MODES: tuple[str, ...] = tuple(m.value for m in Mode)
+# MODES (``saq.SAQ(mode=...)``, ``--sharpness`` with "none") and WHERE (the analysis' ``where`` / ``wrt``) are
+# vocab's names; the enum and the site table below must cover exactly those names, in vocab's order.
+if tuple(m.value for m in Mode) != MODES:
+    raise ImportError(f"perturb.Mode {[m.value for m in Mode]} disagrees with vocab.MODES {MODES}")
 
-#: the analysis' ``where`` / ``wrt``: perturb Q(w) ("quantized") or w before quantizing ("latent")
-WHERE: tuple[str, ...] = ("quantized", "latent")
+#: where each ``where`` perturbs: Q(w) ("quantized", as case 3) or w before quantizing ("latent", as case 2)
 _WHERE_SITE = {"quantized": Site.AFTER, "latent": Site.BEFORE}
+if tuple(_WHERE_SITE) != WHERE:
+    raise ImportError(f"perturb._WHERE_SITE {list(_WHERE_SITE)} disagrees with vocab.WHERE {WHERE}")
 
 
 def site_of(where: str, what: str = "where") -> Site:

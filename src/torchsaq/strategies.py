@@ -25,14 +25,12 @@ from torch.amp.grad_scaler import OptState
 from . import _foreach as fe
 from .functional import add_orthogonal_, orthogonal_component_, sam_perturbation
 from .perturb import Targets
+from .vocab import STRATEGIES
 
 if TYPE_CHECKING:
     from .sam import SAQ
 
 __all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "make_strategy"]
-
-#: the strategy names, for ``saq.SAQ(strategy=...)`` and the ``--strategy`` option
-STRATEGIES: tuple[str, ...] = ("full", "every_k", "prev_grad")
 
 Scaler = Optional[torch.amp.GradScaler]
 
@@ -257,6 +255,12 @@ class PrevGrad(Strategy):
         self.e_prev = None if ep is None else [None if t is None else t.to(r.device, r.dtype, copy=True)
                                                for t, r in zip(ep, self.targets.tensors())]
         self.closure_free_mode = bool(saq.get("closure_free", False))  # (opt.restore() removed a pending e)
+
+
+# the classes' names are vocab.STRATEGIES, in its order
+if tuple(c.name for c in (Full, EveryK, PrevGrad)) != STRATEGIES:
+    raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad)]} disagree with "
+                      f"vocab.STRATEGIES {STRATEGIES}")
 
 
 def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str]) -> Strategy:
