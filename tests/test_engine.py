@@ -10,7 +10,8 @@ from torch import nn
 from torchsaq.checkpoint import load_checkpoint
 from torchsaq.checkpointer import Checkpointer
 from torchsaq.config import TrainConfig
-from torchsaq.engine import EpochRecord, EpochSums, LoopState, evaluate, qat_update
+from torchsaq._update import base_step
+from torchsaq.engine import EpochRecord, EpochSums, LoopState, evaluate
 
 
 class _Fixed(nn.Module):
@@ -128,7 +129,7 @@ def test_epoch_records_keep_the_metrics_file_layout():
     assert (st.start_epoch, st.skip, st.partial, st.history) == (1, 2, EpochSums(3.0, 1.0, 4), [EpochRecord(**d)])
 
 
-def test_qat_update_clips_then_steps():
+def test_plain_qat_update_clips_then_steps():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)
     b.load_state_dict(a.state_dict())
@@ -136,7 +137,7 @@ def test_qat_update_clips_then_steps():
     for m in (a, b):
         (m(x) ** 2).sum().mul(100).backward()
     opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
-    qat_update(opt_a, a.parameters(), None, 0.5)
+    base_step(opt_a, a.parameters(), grad_scaler=None, max_grad_norm=0.5)  # engine.train_step's plain-QAT update
     nn.utils.clip_grad_norm_(b.parameters(), 0.5)
     opt_b.step()
     for p, q in zip(a.parameters(), b.parameters()):

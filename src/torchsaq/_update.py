@@ -1,7 +1,7 @@
 """The parameter update that ends a training step: finiteness check, (unscale,) clip, base step.
 
-Shared by :class:`saq.SAQ` and meant for the trainer's plain quantization-aware path, so both update the
-weights the same way::
+Shared by :class:`saq.SAQ` and the trainer's plain quantization-aware path (``engine.train_step``), so both
+update the weights the same way::
 
     failed = first_failure([("loss", finite(loss)), ("gradient", torch.isfinite(total))])  # no grad scaler
     base_step(optimizer, params, grad_scaler=scaler, max_grad_norm=1.0, grad_norm=total)

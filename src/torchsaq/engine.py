@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._update import base_step
 from .checkpointer import Checkpointer
 from .config import TrainConfig
 from .convert import eval_mode
@@ -31,7 +32,7 @@ from .quantizer import Quantizer
 from .runlog import TensorBoard, write_metrics
 
 __all__ = ["EpochRecord", "EpochSums", "TrainResult", "TrainData", "LoopState", "Run", "TrainingInterrupted",
-           "evaluate", "qat_update", "train_step", "train_one_epoch", "finish_epoch", "fit", "DIVERGED_LOSS_FACTOR"]
+           "evaluate", "train_step", "train_one_epoch", "finish_epoch", "fit", "DIVERGED_LOSS_FACTOR"]
 
 #: an epoch whose mean training loss exceeds this many times ln(classes) (chance level) has diverged
 DIVERGED_LOSS_FACTOR = 10.0
@@ -314,22 +315,6 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
 # -------------------------------------------------------------------------------------------------------
 # training
 # -------------------------------------------------------------------------------------------------------
-def qat_update(base: torch.optim.Optimizer, params: Any, scaler: Optional[torch.amp.GradScaler],
-               max_grad_norm: Optional[float]) -> None:
-    """The plain-QAT update after a backward: (unscale,) clip to ``max_grad_norm`` if set, base step. With a
-    GradScaler, its step skips an update whose gradients are not finite and lowers the scale."""
-    if scaler is not None:
-        if max_grad_norm:
-            scaler.unscale_(base)
-            nn.utils.clip_grad_norm_(params, max_grad_norm)
-        scaler.step(base)
-        scaler.update()
-        return
-    if max_grad_norm:
-        nn.utils.clip_grad_norm_(params, max_grad_norm)
-    base.step()
-
-
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on the batch ``(x, y)``, then one LR-schedule step. Returns the loss and the
     top-1 hits of the first forward. Sharpness-aware: ``saq.SAQ.step(closure)`` runs the passes."""
@@ -348,7 +333,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.sharpness == "none":
         loss = closure()
-        qat_update(run.base, run.raw_model.parameters(), run.scaler, run.cfg.max_grad_norm)
+        base_step(run.base, run.raw_model.parameters(), grad_scaler=run.scaler, max_grad_norm=run.cfg.max_grad_norm)
     else:
         loss = run.optimizer.step(closure)
     with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain

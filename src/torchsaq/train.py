@@ -119,14 +119,9 @@ def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConf
     """
     if cfg.sharpness == "none":
         return base
-    from .sam import SAQ, rho_warmup
+    from .sam import SAQ
 
-    warm = int(round(cfg.rho_warmup_epochs * steps_per_epoch))
-    schedule = rho_warmup(cfg.rho, warm) if warm > 0 else None
-    return SAQ(model, base, rho=cfg.rho, mode=cfg.sharpness, adaptive=cfg.adaptive, strategy=cfg.strategy,
-               k=cfg.strategy_k, alpha="auto" if cfg.strategy_alpha is None else cfg.strategy_alpha,
-               rho_schedule=schedule, grad_scaler=grad_scaler,
-               max_grad_norm=cfg.max_grad_norm)
+    return SAQ(model, base, grad_scaler=grad_scaler, **cfg.saq_kwargs(steps_per_epoch))
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
