@@ -171,7 +171,7 @@ def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device
 
     cfg = TrainConfig.from_dict(dict(state["config"]))
     data = state["data"]
-    model = create_model(cfg.model, int(data["num_classes"]), in_chans=int(data["in_chans"]),
+    model = create_model(cfg.model_name, int(data["num_classes"]), in_chans=int(data["in_chans"]),
                          img_size=cfg.img_size, **cfg.model_options(int(data["in_chans"])))
     quantize(model, cfg.quant_config())
     with torch.no_grad():

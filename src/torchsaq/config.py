@@ -209,6 +209,13 @@ class TrainConfig:
                            layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude))
 
     @property
+    def model_name(self) -> str:
+        """``model``, which ``__post_init__`` set to the data set's default model if it was given as None."""
+        if self.model is None:
+            raise ValueError("TrainConfig.model was set to None after the config was built; name a model")
+        return self.model
+
+    @property
     def quant(self) -> QuantConfig:
         """:meth:`quant_config`: a new :class:`QuantConfig` built from the fields (changing it changes nothing here)."""
         return self.quant_config()

@@ -5,13 +5,13 @@ import contextlib
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union, cast
 
 import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
-from .quantizer import QUANTIZERS, Quantizer, check_bits
+from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits
 from .vocab import ACT_GRAD_SCALES
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
@@ -71,9 +71,13 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        d["layer_bits"] = {k: list(v) for k, v in self.bits_pairs().items()}
         d["exclude"] = list(self.exclude)
         return d
+
+    def bits_pairs(self) -> dict[str, tuple[int, int]]:
+        """``layer_bits`` as __post_init__ leaves it: pattern -> (w_bits, a_bits)."""
+        return cast("dict[str, tuple[int, int]]", self.layer_bits)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
@@ -94,7 +98,7 @@ def _pair(v: Bits, what: str) -> tuple[int, int]:
 
 
 def _override(name: str, config: QuantConfig) -> Optional[tuple[int, int]]:
-    for pattern, bits in config.layer_bits.items():
+    for pattern, bits in config.bits_pairs().items():
         if fnmatch.fnmatchcase(name, pattern):
             return bits
     return None
@@ -136,8 +140,10 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
         m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
                       config.quantizer, config.act_grad_scale)
         m._saq_name = name
-    model._saq_config = config  # type: ignore[attr-defined]
-    model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
+    # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
+    model._saq_config = config  # type: ignore[assignment]
+    hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
+    model._saq_trace_hook = hook  # type: ignore[assignment]
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         trace(model, *args)
@@ -159,7 +165,7 @@ def _drop_trace_hook(model: nn.Module) -> bool:
     if hook is None:
         return False
     hook.remove()
-    model._saq_trace_hook = None  # type: ignore[attr-defined]
+    model._saq_trace_hook = None  # type: ignore[assignment]  # (Module.__setattr__'s stub: Tensor/Module only)
     return True
 
 
@@ -181,12 +187,13 @@ def _float_pass(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]
     Consumes no randomness and restores every module's mode; shared by :func:`trace` and ``saq.summary``.
     """
     layers = [m for _, m in quant_layers(model)]
-    order: list = []
+    order: list[QuantLayer] = []
 
     def record(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        if m not in order:
-            order.append(m)
-        m._saq_macs += macs_per_sample(m, args[0] if args else kwargs["input"], out)
+        layer = cast(QuantLayer, m)  # a quantized layer, running its float class's forward (see below)
+        if layer not in order:
+            order.append(layer)
+        layer._saq_macs = (layer._saq_macs or 0) + macs_per_sample(layer, args[0] if args else kwargs["input"], out)
 
     swapped: list = []  # (layer, its class, hook handle)
     try:
@@ -217,16 +224,17 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     except BaseException:
         for _, m in quant_layers(model):
             m._saq_macs = None
-        model._saq_trace_hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)  # type: ignore
+        model._saq_trace_hook = model.register_forward_pre_hook(  # type: ignore[assignment]  # (as in quantize)
+            _trace_pre_hook, with_kwargs=True)
         raise
     if not order:
         raise ValueError("the forward pass used none of the quantized layers")
-    config: QuantConfig = model._saq_config  # type: ignore[attr-defined]
+    config = cast(QuantConfig, model._saq_config)  # set by quantize
     roles = {order[0]: "first", order[-1]: "last"} if len(order) > 1 else {order[0]: "first"}
     for m, role in roles.items():
         m.quant_role = role
         aq = m.act_quantizer
-        if role == "first" and getattr(aq, "init_fraction", False) is None and not aq.is_initialized:
+        if role == "first" and isinstance(aq, LIQActQuantizer) and aq.init_fraction is None and not aq.is_initialized:
             # LIQ's fixed clip of 1.0 would cut the raw network input (normalised data reaches 2-4); the
             # first layer's input clip starts at max|x| instead, so its 8 bits cover the data as LSQ's do
             aq.init_fraction = 1.0

@@ -335,7 +335,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         loss = closure()
         base_step(run.base, run.raw_model.parameters(), grad_scaler=run.scaler, max_grad_norm=run.cfg.max_grad_norm)
     else:
-        loss = run.optimizer.step(closure)
+        loss = run.optimizer.step(closure)  # type: ignore[assignment, arg-type]  # torch stub: a float closure
     with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()

@@ -215,7 +215,7 @@ def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(json.dumps(["tensor", key, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # (numpy's stub: no __buffer__)
     return h.hexdigest()
 
 

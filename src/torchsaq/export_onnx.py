@@ -318,7 +318,7 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
             once(q, lambda: [_int_initializer(q, w.ints.numpy(), w.container), _float_initializer(s, w.scale)]
                  + ([_int_initializer(z, np.full((), w.zero_point), w.container)] if w.zero_point else [])
                  + ([_float_initializer(b, w.shift)] if w.shift is not None else []))
-            kw = {} if w.axis is None else {"axis": w.axis}
+            kw: dict[str, Any] = {} if w.axis is None else {"axis": w.axis}
             out = node.output[0] if w.shift is None else f"{layer}/weight_dq_out"
             nodes.append(helper.make_node("DequantizeLinear", [q, s] + ([z] if w.zero_point else []), [out],
                                           name=f"{layer}/weight_dq", **kw))
@@ -433,21 +433,24 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
         for _, layer in layers:
             swapped.append((layer, type(layer)))
             layer.__class__ = _EXPORT_CLASSES[type(layer)]
+            assert isinstance(layer, _OnnxLayer)
             layer._onnx_name = names[id(layer)]
             layer._onnx_weight = weights.get(layer._onnx_name)
             layer._onnx_act = acts.get(layer._onnx_name)
             layer._onnx_float = not quantized
         with eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's tracer and deprecation notes
-            torch.onnx.export(model, args, buf, dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
+            # (torch.onnx.export's stub types ``f`` as a path; the TorchScript exporter writes to a file object too)
+            torch.onnx.export(model, args, buf,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
                               custom_opsets={_DOMAIN: 1} if quantized else None, input_names=input_names,
                               output_names=["output"],
                               dynamic_axes=dynamic, do_constant_folding=True)
     finally:
-        for layer, cls in swapped:
-            layer.__class__ = cls
+        for m, cls in swapped:
+            m.__class__ = cls
             for attr in ("_onnx_name", "_onnx_weight", "_onnx_act", "_onnx_float"):
-                layer.__dict__.pop(attr, None)
+                m.__dict__.pop(attr, None)
     proto = _rewrite(onnx.load_from_string(buf.getvalue()), weights, acts, opset)
     proto.producer_name = "torchsaq"
     meta = {"saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized), "saq_layers": json.dumps(record)}

@@ -18,7 +18,7 @@ all the same.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,29 @@ __all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLA
 _STD_EPS = 1e-5
 
 
-class QuantLayer:
+if TYPE_CHECKING:
+    # every QuantLayer is a Conv/Linear module at run time (its class swapped in by saq.quantize): type checkers
+    # see the mixin as an nn.Module so its users get the module API; at run time it stays a plain mixin
+    _Module = nn.Module
+else:
+    _Module = object
+
+
+class QuantLayer(_Module):
     """Mixin holding the quantizers and the perturbation hook; concrete classes define ``_float_forward``."""
 
-    weight: nn.Parameter
+    weight: Tensor  # the float layer's Parameter
     weight_quantizer: Quantizer
     act_quantizer: Quantizer
+    weight_standardize: bool
+    quant_role: Optional[str]
+    perturb_pre: Optional[Tensor]
+    perturb_post: Optional[Tensor]
+    capture_qweight: bool
+    qweight: Optional[Tensor]
+    qweight_grad: Optional[Tensor]
+    _saq_macs: Optional[int]
+    _saq_name: str  # the layer's qualified name in the model, set by saq.quantize
 
     def _init_quant(self, w_bits: int, a_bits: int, per_channel: bool, weight_standardize: bool,
                     a_signed: Optional[bool], quantizer: str = "lsq", act_grad_scale: str = "per_sample") -> None:
@@ -49,13 +66,13 @@ class QuantLayer:
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
         self.weight_standardize = weight_standardize
-        self.quant_role: Optional[str] = None  # "first" / "last" once the execution order is known
-        self.perturb_pre: Optional[Tensor] = None
-        self.perturb_post: Optional[Tensor] = None
+        self.quant_role = None  # "first" / "last" once the execution order is known
+        self.perturb_pre = None
+        self.perturb_post = None
         self.capture_qweight = False
-        self.qweight: Optional[Tensor] = None
-        self.qweight_grad: Optional[Tensor] = None
-        self._saq_macs: Optional[int] = None  # multiply-accumulates per sample, recorded by the trace
+        self.qweight = None
+        self.qweight_grad = None
+        self._saq_macs = None  # multiply-accumulates per sample, recorded by the trace
 
     # -- bits ------------------------------------------------------------------------------------------
     @property
@@ -116,8 +133,8 @@ class QuantLayer:
     def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def extra_repr(self) -> str:  # type: ignore[override]
-        base = super().extra_repr()  # type: ignore[misc]
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
         role = f", role={self.quant_role}" if self.quant_role else ""
         kind = "" if self.weight_quantizer.kind == "lsq" else f", quantizer={self.weight_quantizer.kind}"
         return f"{base}, w_bits={self.w_bits}, a_bits={self.a_bits}{kind}{role}"
@@ -142,7 +159,11 @@ class QuantLinear(QuantLayer, nn.Linear):
 QUANT_CLASSES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
-def num_samples(layer: nn.Module, x: Tensor) -> int:
+#: a layer with a weight whose first dim is the output channels: what num_samples / macs_per_sample measure
+WeightLayer = Union[nn.Conv1d, nn.Conv2d, nn.Linear, QuantLayer]
+
+
+def num_samples(layer: WeightLayer, x: Tensor) -> int:
     """How many samples the input ``x`` of a Conv/Linear ``layer`` holds: its batch size, 1 for an unbatched
     (or empty) input."""
     if isinstance(layer, nn.Linear):
@@ -152,7 +173,7 @@ def num_samples(layer: nn.Module, x: Tensor) -> int:
     return x.shape[0] if batched and x.shape[0] > 0 else 1
 
 
-def macs_per_sample(layer: nn.Module, x: Tensor, out: Tensor) -> int:
+def macs_per_sample(layer: WeightLayer, x: Tensor, out: Tensor) -> int:
     """MACs of one call of a Conv/Linear ``layer`` per sample: output elements per sample x weight elements per
     output element."""
     return out.numel() // num_samples(layer, x) * layer.weight[0].numel()

@@ -152,6 +152,9 @@ class Quantizer(nn.Module):
     param_name: str = "step"
     #: the quantizer standardises its input itself (LIQ weights); load_exported turns it off for grid weights
     standardize: bool = False
+    # buffers registered in __init__ (declared for type checkers: nn.Module's __getattr__ is untyped)
+    initialized: Tensor
+    is_signed: Tensor
 
     def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
                  num_channels: int = 1):
@@ -330,6 +333,7 @@ class LSQQuantizer(Quantizer):
 
     kind = "lsq"
     param_name = "step"
+    step: nn.Parameter
 
     def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
                  num_channels: int = 1, grad_scale: Optional[float] = None, per_sample_grad_scale: bool = False):
@@ -380,6 +384,7 @@ class _LIQ(Quantizer):
 
     kind = "liq"
     param_name = "clip"
+    clip: nn.Parameter
 
     def __init__(self, bits: int, signed: Optional[bool], init_fraction: Optional[float]):
         super().__init__(bits, signed)

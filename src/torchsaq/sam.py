@@ -526,7 +526,7 @@ class SAQ(torch.optim.Optimizer):
         params = [p for p in self._params() if p.grad is not None]
         total = None
         if scaler is None:
-            total = torch.nn.utils.get_total_norm([p.grad for p in params])
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # (all of them)
             what = "loss or gradient of the pass at the perturbed point"
             failed = first_failure(checks + [(what, finite(loss_check)), (what, torch.isfinite(total))])
             if failed is not None:

@@ -54,7 +54,8 @@ __all__ = ["train", "evaluate", "build_model", "build_optimizer", "wrap_sharpnes
            "lr_lambda", "param_groups", "build_data", "load_pretrained", "resolve_device", "format_result",
            "plot_history", "TrainingInterrupted", "CHECKPOINT_NAME"]
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                            nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
 
@@ -66,7 +67,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """create_model -> optional float ``cfg.pretrained`` weights -> :func:`saq.quantize` (not yet traced)."""
     from .models import create_model
 
-    model = create_model(cfg.model, num_classes, in_chans=in_chans, img_size=cfg.img_size,
+    model = create_model(cfg.model_name, num_classes, in_chans=in_chans, img_size=cfg.img_size,
                          **cfg.model_options(in_chans))
     if cfg.pretrained:
         skipped = load_pretrained(model, cfg.pretrained)
@@ -171,7 +172,8 @@ class _ResumableSampler(DistributedSampler):
 
 
 def _shard(ds: Dataset, rank: int, world: int) -> Dataset:
-    return ds if world == 1 else Subset(ds, list(range(rank, len(ds), world)))
+    # (map-style data sets have __len__; torch's Dataset stub does not declare it)
+    return ds if world == 1 else Subset(ds, list(range(rank, len(ds), world)))  # type: ignore[arg-type]
 
 
 def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv = DistEnv()) -> tuple[TrainData, Any]:
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     cfg = TrainConfig.from_dict(cfg.to_dict())  # a validated private copy
     from .models import model_info
 
-    model_info(cfg.model)  # an unknown model fails now (with suggestions), before any data is built
+    model_info(cfg.model_name)  # an unknown model fails now (with suggestions), before any data is built
     from .data import DATASETS, build_datasets
 
     if cfg.dataset not in DATASETS:  # and so does an unknown data set (its error names the choices)

@@ -19,8 +19,8 @@ def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
-        arrays = {"alphas": landscape.alphas, "losses": landscape.losses, "accuracies": landscape.accuracies,
-                  "meta": np.array(json.dumps(landscape.meta))}
+        arrays: dict[str, Any] = {"alphas": landscape.alphas, "losses": landscape.losses,
+                                  "accuracies": landscape.accuracies, "meta": np.array(json.dumps(landscape.meta))}
         if landscape.betas is not None:
             arrays["betas"] = landscape.betas
         def write(tmp: str) -> None:
@@ -34,7 +34,8 @@ def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
             if landscape.dims == 1:
                 lines.append(f"{a:.6g},{landscape.losses[i]:.9g},{landscape.accuracies[i]:.6g}")
             else:
-                for j, b in enumerate(landscape.betas):  # type: ignore[arg-type]
+                assert landscape.betas is not None  # (a 2-D landscape)
+                for j, b in enumerate(landscape.betas):
                     lines.append(f"{a:.6g},{b:.6g},{landscape.losses[i, j]:.9g},{landscape.accuracies[i, j]:.6g}")
         atomic_write_text(path, "\n".join(lines) + "\n")
     else:
@@ -84,6 +85,7 @@ def plot_landscapes(landscapes: dict[str, Landscape], path: Union[str, Path], ti
         levels = np.linspace(lo, hi if hi > lo else lo + 1.0, 21)
         cs = None
         for ax, (label, ls) in zip(axes, landscapes.items()):
+            assert ls.betas is not None  # (2-D landscapes)
             a, b = np.meshgrid(ls.alphas, ls.betas, indexing="ij")
             cs = ax.contour(a, b, ls.losses, levels=levels, cmap="viridis")
             ax.clabel(cs, fontsize=7, fmt="%.3g")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def _hvp(space: _Space, criterion: Criterion, data, v: Sequence[Tensor]) -> list
         pairs = [(g, t) for g, t in zip(gs, v) if g is not None and g.requires_grad]
         if not pairs:
             continue
-        gv = sum((g * t).sum() for g, t in pairs)
+        gv = cast(Tensor, sum((g * t).sum() for g, t in pairs))  # (pairs is not empty)
         hs = torch.autograd.grad(gv, leaves, allow_unused=True)
         for acc, h in zip(out, hs):
             if h is not None:
@@ -190,6 +190,7 @@ def hessian_top_eigenvalue(model: nn.Module, criterion: Criterion, batches: Iter
             lam = new
             if converged:
                 break
+        assert lam is not None  # iters >= 1
         return float(lam)
 
 
@@ -383,9 +384,9 @@ def loss_landscape(model: nn.Module, criterion: Criterion, batches: Iterable[Bat
         losses = np.full(shape, np.nan)
         accs = np.full(shape, np.nan)
         for idx in tqdm(points, desc=f"landscape ({where})", disable=not progress, leave=False):
-            deltas = []
+            deltas: list[Optional[Tensor]] = []
             for k, name in enumerate(space.names):
-                parts = [dirs[a][k] * float(grid[i]) for a, i in enumerate(idx) if dirs[a][k] is not None]
+                parts = [d_ak * float(grid[i]) for a, i in enumerate(idx) if (d_ak := dirs[a][k]) is not None]
                 deltas.append(sum(parts[1:], parts[0]) if parts else None)
             losses[idx], accs[idx] = _loss_accuracy(lambda x: space.forward(deltas, x), criterion, data)
     norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values())) for d in directions]
