@@ -435,6 +435,19 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     tensors, meta, version = _read(path)
     target = _unwrap(model)
     layers = dict(quant_layers(target))
+    _check_architecture(meta, layers)
+    # the file's quantizer kind wins, as its bits do: new quantizers, attached once the checks pass
+    swaps = _swapped_quantizers(meta, layers)
+    rest = _float_tensors(target, tensors, swaps)
+    weights = _decode_weights(meta, layers, swaps, tensors, version)
+    # commit: everything above succeeded, so nothing below can fail half-way
+    _apply(target, meta, layers, swaps, tensors, rest, weights)
+    return model
+
+
+def _check_architecture(meta: dict[str, Any], layers: dict[str, QuantLayer]) -> None:
+    """load_exported's first step: the metadata is well-formed and names the model's quantized layers, with
+    their classes and weight shapes."""
     if not layers:
         raise ValueError("load_exported: the model has no quantized layer (call saq.quantize on it first)")
     for name, info in meta.items():
@@ -453,7 +466,10 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         if list(layer.weight.shape) != list(info["shape"]):
             raise ValueError(f"load_exported: layer {name} weight shape {list(layer.weight.shape)} in the model, "
                              f"{info['shape']} in the file")
-    # the file's quantizer kind wins, as its bits do: new quantizers, attached once the checks pass
+
+
+def _swapped_quantizers(meta: dict[str, Any], layers: dict[str, QuantLayer]) -> dict[str, tuple[Quantizer, Quantizer]]:
+    """New (weight, activation) quantizers for the layers whose quantizer kind differs from the file's."""
     swaps: dict[str, tuple[Quantizer, Quantizer]] = {}
     for name, info in meta.items():
         kind = info.get("quantizer", "lsq")
@@ -461,7 +477,12 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
             swaps[name] = make_quantizers(kind, int(info["w_bits"]), int(info["a_bits"]), layers[name].weight.shape[0],
                                           per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"],
                                           linear=isinstance(layers[name], nn.Linear))
+    return swaps
 
+
+def _float_tensors(target: nn.Module, tensors: dict[str, Tensor],
+                   swaps: dict[str, tuple[Quantizer, Quantizer]]) -> dict[str, Tensor]:
+    """The file's tensors other than codes and quantizer scales, after checking the key set and the shapes."""
     # every other tensor: exact key set and shapes (quantizer scales are checked against the metadata)
     prefixes = _quantizer_prefixes(target)
     state = target.state_dict()
@@ -486,10 +507,14 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
             raise ValueError(f"load_exported: shape mismatch for {key}: {tuple(expected[key].shape)} in the "
                              f"model, {tuple(value.shape)} in the file")
         rest[key] = value
+    return rest
 
+
+def _decode_weights(meta: dict[str, Any], layers: dict[str, QuantLayer], swaps: dict[str, tuple[Quantizer, Quantizer]],
+                    tensors: dict[str, Tensor], version: str) -> dict[str, Tensor]:
+    """The integer weights, decoded by quantizers configured from the file (the model's are not touched)."""
     # decode and check everything on quantizers configured from the file, apart from the model's (nothing is
     # changed yet): scales, codes within their declared bit width, the weights they stand for
-    fresh: dict[str, tuple[Quantizer, Quantizer]] = {}
     weights: dict[str, Tensor] = {}
     for name, info in meta.items():
         layer = layers[name]
@@ -505,7 +530,6 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         _configure(wq, info["w_bits"], info["w_signed"], cdim, w_scale, info["w_initialized"], f"{name} weights")
         _configure(aq, info["a_bits"], info["a_signed"], info["a_channel_dim"], a_scale, info["a_initialized"],
                    f"{name} activations")
-        fresh[name] = (wq, aq)
         key = name + _CODES
         if info["w_bits"] == FLOAT_BITS:
             if key in tensors:
@@ -527,8 +551,13 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
                              f"{'signed' if qn < 0 else 'unsigned'} range [{qn}, {qp}]")
         codes = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
         weights[name] = wq.dequantize(codes).to(layer.weight.dtype)
+    return weights
 
-    # commit: everything above succeeded, so nothing below can fail half-way
+
+def _apply(target: nn.Module, meta: dict[str, Any], layers: dict[str, QuantLayer],
+           swaps: dict[str, tuple[Quantizer, Quantizer]], tensors: dict[str, Tensor], rest: dict[str, Tensor],
+           weights: dict[str, Tensor]) -> None:
+    """load_exported's last step, after every check passed: quantizers, float tensors, integer weights."""
     for name, (wq, aq) in swaps.items():
         layer = layers[name]
         layer.weight_quantizer, layer.act_quantizer = wq.to(layer.weight.device), aq.to(layer.weight.device)
@@ -550,7 +579,6 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
         layer.weight_standardize = False
         layer.weight_quantizer.standardize = False
     _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
-    return model
 
 
 class _CallableModule(types.ModuleType):
