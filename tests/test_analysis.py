@@ -1,6 +1,5 @@
 """saq.analysis: each measure against a closed form (quadratic losses of linear models, in float64)."""
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
+import torchsaq.checkpoint
+import torchsaq.data
 from torchsaq import analysis as A
 
 f64 = torch.float64
@@ -355,8 +356,9 @@ def fake_ckpt(monkeypatch):
         augment = lambda t: t + 100.0  # noqa: E731 - a training augmentation the analysis must not use
         return types.SimpleNamespace(train=_TfDataset(x, y, augment), val=None, test=_TfDataset(x, y, lambda t: t))
 
-    monkeypatch.setitem(sys.modules, "torchsaq.checkpoint", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.setitem(sys.modules, "torchsaq.data", types.SimpleNamespace(build_datasets=build_datasets))
+    # the drivers import these functions from the real modules when called: replace the attributes there
+    monkeypatch.setattr(torchsaq.checkpoint, "load_model", load_model)
+    monkeypatch.setattr(torchsaq.data, "build_datasets", build_datasets)
     return models, x, y
 
 
