@@ -276,6 +276,7 @@ def test_random_directions_filter_normalised_and_reproducible():
         torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_landscape_centre_is_the_model_loss_and_accuracy(tmp_path):
     m, batches = _conv_model(seed=2)
     m.eval()

@@ -107,6 +107,7 @@ def test_python_api_is_validated_the_same_way():
 
 
 # -- tests and output folders ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_errors_do_not_depend_on_a_run_left_in_the_current_folder(capsys):
     # the README's order: `torchsaq train` (default output runs/saq in the current folder), then the tests
     _ok(capsys, ["train", *TINY])
@@ -166,6 +167,7 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys):
     _ok(capsys, ["train", "--resume", "--output", str(out)])  # free again
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_into_one_folder(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -537,6 +539,7 @@ def test_a_corrupt_image_is_one_line(tmp_path, capsys, workers):
                     "--output", str(tmp_path / "run")], "cannot identify image file", "3.png", code=1)
 
 
+@pytest.mark.slow
 def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     _ok(capsys, ["train", *TINY, "--output", str(a)])
@@ -549,6 +552,7 @@ def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys
 
 
 # -- threads -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys):
     from torchsaq.train import SMALL_BATCH_MACS, auto_threads
 
@@ -571,6 +575,7 @@ def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys):
 
 
 # -- smaller ones ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_step_schedule_and_refuses_cosine(tmp_path, capsys):
     common = ["--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1", "--sharpness", "none"]
     cos = tmp_path / "cos"

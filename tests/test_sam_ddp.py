@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +154,7 @@ def reference(local_ascent: bool) -> dict:
     return {k: v.detach() for k, v in P.items()}
 
 
+@pytest.mark.slow
 def test_ddp_ranks_agree_and_match_local_ascent_reference(tmp_path: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     store = tmp_path / "store"

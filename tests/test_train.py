@@ -39,6 +39,7 @@ def _mnist1d_test():
 
 
 # -- a real (short) run learns ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_short_run_learns_and_reports_what_the_checkpoint_scores(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=32, limit_train_batches=40, output=str(tmp_path / "run"),
                       sharpness="case3", rho=0.05)
@@ -95,6 +96,7 @@ def _interrupt_at(*steps: int):
     return cb
 
 
+@pytest.mark.slow
 def test_resume_after_interruptions_is_bit_for_bit(tmp_path):
     common = dict(epochs=3, sharpness="case3", rho=0.05, rho_warmup_epochs=1.0, momentum=0.9, nesterov=True)
     ref = train(_cfg(tmp_path, output=str(tmp_path / "ref"), **common), progress=False)
@@ -288,6 +290,7 @@ def test_amp_on_cpu_runs_in_bfloat16(tmp_path, monkeypatch):
 
 
 # -- DistributedDataParallel: 2 CPU processes (gloo) -----------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "torchsaq",
