@@ -54,9 +54,14 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "SAQ every_k a=auto": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "other"),
     "base (LIQ_wn)": (dict(sharpness="none", quantizer="liq"), "paired"),
     "SAQ (LIQ_wn)": (dict(sharpness="case3", strategy="full", quantizer="liq"), "paired"),
+    # the float control (run with --bits 32): the same fine-tune without quantization, SGD vs SAM. If SAM does not
+    # help the float model either, the missing SAQ gain is about this regime, not about quantization.
+    "float fine-tune (SGD)": (dict(sharpness="none", first_last_bits=32), "paired"),
+    "float fine-tune (SAM)": (dict(sharpness="sam", strategy="full", first_last_bits=32), "paired"),
 }
 BASE = "base (LSQ QAT)"
-PAIRS = {"SAQ (LIQ_wn)": "base (LIQ_wn)"}  # a method's own baseline when it is not BASE
+# a method's own baseline when it is not BASE
+PAIRS = {"SAQ (LIQ_wn)": "base (LIQ_wn)", "float fine-tune (SAM)": "float fine-tune (SGD)"}
 
 # the diagnosis: what could make SAQ fail to help here (w2a2 only, base vs SAQ under each change)
 DIAGNOSES: dict[str, dict[str, Any]] = {
@@ -114,7 +119,8 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     over.update(extra or {})
     epochs = (args.qat_epochs or p["qat_epochs"]) * over.pop("_epochs_factor", 1)
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
-               pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False, **over)
+               pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
+    cfg.update(over)
     if rho is not None and cfg["sharpness"] != "none":
         cfg["rho"] = rho
     return cfg
