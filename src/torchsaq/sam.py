@@ -51,6 +51,26 @@ Strategies (docs/method.md, "Efficient strategies"):
 
 ``opt.passes_last_step`` says how many forward/backward passes the last step ran (1 or 2).
 
+Gradient accumulation (N micro-batches per optimizer step, each loss scaled by its share of the samples,
+1/N for equal micro-batches). Without BatchNorm the step equals one step over the concatenated batch, for
+every strategy (BatchNorm normalises and updates its statistics per micro-batch, N updates per pass):
+
+* ``step(closure)``: the closure runs forward + backward over all N micro-batches and returns their loss.
+  ``full`` calls it twice: the perturbation is built from the gradient accumulated over the N micro-batches,
+  and the second call re-runs all N at the perturbed point, so the sharp gradient is accumulated too; one
+  base step. ``every_k``: its full steps likewise (``g_v`` from the accumulated plain and sharp gradients);
+  its one-pass steps add ``g_v`` to the accumulated gradient. ``prev_grad``: one call, every micro-batch at
+  the point ``e_prev`` gives; the next perturbation comes from the accumulated gradient.
+* Closure-free ``prev_grad`` (``for each micro-batch: loss.backward()``, then ``opt.step()``): the pre-hook
+  applies ``e_prev`` at the first training forward after a step and leaves it applied (the same tensors) for
+  the other micro-batches; it is removed by the step (or an eval forward, and the next training forward puts
+  the same one back). The step builds the next perturbation from the accumulated gradients (case 3's
+  gradient w.r.t. Q(w) accumulates over the backward passes as ``.grad`` does). accelerate's
+  ``accumulate()``, which calls ``opt.step()`` at every micro-batch but steps only at the last, is the same.
+* Two-call form: accumulate the N backward passes before ``first_step()`` and again before ``second_step()``.
+* DDP: run the backward of every micro-batch but the last under ``model.no_sync()``; the ascent pass of a full
+  step is under ``no_sync()`` as a whole anyway.
+
 Rules this wrapper follows:
 
 * BatchNorm (any ``_NormBase`` with running statistics) is updated once per step: the statistics are
