@@ -330,11 +330,14 @@ class SAQ(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``."""
+        """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
+
+        The Q(w) the last forward captured (``qweight``, ASAM's reference) is kept: Lightning's closure zeroes
+        the gradients between its forward and its backward. The step drops it after use.
+        """
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         for layer in self._quant_layers:
             layer.zero_qweight_grad()
-            layer.qweight = None
 
     def __repr__(self) -> str:
         return (f"SAQ(mode={self.mode!r}, rho={self.rho}, adaptive={self.adaptive}, strategy={self.strategy!r}"
@@ -389,7 +392,9 @@ class SAQ(torch.optim.Optimizer):
                     f"{self.strategy!r} must run the forward/backward itself (at the perturbed point), so this "
                     "would be a plain, non-sharpness-aware step. Pass opt.step(closure) with a closure that runs "
                     "forward + backward and returns the loss, or use the two-call form first_step() / "
-                    "second_step() (strategy='full').")
+                    "second_step() (strategy='full'). A GradScaler's scaler.step(opt) after the loop's own "
+                    "backward (Lightning with precision='16-mixed' does this) is such a call: use strategy="
+                    "'prev_grad' there, or bf16 / full precision, where Lightning passes its closure.")
             return self._second_half(scaler=None)
         self._strategy.leave_closure_free()
         if self._targets.active:
