@@ -111,3 +111,17 @@ def test_16_mixed_prev_grad_is_the_closure_free_amp_step():
         ref.zero_grad()
     for (k, p), (_, q) in zip(module.net.named_parameters(), net.named_parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), k
+
+
+@pytest.mark.slow
+def test_readme_lightning_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Lightning\n.*?```python\n(.*?)```", text, re.S)
+    assert block, "README.md has no Lightning example"
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    opt = scope["trainer"].optimizers[0]
+    assert isinstance(opt, saq.SAQ) and opt.passes_last_step == 2 and opt.step_count == 4
