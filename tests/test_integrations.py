@@ -102,3 +102,42 @@ def test_hf_trainer_with_saq_perturbs_and_differs_from_sgd(tmp_path):
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
     plain, _, _, _ = _hf_run(tmp_path, sharp=False)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+def test_accelerate_gradient_accumulation_is_saq_over_the_whole_batch():
+    """``accelerator.accumulate(model)`` with ``gradient_accumulation_steps=2``: accelerate calls ``opt.step()`` at
+    every micro-batch but steps at the second only; e_prev stays applied over both micro-batches, and the run
+    equals prev_grad with a closure over the concatenated batches (no BatchNorm: it would see micro-batches)."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+        x0 = torch.randn(16, 1, 40)
+        saq.quantize(m, saq.QuantConfig(w_bits=4, a_bits=4, first_last_bits=4), example_inputs=x0)
+        saq.calibrate(m, [x0])  # (else the steps start from the first batch: a micro-batch here, not there)
+        return m, saq.SAQ(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), rho=0.1, strategy="prev_grad")
+
+    model, opt = model_and_opt()
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, opt, loader = accelerator.prepare(model, opt, _data())
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))  # divides the loss by 2
+            opt.step()
+            opt.zero_grad()
+    ref, ref_opt = model_and_opt()
+    xs, ys = zip(*_data())
+    for i in range(0, len(xs), 2):
+        x, y = torch.cat(xs[i:i + 2]), torch.cat(ys[i:i + 2])
+
+        def closure():
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+        ref_opt.step(closure)
+        ref_opt.zero_grad()
+    assert ref_opt.step_count == 2 and opt.optimizer.step_count == 2
+    got = accelerator.unwrap_model(model)
+    for (k, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), k

@@ -24,7 +24,7 @@ SRC = Path(torchsaq.__file__).resolve().parents[1]
 #: optional top-level modules that `import torchsaq` must not load (numpy is not among them: safetensors[torch],
 #: a core dependency, requires it, and torch imports it when it is installed; nor filelock, which torch requires)
 OPTIONAL = ("matplotlib", "sklearn", "mnist1d", "yaml", "tensorboard", "tqdm", "torchvision", "timm", "PIL", "onnx",
-            "onnxruntime", "scipy", "accelerate", "transformers")
+            "onnxruntime", "scipy", "accelerate", "transformers", "lightning")
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 packaging_requirements = pytest.importorskip("packaging.requirements")

@@ -44,6 +44,8 @@ TRAIN_HELP = {
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
+    "accum_steps": "gradient accumulation: micro-batches of --batch-size per optimizer step (the effective batch "
+                   "is batch_size x accum_steps per process; the LR schedule counts optimizer steps)",
     "optimizer": "base optimizer",
     "lr": "peak learning rate",
     "momentum": "SGD momentum",

@@ -80,6 +80,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 30
     batch_size: int = 128
+    accum_steps: int = 1            # micro-batches (of batch_size) accumulated per optimizer step
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -156,6 +157,8 @@ class TrainConfig:
             bad(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             bad(f"batch size must be >= 1, got {self.batch_size}")
+        if self.accum_steps < 1:
+            bad(f"accum_steps must be >= 1 (1: no gradient accumulation), got {self.accum_steps}")
         if self.weight_decay < 0 or self.label_smoothing < 0 or self.label_smoothing >= 1:
             bad("weight decay must be >= 0 and label smoothing in [0, 1)")
         if not 0 <= self.momentum < 1:
@@ -232,7 +235,8 @@ class TrainConfig:
         """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
 
         ``rho_schedule`` is :func:`torchsaq.rho_warmup` over ``rho_warmup_epochs * steps_per_epoch`` steps
-        (``None`` without warm-up). A ValueError for ``sharpness: none`` (that run has no SAQ optimizer).
+        (``None`` without warm-up); ``steps_per_epoch`` counts optimizer steps (with ``accum_steps`` > 1,
+        ``ceil(batches / accum_steps)``). A ValueError for ``sharpness: none`` (that run has no SAQ optimizer).
         """
         s = self.sharpness_config
         if s.mode is None:

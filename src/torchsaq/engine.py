@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -163,7 +163,9 @@ class TrainResult:
 @dataclass
 class TrainData:
     """The loaders of a run. The training order is a function of (seed, epoch) and can start mid-epoch:
-    ``sampler`` has ``set_epoch`` and ``start`` (a sample index), ``generator`` seeds the loader's workers."""
+    ``sampler`` has ``set_epoch`` and ``start`` (a sample index), ``generator`` seeds the loader's workers.
+    ``steps_per_epoch`` counts the loader's batches; with gradient accumulation ``accum_steps`` of them make
+    one optimizer step (:attr:`updates_per_epoch` steps per epoch)."""
 
     train_loader: Any
     sampler: Any
@@ -174,6 +176,12 @@ class TrainData:
     batch_size: int
     seed: int
     info: dict[str, Any]  # dataset, num_classes, in_chans, input_shape (stored in the checkpoint)
+    accum_steps: int = 1  # batches (micro-batches) per optimizer step
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer steps per epoch: ``ceil(steps_per_epoch / accum_steps)`` (a partial last group steps too)."""
+        return -(-self.steps_per_epoch // self.accum_steps)
 
     def start_epoch(self, epoch: int, begin: int) -> None:
         """Set the order of ``epoch`` (0-based), skipping its first ``begin`` batches."""
@@ -187,13 +195,13 @@ class LoopState:
     """Where the run is: what a checkpoint stores besides the weights, plus this session's clock."""
 
     start_epoch: int = 0        # the epoch (0-based) this session starts in
-    skip: int = 0               # steps of start_epoch already done
+    skip: int = 0               # batches of start_epoch already done (a whole number of accumulation groups)
     partial: EpochSums = field(default_factory=EpochSums)  # their sums
-    global_step: int = 0
+    global_step: int = 0        # optimizer steps
     time_before: float = 0.0    # seconds spent by earlier sessions of the run
     history: list[EpochRecord] = field(default_factory=list)
     t0: float = 0.0             # this session's start (time.time())
-    session_steps: int = 0
+    session_steps: int = 0      # optimizer steps of this session
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "LoopState":
@@ -315,20 +323,40 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
 # -------------------------------------------------------------------------------------------------------
 # training
 # -------------------------------------------------------------------------------------------------------
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on the batch ``(x, y)``, then one LR-schedule step. Returns the loss and the
-    top-1 hits of the first forward. Sharpness-aware: ``saq.SAQ.step(closure)`` runs the passes."""
-    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    logits_box: list[torch.Tensor] = []
+def _no_sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
+    """The backward of an accumulation group's micro-batch: DDP all-reduces only at the group's last one."""
+    no_sync = getattr(run.model, "no_sync", None)
+    return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+
+
+def train_step(run: Run, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on the micro-batches ``batches`` (one batch without gradient accumulation), then
+    one LR-schedule step. Returns the group's loss (the mean over its samples) and its top-1 hits, both of the
+    first forward. Sharpness-aware: ``saq.SAQ.step(closure)`` runs the passes.
+
+    Gradient accumulation: the closure runs forward + backward over every micro-batch, each loss weighted by
+    its share of the group's samples (1/N for N equal micro-batches), so the accumulated gradient is that of
+    one batch holding them all. A partial group (the end of an epoch: m < N micro-batches) is weighted the
+    same way, by 1/m: its gradient is the mean over the samples it has, at the scale of a full group's. The
+    two-pass strategies call the closure twice, so the perturbation comes from the accumulated gradient and
+    the gradient at the perturbed point is accumulated over the same micro-batches (docs: ``saq.SAQ``).
+    """
+    batches = [(x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)) for x, y in batches]
+    total = sum(y.shape[0] for _, y in batches)
+    hits_box: list[torch.Tensor] = []
 
     def closure() -> torch.Tensor:
-        with autocast(run.device, run.amp_dtype):
-            logits = run.model(x)
-            loss = run.criterion(logits, y)
-        if not logits_box:
-            logits_box.append(logits.detach())
-        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-        return loss
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            with _no_sync(run, last=i == len(batches) - 1):
+                with autocast(run.device, run.amp_dtype):
+                    logits = run.model(x)
+                    loss = run.criterion(logits, y) * (y.shape[0] / total)
+                if len(hits_box) < len(batches):  # the first pass's forwards
+                    hits_box.append((logits.detach().argmax(1) == y).sum())
+                (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).sum()
 
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.sharpness == "none":
@@ -339,57 +367,65 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
-    return loss, (logits_box[0].argmax(1) == y).sum()
+    return loss, torch.stack(hits_box).sum()
 
 
 def train_one_epoch(run: Run, epoch: int, begin: int, sums: EpochSums, stop: StopRequest, bar: Any) -> EpochSums:
-    """Train epoch ``epoch`` (0-based) from step ``begin`` on, adding to ``sums`` (this rank's); returns them.
+    """Train epoch ``epoch`` (0-based) from batch ``begin`` on, adding to ``sums`` (this rank's); returns them.
 
-    A non-finite loss stops the run (FloatingPointError; with fp16 AMP the scaler skips the step instead).
-    A stop request (Ctrl-C, SIGTERM) ends the step, saves a mid-epoch checkpoint and raises
-    :class:`TrainingInterrupted`.
+    Each optimizer step takes ``cfg.accum_steps`` batches (:func:`train_step`); the last group of an epoch
+    may be shorter. A non-finite loss stops the run (FloatingPointError; with fp16 AMP the scaler skips the
+    step instead). A stop request (Ctrl-C, SIGTERM) ends the step, saves a mid-epoch checkpoint (at the end
+    of an accumulation group: ``step_in_epoch`` counts batches) and raises :class:`TrainingInterrupted`.
     """
-    st, steps = run.state, run.data.steps_per_epoch
+    st, steps, accum = run.state, run.data.steps_per_epoch, run.cfg.accum_steps
     run.data.start_epoch(epoch, begin)
     run.model.train()
     it = iter(run.data.train_loader) if begin < steps else iter(())
-    for step in range(begin, steps):  # `step` steps of this epoch are done
+    step = begin  # batches of this epoch done
+    while step < steps:
+        group: list[Any] = []
         try:
-            x, y = next(it)
+            while len(group) < min(accum, steps - step):
+                group.append(next(it))
         except StopIteration:
-            break
+            if not group:
+                break
         except RuntimeError:
             if not stop.requested:  # Ctrl-C also reaches loader workers: that is a stop, not a crash
                 raise
             raise TrainingInterrupted(run.save(epoch, step, sums), epoch + 1, step)
-        loss, hits = train_step(run, x, y)
+        loss, hits = train_step(run, group)
+        count = sum(int(y.numel()) for _, y in group)
+        step += len(group)
         # one host-device read per step for both numbers (exact: float64 holds either one)
         loss_f, hits_f = torch.stack([loss.detach().double(), hits.double()]).tolist()
         if math.isfinite(loss_f):
-            sums.add(loss_f, hits_f, y.numel())
+            sums.add(loss_f, hits_f, count)
         elif run.scaler is None:  # with fp16 AMP the scaler skips such steps and lowers its scale
             raise FloatingPointError(
-                f"the training loss became {loss_f} at epoch {epoch + 1}, step {step + 1}; "
+                f"the training loss became {loss_f} at epoch {epoch + 1}, batch {step}; "
                 f"{run.checkpointer.kept()}; lower --lr (or --rho), or set --max-grad-norm")
         st.global_step += 1
         st.session_steps += 1
-        _after_step(run, loss_f, sums, bar)
-        if stop.agreed(run.env.distributed, run.device) and step + 1 < steps:
-            raise TrainingInterrupted(run.save(epoch, step + 1, sums), epoch + 1, step + 1)
+        _after_step(run, loss_f, sums, bar, len(group))
+        if stop.agreed(run.env.distributed, run.device) and step < steps:
+            raise TrainingInterrupted(run.save(epoch, step, sums), epoch + 1, step)
     return sums
 
 
-def _after_step(run: Run, loss: float, sums: EpochSums, bar: Any) -> None:
-    """Per-step logging: TensorBoard every ``log_every`` steps, the progress bar, the step callback."""
+def _after_step(run: Run, loss: float, sums: EpochSums, bar: Any, batches: int = 1) -> None:
+    """Per-step logging: TensorBoard every ``log_every`` steps, the progress bar (``batches`` more), the step
+    callback."""
     st, cfg = run.state, run.cfg
     if cfg.log_every and st.global_step % cfg.log_every == 0:
         run.tb.scalars({"train_step_loss": loss, "lr": run.base.param_groups[0]["lr"]}, st.global_step)
     if run.progress:
-        left = (time.time() - st.t0) / st.session_steps * (cfg.epochs * run.data.steps_per_epoch - st.global_step)
+        left = (time.time() - st.t0) / st.session_steps * (cfg.epochs * run.data.updates_per_epoch - st.global_step)
         bar.set_postfix_str(f"loss {sums.loss / max(sums.count, 1):.4f} "
                             f"acc {100 * sums.correct / max(sums.count, 1):.1f}% left {fmt_time(left)}",
                             refresh=False)
-        bar.update(1)
+        bar.update(batches)
     if run.step_callback is not None:
         run.step_callback(st.global_step)
 

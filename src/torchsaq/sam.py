@@ -51,6 +51,26 @@ Strategies (docs/method.md, "Efficient strategies"):
 
 ``opt.passes_last_step`` says how many forward/backward passes the last step ran (1 or 2).
 
+Gradient accumulation (N micro-batches per optimizer step, each loss scaled by its share of the samples,
+1/N for equal micro-batches). Without BatchNorm the step equals one step over the concatenated batch, for
+every strategy (BatchNorm normalises and updates its statistics per micro-batch, N updates per pass):
+
+* ``step(closure)``: the closure runs forward + backward over all N micro-batches and returns their loss.
+  ``full`` calls it twice: the perturbation is built from the gradient accumulated over the N micro-batches,
+  and the second call re-runs all N at the perturbed point, so the sharp gradient is accumulated too; one
+  base step. ``every_k``: its full steps likewise (``g_v`` from the accumulated plain and sharp gradients);
+  its one-pass steps add ``g_v`` to the accumulated gradient. ``prev_grad``: one call, every micro-batch at
+  the point ``e_prev`` gives; the next perturbation comes from the accumulated gradient.
+* Closure-free ``prev_grad`` (``for each micro-batch: loss.backward()``, then ``opt.step()``): the pre-hook
+  applies ``e_prev`` at the first training forward after a step and leaves it applied (the same tensors) for
+  the other micro-batches; it is removed by the step (or an eval forward, and the next training forward puts
+  the same one back). The step builds the next perturbation from the accumulated gradients (case 3's
+  gradient w.r.t. Q(w) accumulates over the backward passes as ``.grad`` does). accelerate's
+  ``accumulate()``, which calls ``opt.step()`` at every micro-batch but steps only at the last, is the same.
+* Two-call form: accumulate the N backward passes before ``first_step()`` and again before ``second_step()``.
+* DDP: run the backward of every micro-batch but the last under ``model.no_sync()``; the ascent pass of a full
+  step is under ``no_sync()`` as a whole anyway.
+
 Rules this wrapper follows:
 
 * BatchNorm (any ``_NormBase`` with running statistics) is updated once per step: the statistics are
@@ -310,11 +330,14 @@ class SAQ(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``."""
+        """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
+
+        The Q(w) the last forward captured (``qweight``, ASAM's reference) is kept: Lightning's closure zeroes
+        the gradients between its forward and its backward. The step drops it after use.
+        """
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         for layer in self._quant_layers:
             layer.zero_qweight_grad()
-            layer.qweight = None
 
     def __repr__(self) -> str:
         return (f"SAQ(mode={self.mode!r}, rho={self.rho}, adaptive={self.adaptive}, strategy={self.strategy!r}"
@@ -369,7 +392,9 @@ class SAQ(torch.optim.Optimizer):
                     f"{self.strategy!r} must run the forward/backward itself (at the perturbed point), so this "
                     "would be a plain, non-sharpness-aware step. Pass opt.step(closure) with a closure that runs "
                     "forward + backward and returns the loss, or use the two-call form first_step() / "
-                    "second_step() (strategy='full').")
+                    "second_step() (strategy='full'). A GradScaler's scaler.step(opt) after the loop's own "
+                    "backward (Lightning with precision='16-mixed' does this) is such a call: use strategy="
+                    "'prev_grad' there, or bf16 / full precision, where Lightning passes its closure.")
             return self._second_half(scaler=None)
         self._strategy.leave_closure_free()
         if self._targets.active:

@@ -15,6 +15,7 @@ The state is saved in the ``"saq"`` entry of :meth:`saq.SAQ.state_dict` under th
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -208,12 +209,16 @@ class PrevGrad(Strategy):
 
     def step_without_closure(self, opt: "SAQ") -> Any:
         """The caller's forward/backward ran at Q(w) + e_prev (applied by the pre-hook): undo it, take the base
-        step, and build the next perturbation from this backward's gradients. Equals ``step(closure)``."""
+        step, and build the next perturbation from this backward's gradients. Equals ``step(closure)``.
+
+        Called by ``scaler.step(opt)``, the scaler is the optimizer's ``grad_scaler`` or, if none was given, the
+        GradScaler running that step (:func:`stepping_scaler`; Lightning's 16-mixed): the captured Q(w) gradients
+        are brought to the scale of the parameters' unscaled ones either way."""
         self.closure_free_mode = True
         if self.pending:
             self.targets.restore()
         opt.passes_last_step = 1
-        sc = opt._scaler(None)
+        sc = opt._scaler(None) or stepping_scaler(opt)
         if sc is not None:
             # AMP: scaler.step(opt) has unscaled the parameters' gradients before calling this step; the captured
             # gradients w.r.t. Q(w) are still scaled: bring them to the same scale (e's direction mixes both)
@@ -261,6 +266,21 @@ class PrevGrad(Strategy):
 if tuple(c.name for c in (Full, EveryK, PrevGrad)) != STRATEGIES:
     raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad)]} disagree with "
                       f"vocab.STRATEGIES {STRATEGIES}")
+
+
+def stepping_scaler(opt: "SAQ") -> Optional[torch.amp.GradScaler]:
+    """The enabled GradScaler whose ``step(opt)`` is running now, if any: ``scaler.step(opt)`` from a loop that did
+    not pass ``grad_scaler=`` to the optimizer (Lightning's ``precision="16-mixed"``). Read from the few callers'
+    frames (GradScaler.step -> _maybe_opt_step -> the Optimizer.step wrapper -> SAQ.step -> here)."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        s = frame.f_locals.get("self")
+        if isinstance(s, torch.amp.GradScaler) and s.is_enabled() and id(opt) in s._per_optimizer_states:
+            return s
+    return None
 
 
 def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str]) -> Strategy:

@@ -126,7 +126,9 @@ def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConf
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-iteration LR factor: linear warm-up over ``warmup_epochs``, then cosine to 0 / step / constant."""
+    """Per-iteration LR factor: linear warm-up over ``warmup_epochs``, then cosine to 0 / step / constant.
+
+    ``steps_per_epoch`` counts optimizer steps (:attr:`saq.engine.TrainData.updates_per_epoch`)."""
     # not timm's CosineLRScheduler: its warm-up starts at warmup_lr_init (ours at lr / warm-up steps), and its
     # state_dict differs from LambdaLR's (checkpoints)
     total = max(cfg.epochs * steps_per_epoch, 1)
@@ -215,7 +217,7 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv = DistEnv())
     val_loader = eval_loader(bundle.val) if bundle.val is not None else None
     data = TrainData(train_loader=train_loader, sampler=sampler, generator=loader_gen, val_loader=val_loader,
                      test_loader=eval_loader(bundle.test), steps_per_epoch=steps_per_epoch,
-                     batch_size=cfg.batch_size, seed=cfg.seed, info=info)
+                     batch_size=cfg.batch_size, seed=cfg.seed, info=info, accum_steps=cfg.accum_steps)
     return data, bundle
 
 
@@ -283,8 +285,9 @@ def _setup_run(cfg: TrainConfig, env: DistEnv, device: torch.device, data: Train
     amp = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     base = build_optimizer(raw_model, cfg)
-    optimizer = wrap_sharpness(model, base, cfg, data.steps_per_epoch, scaler)
-    scheduler = build_scheduler(base, cfg, data.steps_per_epoch)
+    # the LR schedule and rho's warm-up count optimizer steps (with gradient accumulation, fewer than batches)
+    optimizer = wrap_sharpness(model, base, cfg, data.updates_per_epoch, scaler)
+    scheduler = build_scheduler(base, cfg, data.updates_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loop = LoopState()
     if state is not None:
