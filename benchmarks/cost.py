@@ -62,7 +62,9 @@ def benches(device: str) -> list[Bench]:
     ]
 
 
-METHODS = {  # name -> (SAQ kwargs or None for the base optimizer, floor of the cost ratio)
+FLOAT = "float (not quantized)"
+METHODS = {  # name -> (SAQ kwargs or None for the base optimizer, floor of the cost ratio to plain QAT)
+    FLOAT: (None, None),
     "base (LSQ QAT)": (None, 1.0),
     "SAQ full step": (dict(strategy="full"), 2.0),
     "SAQ every_k (k=5)": (dict(strategy="every_k", k=5), 1.2),
@@ -74,8 +76,10 @@ def make_trainer(bench: Bench, method: str, device: torch.device, x: torch.Tenso
                  amp: bool) -> Callable[[], None]:
     """One training iteration of `method` on a fresh quantized copy of the bench model."""
     torch.manual_seed(0)
-    model = saq.quantize(bench.build(), saq.QuantConfig(w_bits=4, a_bits=4)).to(device)
-    saq.calibrate(model, [x[:8]])
+    model = bench.build().to(device)
+    if method != FLOAT:
+        saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
+        saq.calibrate(model, [x[:8]])
     model.train()
     params = model.parameters()
     base = (torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4) if bench.optimizer == "sgd"
@@ -196,14 +200,17 @@ def _run_bench(bi: int, bench: Bench, device: torch.device, rounds: int, iters: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     base_t = statistics.median(times["base (LSQ QAT)"])
+    float_t = statistics.median(times[FLOAT])
     for m, (_, floor) in METHODS.items():
         t = statistics.median(times[m])
         spread = (max(times[m]) - min(times[m])) / t if len(times[m]) > 1 else 0.0
         rows.append(dict(model=bench.name, batch=bench.batch, method=m, ms=t * 1e3, ratio=t / base_t,
-                         floor=floor, over_floor=t / base_t - floor, spread=spread,
+                         x_float=t / float_t, floor=floor,
+                         over_floor=None if floor is None else t / base_t - floor, spread=spread,
                          mem_mib=mem.get(m), mem_ratio=(mem[m] / mem["base (LSQ QAT)"]
                                                        if m in mem and mem["base (LSQ QAT)"] > 0 else None)))
-        print(f"  {bench.name:32s} {m:20s} {t*1e3:9.2f} ms  x{t/base_t:5.2f} (floor {floor:.2f})", flush=True)
+        print(f"  {bench.name:32s} {m:22s} {t*1e3:9.2f} ms  x{t/base_t:5.2f} of QAT (floor {floor or '-'}), "
+              f"x{t/float_t:5.2f} of float", flush=True)
     return rows
 
 
@@ -216,13 +223,15 @@ def machine(device: str) -> str:
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| model | batch | method | ms / iter | x base | floor | over floor | peak mem (MiB) | mem x base |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | method | ms / iter | x float | x QAT | floor | over floor | peak MiB | mem x QAT |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] is not None else "-"
         memr = f"{r['mem_ratio']:.2f}" if r["mem_ratio"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['floor']:.2f} | {r['over_floor']:+.2f} | {mem} | {memr} |")
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}"
+        over = "-" if r["over_floor"] is None else f"{r['over_floor']:+.2f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r.get('x_float', 0):.2f} | "
+                     f"{r['ratio']:.2f} | {floor} | {over} | {mem} | {memr} |")
     return "\n".join(lines) + "\n"
 
 
