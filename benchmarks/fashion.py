@@ -155,6 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--qat-epochs", type=int, default=0)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
+    ap.add_argument("--diagnoses", nargs="+", default=list(DIAGNOSES), choices=list(DIAGNOSES),
+                    help="which ablations --diagnose runs (default: all)")
     ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
                     help="stop after this stage (the cache keeps what is done)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -219,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     final_cfgs.append(qat_config(m, b, s, chosen.get((b, m)), args))
                     index.append((b, m, s))
     if args.diagnose:
-        for name, extra in DIAGNOSES.items():
+        for name, extra in ((n, DIAGNOSES[n]) for n in args.diagnoses):
             for m in (BASE, "SAQ (case 3)"):
                 for s in seeds["paired"]:
                     final_cfgs.append(qat_config(m, 2, s, chosen.get((2, m)), args, extra))
