@@ -162,6 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--float-dir", default=None, help="where the float checkpoints go (default: under --out)")
     ap.add_argument("--smoke", action="store_true", help="2 batches per epoch: check the pipeline, not results")
+    ap.add_argument("--report", default=None, help="report file name under --out (default fashion<_preset>)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args(argv)
     args.rhos = args.rhos or PRESETS[args.preset].get("rhos", [0.02, 0.05, 0.1])
@@ -296,14 +297,15 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     cmd = "python benchmarks/fashion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines + sweep_lines) + "\n"
-    (out / f"fashion{args.tag}.md").write_text(text)
-    (out / f"fashion{args.tag}.json").write_text(json.dumps(dict(
+    name = args.report or f"fashion{args.tag}"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(dict(
         rows=rows, float=fp_vals, chosen_rho={f"w{b}/{m}": r for (b, m), r in chosen.items()},
         curves={f"w{b}/{m}": c for (b, m), c in curves.items()},
         float_curves=[r.get("curve", []) for r in frec]), indent=1))
-    plot_curves(curves, args, out / f"fashion{args.tag}_curves.png")
+    plot_curves(curves, args, out / f"{name}_curves.png")
     print(text)
-    print(f"written {out / f'fashion{args.tag}.md'} (.json, _curves.png) in {time.perf_counter() - t_start:.0f}s")
+    print(f"written {out / f'{name}.md'} (.json, _curves.png) in {time.perf_counter() - t_start:.0f}s")
 
 
 def plot_curves(curves: dict, args: argparse.Namespace, path: Path) -> None:
