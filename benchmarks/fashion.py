@@ -282,7 +282,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
             gain = (g, hw, n)
             gain_txt = f"{g:+.2f} [{g - hw:+.2f}, {g + hw:+.2f}]"
             gap = fp_mean - statistics.fmean(acc[(b, ref)].values())
-            gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 else "-"  # False for NaN too
+            gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 and b < 32 else "-"  # False for NaN too; no gap in float
         rho = chosen.get((b, basename))
         lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
                      f"{_mean_sd(train_acc.get((b, m), []))} | {gain_txt} | {gap_txt} | "
