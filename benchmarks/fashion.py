@@ -254,7 +254,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     p = PRESETS[args.preset]
     fp_vals = [fp[s] for s in sorted(fp)]
     lines = [f"Fashion-MNIST, {p['model']} {p['model_kwargs'] or ''}, training subset "
-             f"{p['train_subset'] or 'all 60000'} images minus a {args.val_split:.0%} validation split; float model "
+             f"{p['train_subset'] or 'all'} images of the {100 - 100 * args.val_split:.0f}% left after a "
+             f"{args.val_split:.0%} validation split; float model "
              f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning "
              f"{args.qat_epochs or p['qat_epochs']} "
              f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
