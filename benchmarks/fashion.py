@@ -54,6 +54,8 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "SAQ every_k a=auto": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "other"),
     "base (LIQ_wn)": (dict(sharpness="none", quantizer="liq"), "paired"),
     "SAQ (LIQ_wn)": (dict(sharpness="case3", strategy="full", quantizer="liq"), "paired"),
+    # diagnosis: SAQ perturbing only the quantized weights (not norm affine / biases / float layers)
+    "SAQ, quantized weights only": (dict(sharpness="case3", strategy="full", perturb_unquantized=False), "other"),
     # the float control (run with --bits 32): the same fine-tune without quantization, SGD vs SAM. If SAM does not
     # help the float model either, the missing SAQ gain is about this regime, not about quantization.
     "float fine-tune (SGD)": (dict(sharpness="none", first_last_bits=32), "paired"),
