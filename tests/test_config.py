@@ -87,3 +87,22 @@ def test_from_parts_refuses_what_it_cannot_say():
                                  SharpnessConfig(mode="sam", alpha=0.3), epochs=3)
     assert (cfg.w_bits, cfg.a_bits, cfg.layer_bits, cfg.exclude) == (2, 3, {"fc": [4, 8]}, ["x"])
     assert (cfg.sharpness, cfg.strategy_alpha, cfg.epochs) == ("sam", 0.3, 3)
+
+
+def test_perturb_unquantized_reaches_the_optimizer():
+    """--no-perturb-unquantized: SAQ perturbs the quantized layers' weights only (no BatchNorm affine, no bias)."""
+    from torchsaq.train import wrap_sharpness
+
+    def build(flag: bool):
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+        saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = wrap_sharpness(model, base, TrainConfig(sharpness="case3", strategy="full", perturb_unquantized=flag), 1)
+        return model, opt._targets
+
+    model, t = build(False)
+    assert t.params == [] and {id(m) for m in t.layers} == {id(model[0]), id(model[4])}
+    model, t = build(True)
+    bn, lin = model[1], model[4]
+    assert {id(p) for p in t.params} >= {id(bn.weight), id(bn.bias), id(lin.bias)}

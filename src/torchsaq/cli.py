@@ -60,6 +60,8 @@ TRAIN_HELP = {
     "sharpness": "sharpness-aware step",
     "rho": "radius of the sharpness-aware perturbation",
     "adaptive": "adaptive (ASAM) perturbation",
+    "perturb_unquantized": "also perturb norm affine, biases and float layers (--no-perturb-unquantized: only the "
+                           "quantized weights)",
     "strategy": "how often the sharpness-aware step runs its ascent pass",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "

@@ -25,7 +25,8 @@ class SharpnessConfig:
 
     ``mode``: a name of :data:`torchsaq.vocab.MODES`, or ``None`` for plain quantization-aware training
     (``sharpness: none``); ``k`` / ``alpha``: the every_k strategy's period and weight (``"auto"``: measured).
-    ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs.
+    ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs. ``perturb_unquantized``: also
+    perturb what is not a quantized layer's weight (norm affine, biases, float layers), as SAQ does by default.
     """
 
     mode: Optional[str] = "case3"
@@ -35,10 +36,12 @@ class SharpnessConfig:
     k: int = 5
     alpha: Union[str, float] = "auto"
     rho_warmup_epochs: float = 0.0
+    perturb_unquantized: bool = True
 
     #: TrainConfig field -> SharpnessConfig field, where the names differ
     FIELDS = {"sharpness": "mode", "rho": "rho", "adaptive": "adaptive", "strategy": "strategy", "strategy_k": "k",
-              "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs"}
+              "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs",
+              "perturb_unquantized": "perturb_unquantized"}
 
     def flat(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields that say the same (``sharpness``, ``rho``, ..., ``strategy_alpha``)."""
@@ -100,6 +103,7 @@ class TrainConfig:
     strategy_k: int = 5             # every_k: a full step every k iterations
     strategy_alpha: Optional[float] = None  # every_k: weight of the stored sharp component; None: auto (measured)
     rho_warmup_epochs: float = 0.0
+    perturb_unquantized: bool = True  # False: perturb only the quantized layers' weights
     # run
     seed: int = 0
     output: str = "runs/saq"
@@ -229,7 +233,8 @@ class TrainConfig:
         return SharpnessConfig(mode=None if self.sharpness == "none" else self.sharpness, rho=self.rho,
                                adaptive=self.adaptive, strategy=self.strategy, k=self.strategy_k,
                                alpha="auto" if self.strategy_alpha is None else self.strategy_alpha,
-                               rho_warmup_epochs=self.rho_warmup_epochs)
+                               rho_warmup_epochs=self.rho_warmup_epochs,
+                               perturb_unquantized=self.perturb_unquantized)
 
     def saq_kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
@@ -245,7 +250,8 @@ class TrainConfig:
 
         warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
         return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,
-                    rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm)
+                    rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm,
+                    perturb_unquantized=s.perturb_unquantized)
 
     @classmethod
     def from_parts(cls, quant: Optional[QuantConfig] = None, sharpness: Optional[SharpnessConfig] = None,
