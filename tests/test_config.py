@@ -99,6 +99,7 @@ def test_perturb_unquantized_reaches_the_optimizer():
         saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
         base = torch.optim.SGD(model.parameters(), lr=0.1)
         opt = wrap_sharpness(model, base, TrainConfig(sharpness="case3", strategy="full", perturb_unquantized=flag), 1)
+        assert isinstance(opt, saq.SAQ)
         return model, opt._targets
 
     model, t = build(False)
