@@ -50,8 +50,12 @@ SWEPT = [m for m, o in METHODS.items() if o["sharpness"] != "none"]  # each meth
 BASE = "base (LSQ QAT)"
 
 
+# options that change no number of a run (how often it evaluates): a cached run answers for every value of them
+_NUMBER_FREE = {"eval_every"}
+
+
 def _key(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True)
+    return json.dumps({k: v for k, v in d.items() if k not in _NUMBER_FREE}, sort_keys=True)
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:

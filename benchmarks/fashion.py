@@ -68,6 +68,7 @@ PAIRS = {"SAQ (LIQ_wn)": "base (LIQ_wn)", "float fine-tune (SAM)": "float fine-t
 # the diagnosis: what could make SAQ fail to help here (w2a2 only, base vs SAQ under each change)
 DIAGNOSES: dict[str, dict[str, Any]] = {
     "2x QAT epochs": dict(_epochs_factor=2),
+    "4x QAT epochs": dict(_epochs_factor=4),
     "no perturbation of norm/bias": dict(perturb_unquantized=False),
     "LSQ act. step grad over the batch": dict(act_grad_scale="batch"),
     "rho warm-up (2 epochs)": dict(rho_warmup_epochs=2),
@@ -123,6 +124,8 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
                pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
     cfg.update(over)
+    if args.eval_every > 1:  # changes no number (a test says so), only which epochs have a test point
+        cfg["eval_every"] = args.eval_every
     if rho is not None and cfg["sharpness"] != "none":
         cfg["rho"] = rho
     return cfg
@@ -155,6 +158,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--float-epochs", type=int, default=0)
     ap.add_argument("--qat-epochs", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=1,
+                    help="QAT runs evaluate every N epochs (and the last); cached runs answer for any N")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
     ap.add_argument("--diagnoses", nargs="+", default=list(DIAGNOSES), choices=list(DIAGNOSES),
@@ -312,7 +317,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
 
 
 def plot_curves(curves: dict, args: argparse.Namespace, path: Path) -> None:
-    """Test accuracy per QAT epoch (seed 0) of base and SAQ at each bit-width: has plain QAT converged?"""
+    """Per QAT epoch (seed 0) of base and SAQ at each bit-width, test accuracy (solid, at the evaluated epochs)
+    and training accuracy (dotted): has plain QAT converged? Diagnosis runs appear beside their bit-width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,13 +326,16 @@ def plot_curves(curves: dict, args: argparse.Namespace, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(args.bits), figsize=(4 * len(args.bits), 3.2), squeeze=False)
     for ax, b in zip(axes[0], args.bits):
-        for m in (BASE, "SAQ (case 3)", "SAQ prev_grad", "base (LIQ_wn)", "SAQ (LIQ_wn)"):
-            c = curves.get((b, m))
-            if c:
-                ax.plot([r["epoch"] for r in c], [r["test_acc"] for r in c], label=m)
+        shown = (BASE, "SAQ (case 3)", "SAQ prev_grad", "base (LIQ_wn)", "SAQ (LIQ_wn)")
+        for m in [m for m in shown if (b, m) in curves] + [m for (bb, m) in curves if bb == b and " | " in m]:
+            c = curves[(b, m)]
+            pts = [(r["epoch"], r["test_acc"]) for r in c if r.get("test_acc") is not None]
+            if pts:
+                line, = ax.plot(*zip(*pts), marker="." if len(pts) < len(c) else None, label=m)
+                ax.plot([r["epoch"] for r in c], [r["train_acc"] for r in c], ":", color=line.get_color())
         ax.set_title(f"w{b}a{b} (seed 0)", fontsize=9)
         ax.set_xlabel("QAT epoch", fontsize=8)
-        ax.set_ylabel("test accuracy (%)", fontsize=8)
+        ax.set_ylabel("accuracy (%): test, train dotted", fontsize=8)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

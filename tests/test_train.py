@@ -222,6 +222,26 @@ def test_metrics_tensorboard_plot_and_config_are_written(tmp_path):
     assert TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())) == cfg
 
 
+def test_eval_every_skips_evaluations_but_not_the_last_and_changes_no_number(tmp_path):
+    # evaluate every 2 epochs of 5: epochs 2, 4 and the last (5); the training itself is the same run
+    every = train(_cfg(tmp_path / "a", epochs=5, sharpness="case3", val_split=0.1, eval_every=2), progress=False)
+    each = train(_cfg(tmp_path / "b", epochs=5, sharpness="case3", val_split=0.1), progress=False)
+    assert [r["epoch"] for r in every["history"] if "test_acc" in r] == [2, 4, 5]
+    assert all("val_acc" in r for r in every["history"] if "test_acc" in r)
+    assert all("test_acc" in r for r in each["history"])
+    for k in ("test_acc", "test_loss", "val_acc", "train_loss"):
+        assert every[k] == each[k]  # evaluation consumes no randomness and changes no weight
+    a, b = load_checkpoint(every["checkpoint"])["model"], load_checkpoint(each["checkpoint"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    out = Path(every["output"])
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    header = csv_lines[0].split(",")
+    assert len(csv_lines) == 6 and csv_lines[1].split(",")[header.index("test_acc")] == ""  # epoch 1: blank
+    assert Path(every["plot_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=0)
+
+
 def test_save_false_writes_nothing(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, sharpness="none", save=False)
     r = train(cfg, progress=False)

@@ -29,7 +29,7 @@ RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "metrics.csv", "cu
 LOCK_NAME = ".saq.lock"
 #: options that may differ between a run and the run it resumes (they do not change the numbers)
 _RESUME_FREE = {"resume", "output", "device", "workers", "data_dir", "log_every", "save", "epochs",
-                "limit_eval_batches", "pretrained", "overwrite", "threads"}
+                "eval_every", "limit_eval_batches", "pretrained", "overwrite", "threads"}
 
 
 def claim_output(out: Path, cfg: TrainConfig) -> Any:

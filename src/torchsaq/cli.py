@@ -76,6 +76,8 @@ TRAIN_HELP = {
     "resume": "continue the run in --output from its checkpoint",
     "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "
                  "metrics, plot and TensorBoard logs first (without it such a folder is refused)",
+    "eval_every": "evaluate on the validation/test sets every N epochs (always after the last epoch); the "
+                  "epochs between log training metrics only",
     "log_every": "also log the step loss to TensorBoard every N steps",
     "save": "write checkpoint, metrics and plots (--no-save: write nothing)",
     "layer_bits": "per-layer bits by module-name glob, e.g. '{fc: 8, \"layer1.*\": [4, 8]}' (wins over the rest)",

@@ -113,6 +113,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
+    eval_every: int = 1             # evaluate val/test every N epochs (and always after the last one)
     save: bool = True               # False: write nothing (no checkpoint, metrics, plots); results still returned
     limit_train_batches: int = 0    # >0: at most this many training batches per epoch (smoke tests)
     limit_eval_batches: int = 0     # >0: at most this many batches per evaluation (smoke tests)
@@ -177,6 +178,8 @@ class TrainConfig:
             bad(f"img_size must be >= 1, got {self.img_size}")
         if not 0 <= self.val_split < 1:
             bad(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.eval_every < 1:
+            bad(f"eval_every must be >= 1 (evaluate every N epochs), got {self.eval_every}")
         if self.limit_train_batches < 0 or self.limit_eval_batches < 0 or self.calib_batches < 0:
             bad("limit_train_batches, limit_eval_batches and calib_batches must be >= 0")
         if self.warmup_epochs < 0 or self.rho_warmup_epochs < 0:

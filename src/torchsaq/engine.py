@@ -464,7 +464,8 @@ def _check_epoch(run: Run, epoch: int, train_loss: float, warned_dead: set[str])
 
 def finish_epoch(run: Run, epoch: int, sums: EpochSums, warned_dead: set[str]) -> EpochRecord:
     """After the steps of ``epoch``: reduce the training sums over the ranks, check the weights, evaluate
-    (float32, no autocast: the numbers ``torchsaq eval`` reproduces from the checkpoint)."""
+    (float32, no autocast: the numbers ``torchsaq eval`` reproduces from the checkpoint) every
+    ``cfg.eval_every`` epochs and after the last one; the epochs between record training metrics only."""
     distributed = run.env.distributed
     total = torch.tensor([sums.loss, sums.correct, float(sums.count)], dtype=torch.float64, device=run.device)
     if distributed:
@@ -475,9 +476,11 @@ def finish_epoch(run: Run, epoch: int, sums: EpochSums, warned_dead: set[str]) -
     _check_epoch(run, epoch, tl / max(tn, 1), warned_dead)
     record = EpochRecord(epoch=epoch + 1, step=run.state.global_step, lr=run.base.param_groups[0]["lr"],
                          train_loss=tl / max(tn, 1), train_acc=100 * tc / max(tn, 1))
+    cfg = run.cfg
+    evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
     for split, loader in zip(_SPLITS, (run.data.val_loader, run.data.test_loader)):
-        if loader is not None:
-            record.set_split(split, evaluate(run.raw_model, loader, run.device, None, run.cfg.limit_eval_batches,
+        if loader is not None and evaluated:
+            record.set_split(split, evaluate(run.raw_model, loader, run.device, None, cfg.limit_eval_batches,
                                              reduce=distributed))
     record.time_s = round(run.state.elapsed(), 3)
     return record
@@ -503,8 +506,9 @@ def fit(run: Run) -> None:
                 st.history.append(record)
                 if run.progress:
                     shown = "val" if record.val_acc is not None else "test"
-                    bar.set_postfix_str(f"loss {record.train_loss:.4f} acc {record.train_acc:.1f}% "
-                                        f"{shown} {getattr(record, f'{shown}_acc'):.2f}%", refresh=True)
+                    score = getattr(record, f"{shown}_acc")
+                    bar.set_postfix_str(f"loss {record.train_loss:.4f} acc {record.train_acc:.1f}%"
+                                        + (f" {shown} {score:.2f}%" if score is not None else ""), refresh=True)
             if ckpt.writes:
                 write_metrics([r.to_dict() for r in st.history], out / "metrics.jsonl", out / "metrics.csv")
                 run.tb.scalars(record.to_dict(), st.global_step)

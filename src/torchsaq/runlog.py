@@ -42,13 +42,12 @@ def plot_history(history: list[dict[str, Any]], path: Union[str, Path], title: s
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    epochs = [r["epoch"] for r in history]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
-        if f"{split}_loss" in history[0]:
-            ax_l.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
-        if f"{split}_acc" in history[0]:
-            ax_a.plot(epochs, [r[f"{split}_acc"] for r in history], style, label=split)
+        for ax, what in ((ax_l, "loss"), (ax_a, "acc")):
+            pts = [(r["epoch"], r[f"{split}_{what}"]) for r in history if r.get(f"{split}_{what}") is not None]
+            if pts:  # evaluated splits appear only every --eval-every epochs
+                ax.plot(*zip(*pts), style, marker="." if len(pts) < len(history) else None, label=split)
     ax_l.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_a.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     for ax in (ax_l, ax_a):
