@@ -7,6 +7,7 @@ Ratios are to the base optimizer measured in the same run, printed next to the f
 
     python benchmarks/cost.py                       # CPU: MNIST-1D CNN, ResNet-20, tiny ViT
     python benchmarks/cost.py --device cuda         # adds ResNet-50 and ViT-B/16 at card-filling batches
+    python benchmarks/cost.py --compile             # every method (float too) under torch.compile (inductor)
 """
 from __future__ import annotations
 
@@ -73,8 +74,9 @@ METHODS = {  # name -> (SAQ kwargs or None for the base optimizer, floor of the 
 
 
 def make_trainer(bench: Bench, method: str, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-                 amp: bool) -> Callable[[], None]:
-    """One training iteration of `method` on a fresh quantized copy of the bench model."""
+                 amp: bool, compiled: bool = False) -> Callable[[], None]:
+    """One training iteration of `method` on a fresh quantized copy of the bench model (its forward compiled
+    with torch.compile if `compiled`: the warm-up compiles every variant the method runs)."""
     torch.manual_seed(0)
     model = bench.build().to(device)
     if method != FLOAT:
@@ -87,10 +89,11 @@ def make_trainer(bench: Bench, method: str, device: torch.device, x: torch.Tenso
     kwargs, _ = METHODS[method]
     opt = base if kwargs is None else saq.SAQ(model, base, rho=0.05, **kwargs)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    net = torch.compile(model) if compiled else model
 
     def closure():
         with autocast:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(net(x), y)
         loss.backward()
         return loss
 
@@ -156,14 +159,14 @@ def _batch(bench: Bench, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def run(device_name: str, rounds: int, iters: int, warmup: int, only: Optional[list[str]], amp: bool,
-        memory: bool) -> list[dict]:
+        memory: bool, compiled: bool = False) -> list[dict]:
     device = torch.device(device_name)
     rows = []
     for bi, bench in enumerate(benches(device.type)):
         if only and not any(o in bench.name for o in only):
             continue
         try:
-            rows += _run_bench(bi, bench, device, rounds, iters, warmup, amp, memory)
+            rows += _run_bench(bi, bench, device, rounds, iters, warmup, amp, memory, compiled)
         except Exception as exc:  # one model failing (e.g. out of memory) must not lose the others
             print(f"  {bench.name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
             if device.type == "cuda":
@@ -172,10 +175,10 @@ def run(device_name: str, rounds: int, iters: int, warmup: int, only: Optional[l
 
 
 def _run_bench(bi: int, bench: Bench, device: torch.device, rounds: int, iters: int, warmup: int, amp: bool,
-               memory: bool) -> list[dict]:
+               memory: bool, compiled: bool = False) -> list[dict]:
     rows = []
     x, y = _batch(bench, device)
-    steps = {m: make_trainer(bench, m, device, x, y, amp) for m in METHODS}
+    steps = {m: make_trainer(bench, m, device, x, y, amp, compiled) for m in METHODS}
     for m, step in steps.items():  # warm-up: allocator, kernels, every_k's first full step
         for _ in range(warmup):
             step()
@@ -244,22 +247,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", nargs="*", help="substrings of model names to run")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every method's forward (float too); no memory column (compilation's own)")
     p.add_argument("--no-lsq", action="store_true", help="skip the LSQ fake-quantizer micro-benchmark")
     p.add_argument("--out", default=None, help="Markdown output (default benchmarks/results/cost_<device>.md)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available")
     torch.backends.cudnn.benchmark = True
-    header = (f"Cost per training iteration, w4a4, {machine(args.device)}; median of {args.rounds} interleaved "
-              f"rounds of {args.iters} iterations; `python benchmarks/cost.py --device {args.device}`")
+    cmd = " ".join(["python benchmarks/cost.py"] + (argv if argv is not None else sys.argv[1:]))
+    header = (f"Cost per training iteration, w4a4, {machine(args.device)}"
+              f"{', every forward under torch.compile (inductor)' if args.compile else ', eager'}; median of "
+              f"{args.rounds} interleaved rounds of {args.iters} iterations; `{cmd}`")
     print(header, flush=True)
-    rows = run(args.device, args.rounds, args.iters, args.warmup, args.only, args.amp, not args.no_memory)
+    rows = run(args.device, args.rounds, args.iters, args.warmup, args.only, args.amp,
+               not (args.no_memory or args.compile), args.compile)
     md = to_markdown(rows, "### Training-step cost\n\n" + header)
-    if not args.no_lsq:
+    if not (args.no_lsq or args.compile):
         sys.path.insert(0, str(HERE))
         import lsq_speed  # noqa: E402  (benchmarks/lsq_speed.py)
         md += "\n### LSQ fake-quantizer, forward + backward\n\n" + lsq_speed.markdown(lsq_speed.run(args.device))
-    out = Path(args.out or HERE / "results" / f"cost_{args.device.split(':')[0]}.md")
+    out = Path(args.out or HERE / "results" / f"cost_{args.device.split(':')[0]}{'_compiled' * args.compile}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

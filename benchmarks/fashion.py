@@ -72,6 +72,8 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "no perturbation of norm/bias": dict(perturb_unquantized=False),
     "LSQ act. step grad over the batch": dict(act_grad_scale="batch"),
     "rho warm-up (2 epochs)": dict(rho_warmup_epochs=2),
+    # BatchNorm normalising with the float model's running statistics, frozen (base and SAQ alike)
+    "frozen BatchNorm statistics": dict(freeze_bn=True),
 }
 
 

@@ -10,3 +10,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 python benchmarks/cost.py --device cuda --amp --rounds 5 --iters 5 --warmup 3 --out "$out/cost_cuda.md"
+# the same table with every forward under torch.compile (the cost issue's "both compiled" targets); the
+# CNNs only, which compile in about a minute each
+python benchmarks/cost.py --device cuda --amp --compile --only resnet20 resnet50 --rounds 5 --iters 5 --warmup 5 \
+    --out "$out/cost_cuda_compiled.md" || echo "compiled table FAILED (the eager table above stands)"

@@ -325,3 +325,20 @@ def test_torchrun_two_cpu_processes(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["global_step"] == 3 and len(state["history"]) == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_freeze_bn_keeps_the_running_statistics_and_trains_the_affine_weights(tmp_path):
+    fl = train(_cfg(tmp_path / "f", epochs=1, sharpness="none", w_bits=32, a_bits=32, first_last_bits=32),
+               progress=False)
+    before = load_checkpoint(fl["checkpoint"])["model"]
+    r = train(_cfg(tmp_path / "q", epochs=2, sharpness="case3", strategy="full", freeze_bn=True,
+                   pretrained=fl["checkpoint"]), progress=False)
+    after = load_checkpoint(r["checkpoint"])["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    affine = [k.replace("running_mean", "weight") for k in stats if k.endswith("running_mean")]
+    assert stats and affine
+    for k in stats:  # SAQ's two passes and plain training alike: nothing updates them
+        assert torch.equal(after[k], before[k]), k
+    assert any(not torch.equal(after[k], before[k]) for k in affine)
+    moved = train(_cfg(tmp_path / "m", epochs=1, sharpness="none", pretrained=fl["checkpoint"]), progress=False)
+    assert not torch.equal(load_checkpoint(moved["checkpoint"])["model"][stats[0]], before[stats[0]])

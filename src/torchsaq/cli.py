@@ -72,6 +72,10 @@ TRAIN_HELP = {
     "device": "auto, cpu, cuda, cuda:N",
     "threads": "CPU threads per process; 0 = auto: 1 for small models (under 0.5 G multiply-accumulates per "
                "batch), else the cores shared among the processes on this machine",
+    "freeze_bn": "BatchNorm layers normalise with their running statistics and do not update them while "
+                 "training (a common QAT fine-tuning practice); their affine weights still train",
+    "compile": "torch.compile the training forward (inductor; the first steps compile, the summary reports "
+               "them); evaluation stays eager",
     "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "resume": "continue the run in --output from its checkpoint",
     "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "

@@ -94,6 +94,7 @@ class TrainConfig:
     step_milestones: list[int] = field(default_factory=list)   # for lr_schedule=step (epochs)
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
+    freeze_bn: bool = False         # BatchNorm normalises with (and keeps) its running statistics while training
     max_grad_norm: Optional[float] = None
     # sharpness-aware minimisation
     sharpness: str = "case3"
@@ -110,6 +111,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0                # CPU threads per process (torch.set_num_threads); 0: auto (see train.py)
     amp: bool = False
+    compile: bool = False           # torch.compile the training forward (inductor); evaluation stays eager
     resume: bool = False
     overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step

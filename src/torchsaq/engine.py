@@ -143,6 +143,8 @@ class TrainResult:
     world_size: int
     device: str
     threads: int
+    first_step_s: Optional[float] = None  # this session's first step, compilation included (``compiled``)
+    compiled: bool = False
 
     @property
     def last(self) -> Optional[EpochRecord]:
@@ -202,6 +204,7 @@ class LoopState:
     history: list[EpochRecord] = field(default_factory=list)
     t0: float = 0.0             # this session's start (time.time())
     session_steps: int = 0      # optimizer steps of this session
+    first_step_s: Optional[float] = None  # wall time of this session's first step (torch.compile compiles there)
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "LoopState":
@@ -381,6 +384,10 @@ def train_one_epoch(run: Run, epoch: int, begin: int, sums: EpochSums, stop: Sto
     st, steps, accum = run.state, run.data.steps_per_epoch, run.cfg.accum_steps
     run.data.start_epoch(epoch, begin)
     run.model.train()
+    if run.cfg.freeze_bn:  # normalise with the running statistics, leave them as they are
+        for m in run.raw_model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     it = iter(run.data.train_loader) if begin < steps else iter(())
     step = begin  # batches of this epoch done
     while step < steps:
@@ -395,11 +402,14 @@ def train_one_epoch(run: Run, epoch: int, begin: int, sums: EpochSums, stop: Sto
             if not stop.requested:  # Ctrl-C also reaches loader workers: that is a stop, not a crash
                 raise
             raise TrainingInterrupted(run.save(epoch, step, sums), epoch + 1, step)
+        t_step = time.perf_counter()
         loss, hits = train_step(run, group)
         count = sum(int(y.numel()) for _, y in group)
         step += len(group)
         # one host-device read per step for both numbers (exact: float64 holds either one)
         loss_f, hits_f = torch.stack([loss.detach().double(), hits.double()]).tolist()
+        if st.first_step_s is None:
+            st.first_step_s = time.perf_counter() - t_step
         if math.isfinite(loss_f):
             sums.add(loss_f, hits_f, count)
         elif run.scaler is None:  # with fp16 AMP the scaler skips such steps and lowers its scale

@@ -50,9 +50,8 @@ class QuantLayer(_Module):
     quant_role: Optional[str]
     perturb_pre: Optional[Tensor]
     perturb_post: Optional[Tensor]
-    capture_qweight: bool
     qweight: Optional[Tensor]
-    qweight_grad: Optional[Tensor]
+    _probe: Optional[Tensor]  # zeros added to Q(w) while capturing: its .grad is dL/dQ(w) (no hook, compiles)
     _saq_macs: Optional[int]
     _saq_name: str  # the layer's qualified name in the model, set by saq.quantize
 
@@ -69,9 +68,9 @@ class QuantLayer(_Module):
         self.quant_role = None  # "first" / "last" once the execution order is known
         self.perturb_pre = None
         self.perturb_post = None
+        self._probe = None
         self.capture_qweight = False
         self.qweight = None
-        self.qweight_grad = None
         self._saq_macs = None  # multiply-accumulates per sample, recorded by the trace
 
     # -- bits ------------------------------------------------------------------------------------------
@@ -110,19 +109,47 @@ class QuantLayer(_Module):
             w = w + self.perturb_pre
         wq = self.weight_quantizer(self.standardized_weight(w))
         if self.capture_qweight and torch.is_grad_enabled():
-            if wq is self.weight:  # not quantized (32 bits): need a distinct node to hook
-                wq = wq.view_as(wq)
             self.qweight = wq.detach()
-            wq.register_hook(self._store_qweight_grad)
+            if not torch.compiler.is_compiling():
+                self._check_probe()  # the model may have moved (.to) since the capture began
+            wq = wq + self._probe  # backward accumulates dL/dQ(w) in the probe's .grad, like a parameter's
         if self.perturb_post is not None:
             wq = wq + self.perturb_post
         return wq
 
-    def _store_qweight_grad(self, grad: Tensor) -> None:
-        if self.qweight_grad is None:
-            self.qweight_grad = grad.detach().clone()
-        else:
-            self.qweight_grad.add_(grad)
+    # -- capture of dL/dQ(w) ---------------------------------------------------------------------------
+    @property
+    def capture_qweight(self) -> bool:
+        """While True, training forwards keep Q(w) (``qweight``) and accumulate dL/dQ(w) (``qweight_grad``)."""
+        return self._capture
+
+    @capture_qweight.setter
+    def capture_qweight(self, on: bool) -> None:
+        self._capture = bool(on)
+        if on:
+            self._check_probe()
+
+    def _check_probe(self) -> None:
+        """A zero leaf tensor like the weight (made outside the forward, so a compiled forward only reads it)."""
+        w, p = self.weight, self._probe
+        if p is None or p.shape != w.shape or p.device != w.device or p.dtype != w.dtype:
+            grad = None if p is None else p.grad
+            self._probe = torch.zeros_like(w, memory_format=torch.contiguous_format).requires_grad_()
+            if grad is not None and grad.shape == w.shape:
+                self._probe.grad = grad.to(w)
+
+    @property
+    def qweight_grad(self) -> Optional[Tensor]:
+        """dL/dQ(w) accumulated over the captured backward passes since the last :meth:`zero_qweight_grad`."""
+        return None if self._probe is None else self._probe.grad
+
+    @qweight_grad.setter
+    def qweight_grad(self, value: Optional[Tensor]) -> None:
+        if value is not None:
+            self._check_probe()
+            value = value.detach().to(self._probe)
+        if self._probe is not None:
+            self._probe.grad = value
 
     def zero_qweight_grad(self) -> None:
         self.qweight_grad = None

@@ -32,7 +32,7 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -267,14 +267,16 @@ def _setup_model(cfg: TrainConfig, data: TrainData, train_set: Dataset, state: O
     for q in model.modules():  # a 32-bit (disabled) quantizer's step never gets a gradient: freeze it (DDP)
         if isinstance(q, Quantizer) and not q.enabled:
             q.scale.requires_grad_(False)
-    if not env.distributed:
-        return model, model, threads
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrapped: nn.Module = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    for q in model.modules():  # python mirrors of the flags rank 0 just broadcast
-        if isinstance(q, Quantizer):
-            q._sync_flags()
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        for q in model.modules():  # python mirrors of the flags rank 0 just broadcast
+            if isinstance(q, Quantizer):
+                q._sync_flags()
+    if cfg.compile:  # SAQ finds the layers through the wrapper; one graph per forward variant (tests)
+        wrapped = cast(nn.Module, torch.compile(wrapped))  # an OptimizedModule
     return wrapped, model, threads
 
 
@@ -384,7 +386,7 @@ def _result(run: Run, threads: int) -> TrainResult:
         tb_dir=str(ckpt.out / "tb") if saved else None, plot_path=plot,
         model=cfg.model, dataset=cfg.dataset, w_bits=cfg.w_bits, a_bits=cfg.a_bits, sharpness=cfg.sharpness,
         strategy=cfg.strategy, rank=run.env.rank, world_size=run.env.world, device=str(run.device),
-        threads=threads)
+        threads=threads, first_step_s=st.first_step_s, compiled=cfg.compile)
 
 
 def format_result(r: dict[str, Any]) -> str:
@@ -396,6 +398,8 @@ def format_result(r: dict[str, Any]) -> str:
              f"{r['epochs']} epochs in {fmt_time(r['time_s'])} ({r['device']}"
              f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
+    if r.get("compiled") and r.get("first_step_s") is not None:
+        lines.append(f"  compile   first step {r['first_step_s']:.1f} s (torch.compile builds the graphs there)")
     lines.append(f"  test      top-1 {r['test_acc']:.2f}%  top-5 {r['test_top5']:.2f}%  loss {r['test_loss']:.4f}")
     if "val_acc" in r:
         lines.append(f"  val       top-1 {r['val_acc']:.2f}%  top-5 {r['val_top5']:.2f}%  loss {r['val_loss']:.4f}")
