@@ -112,18 +112,25 @@ def _float_config(dataset: str, seed: int, args: argparse.Namespace) -> dict[str
 class Runner:
     """Runs jobs in a process pool, caching each result by its configuration."""
 
-    def __init__(self, cache: Path, workers: int, job: Callable[[dict[str, Any]], dict[str, Any]] = _run):
+    def __init__(self, cache: Path, workers: int, job: Callable[[dict[str, Any]], dict[str, Any]] = _run,
+                 normalize: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
+        """``normalize`` maps a configuration to what identifies it in the cache (e.g. paths made relative)."""
         self.cache = cache
         self.workers = workers
         self.job = job
+        self.normalize = normalize or (lambda c: c)
         self.done: dict[str, dict[str, Any]] = {}
         if cache.exists():
             for line in cache.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
-                    self.done[_key(rec["job"]["config"])] = rec
+                    self.done[self.key(rec["job"]["config"])] = rec
+
+    def key(self, config: dict[str, Any]) -> str:
+        return _key(self.normalize(config))
 
     def run(self, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        _key = self.key  # noqa: N806  (this runner's cache key)
         todo = [c for c in configs if _key(c) not in self.done]
         todo = list({_key(c): c for c in todo}.values())
         if todo:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from accuracy import Runner, _key, t_interval  # noqa: E402  (the cached process pool and the paired interval)
+from accuracy import Runner, t_interval  # noqa: E402  (the cached process pool and the paired interval)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores: a 5-layer CNN (width 16: ~15 s per QAT epoch on one core) on a fixed 10k-image subset, rho
@@ -94,8 +95,23 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             "time_s": time.perf_counter() - t0}
 
 
+_FLOAT_PATH = re.compile(r"^.*/(seed\d+)(/checkpoint\.pt)?$")
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as the cache knows it: a float model's folder or checkpoint (``output`` of a float run,
+    ``pretrained`` of a QAT run) by its seed, not its absolute path, so a cache resumes in any clone. (The float
+    protocol itself is the preset's: one cache file per preset.)"""
+    out = dict(config)
+    for k in ("output", "pretrained"):
+        m = _FLOAT_PATH.match(str(out.get(k) or ""))
+        if m and (k == "pretrained" or out.get("w_bits") == 32 and out.get("save")):
+            out[k] = "<float>/" + m.group(1) + (m.group(2) or "")
+    return out
+
+
 def _float_dir(seed: int, args: argparse.Namespace) -> Path:
-    return Path(args.float_dir or Path(args.out) / f"fashion_float{args.tag}") / f"seed{seed}"
+    return (Path(args.float_dir or Path(args.out) / f"fashion_float{args.tag}") / f"seed{seed}").resolve()
 
 
 def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -176,11 +192,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     args.rhos = args.rhos or PRESETS[args.preset].get("rhos", [0.02, 0.05, 0.1])
     args.tag = ("" if args.preset == "cpu" else f"_{args.preset}") + ("_smoke" if args.smoke else "")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out / f"fashion_runs{args.tag}.jsonl", args.workers, job=_run)
+    args.out = str(out)
+    runner = Runner(out / f"fashion_runs{args.tag}.jsonl", args.workers, job=_run, normalize=_portable)
     if args.report_only:  # tables from the cached runs only (e.g. a GPU run cut off by its time limit)
-        runner.run = lambda configs, label: [runner.done.get(_key(c)) for c in configs]  # type: ignore[method-assign]
+        runner.run = lambda configs, label: [runner.done.get(runner.key(c)) for c in configs]  # type: ignore
     t_start = time.perf_counter()
     n_paired, n_other = args.seeds, min(args.other_seeds, args.seeds)
     seeds = {"paired": list(range(n_paired)), "other": list(range(n_other))}
@@ -190,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     floats = [float_config(s, args) for s in ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]]
     for c in floats:  # a cached float run whose checkpoint is gone is trained again
         if not args.report_only and not Path(c["output"], "checkpoint.pt").exists():
-            runner.done.pop(_key(c), None)
+            runner.done.pop(runner.key(c), None)
     frec = runner.run(floats, "float models")
     if args.stage == "float":
         return 0
@@ -218,6 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for m in swept:
             if (b, m) not in chosen:
                 nb = min(sweep_bits, key=lambda x: abs(x - b))
+                if (nb, m) not in chosen:
+                    raise SystemExit(f"fashion.py: no rho sweep of {m} at w{nb}a{nb} in {runner.cache} "
+                                     "(--report-only reports cached runs only: run without it first)")
                 chosen[(b, m)] = chosen[(nb, m)]
     if args.stage == "sweep":
         return 0
