@@ -70,11 +70,16 @@ PAIRS = {"SAQ (LIQ_wn)": "base (LIQ_wn)", "float fine-tune (SAM)": "float fine-t
 DIAGNOSES: dict[str, dict[str, Any]] = {
     "2x QAT epochs": dict(_epochs_factor=2),
     "4x QAT epochs": dict(_epochs_factor=4),
+    "8x QAT epochs": dict(_epochs_factor=8),
     "no perturbation of norm/bias": dict(perturb_unquantized=False),
     "LSQ act. step grad over the batch": dict(act_grad_scale="batch"),
     "rho warm-up (2 epochs)": dict(rho_warmup_epochs=2),
-    # BatchNorm normalising with the float model's running statistics, frozen (base and SAQ alike)
+    # BatchNorm normalising with the float model's running statistics, frozen (base and SAQ alike). At the preset's
+    # lr 0.01 this diverges even for the float model in plain PyTorch (the BN-trained weights have small norms):
+    # the frozen runs use lr 0.001
     "frozen BatchNorm statistics": dict(freeze_bn=True),
+    "frozen BatchNorm statistics, lr 0.001": dict(freeze_bn=True, lr=0.001),
+    "lr 0.001": dict(lr=0.001),
 }
 
 
