@@ -8,6 +8,8 @@ their parameters, names and hooks. Each has the slots a sharpness-aware perturba
 * ``perturb_post`` -- a tensor added to the quantized weight *after* quantization (cases 1 and 3),
 * ``capture_qweight = True`` -- the forward keeps the quantized weight it used (``qweight``) and the
   backward accumulates the gradient w.r.t. it in ``qweight_grad`` (the gradient SAQ case 3 perturbs with).
+  No tensor hook: the forward adds a zero leaf tensor (the probe) to Q(w), and autograd accumulates dL/dQ(w)
+  in the probe's ``.grad`` as it does for a parameter, so a compiled forward has no side effect to break on.
 
 The forward is the quantized one only: the execution-order trace and the MAC count of :func:`saq.quantize`
 run the float class's forward with a forward hook (``convert._float_pass``).

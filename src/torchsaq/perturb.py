@@ -71,7 +71,7 @@ class Direction(Enum):
     """Where the direction of a quantized layer's perturbation is read after a backward pass."""
 
     WEIGHT_GRAD = "weight.grad"     # dL/dw, through the straight-through estimator
-    QWEIGHT_GRAD = "qweight_grad"   # dL/dQ(w), accumulated by the capture hook
+    QWEIGHT_GRAD = "qweight_grad"   # dL/dQ(w), accumulated in the capture probe's .grad
 
     def read(self, layer: QuantLayer) -> Optional[Tensor]:
         return layer.weight.grad if self is Direction.WEIGHT_GRAD else layer.qweight_grad
