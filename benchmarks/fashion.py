@@ -80,6 +80,7 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "frozen BatchNorm statistics": dict(freeze_bn=True),
     "frozen BatchNorm statistics, lr 0.001": dict(freeze_bn=True, lr=0.001),
     "lr 0.001": dict(lr=0.001),
+    "frozen BatchNorm statistics, lr 0.001, rho 0.01": dict(freeze_bn=True, lr=0.001, _rho=0.01),
 }
 
 
@@ -144,6 +145,7 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     over = dict(METHODS[method][0])
     over.update(extra or {})
     epochs = (args.qat_epochs or p["qat_epochs"]) * over.pop("_epochs_factor", 1)
+    rho = over.pop("_rho", rho)  # a diagnosis that sets rho itself
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
                pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
     cfg.update(over)
