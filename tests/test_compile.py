@@ -34,11 +34,13 @@ def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
-def _train(model: nn.Module, sharpness: str, strategy: str, adaptive: bool, counter=None, steps: int = 4) -> None:
+def _train(model: nn.Module, sharpness: str, strategy: str, adaptive: bool, counter=None, steps: int = 4,
+           hand_compiled: bool = False) -> None:
+    """``steps`` SAQ steps; ``counter``: compile the forward with it; ``hand_compiled``: SAQ gets the wrapper."""
     net = torch.compile(model, backend=counter) if counter is not None else model
     base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt = base if sharpness == "none" else SAQ(model, base, rho=0.05, mode=sharpness, strategy=strategy,
-                                               adaptive=adaptive)
+    opt = base if sharpness == "none" else SAQ(net if hand_compiled else model, base, rho=0.05, mode=sharpness,
+                                               strategy=strategy, adaptive=adaptive)
     for i in range(steps):
         x, y = _batch(i)
         if strategy == "prev_grad":  # closure-free: the real one-pass loop
@@ -97,3 +99,16 @@ def test_train_compile_flag_compiles_the_forward_and_changes_no_number(tmp_path,
     assert comp["compiled"] and comp["first_step_s"] > 0 and "compile   first step" in format_result(comp)
     for k in ("train_loss", "test_acc", "test_loss"):
         assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["full", "prev_grad"])
+def test_saq_may_be_given_the_compiled_wrapper(strategy):
+    dynamo.reset()
+    counters.clear()
+    eager, comp = _model(), _model()
+    counter = CompileCounterWithBackend("eager")
+    _train(eager, "case3", strategy, False)
+    _train(comp, "case3", strategy, False, counter, hand_compiled=True)
+    assert not counters["graph_break"] and 1 <= counter.frame_count <= 3
+    for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
