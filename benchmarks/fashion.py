@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -321,6 +322,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
             gap = fp_mean - statistics.fmean(acc[(b, ref)].values())
             gap_txt = f"{100 * g / gap:+.0f}%" if gap > 0.05 and b < 32 else "-"  # False for NaN too; no gap in float
         rho = chosen.get((b, basename))
+        if " | " in m and rho is not None:  # a diagnosis may set its own rho
+            rho = DIAGNOSES.get(m.split(" | ")[1], {}).get("_rho", rho)
         lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
                      f"{_mean_sd(train_acc.get((b, m), []))} | {gain_txt} | {gap_txt} | "
                      f"{statistics.fmean(secs[(b, m)]):.0f} |")
@@ -331,7 +334,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     for (b, m), v in sorted(val.items()):
         cells = " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in args.rhos)
         sweep_lines.append(f"| w{b}a{b} | {m} | {cells} |")
-    cmd = "python benchmarks/fashion.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/fashion.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines + sweep_lines) + "\n"
     name = args.report or f"fashion{args.tag}"
