@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU cost tables (eager, then compiled CNNs) in about 8 minutes on one H100-class card. Needs only torch, torchvision and timm
+# GPU cost tables: eager (under 5 minutes on one H100-class card), then the compiled CNNs (not yet timed). Needs only torch, torchvision and timm
 # (what the card's machine has): saq runs from src/ without installing.
 #   bash benchmarks/gpu.sh [OUT_DIR]      (default benchmarks/results)
 set -euo pipefail
