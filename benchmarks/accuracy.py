@@ -130,21 +130,20 @@ class Runner:
         return _key(self.normalize(config))
 
     def run(self, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
-        _key = self.key  # noqa: N806  (this runner's cache key)
-        todo = [c for c in configs if _key(c) not in self.done]
-        todo = list({_key(c): c for c in todo}.values())
+        todo = [c for c in configs if self.key(c) not in self.done]
+        todo = list({self.key(c): c for c in todo}.values())
         if todo:
             print(f"[{label}] {len(todo)} runs ({len(configs) - len(todo)} cached)", flush=True)
             t0 = time.perf_counter()
             ctx = mp.get_context("spawn")
             with ctx.Pool(self.workers) as pool, self.cache.open("a") as f:
                 for i, rec in enumerate(pool.imap_unordered(self.job, [{"config": c} for c in todo]), 1):
-                    self.done[_key(rec["job"]["config"])] = rec
+                    self.done[self.key(rec["job"]["config"])] = rec
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     el = time.perf_counter() - t0
                     print(f"  {i}/{len(todo)}  {el:6.0f}s elapsed, ~{el / i * (len(todo) - i):5.0f}s left", flush=True)
-        return [self.done[_key(c)] for c in configs]
+        return [self.done[self.key(c)] for c in configs]
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float]:
@@ -190,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         floats = [_float_config(ds, s, args) for ds in args.datasets for s in seeds]
         for c in floats:  # a cached run whose checkpoint was deleted is trained again
             if not Path(c["output"], "checkpoint.pt").exists():
-                runner.done.pop(_key(c), None)
+                runner.done.pop(runner.key(c), None)
         runner.run(floats, "float models to fine-tune from")
 
     # 1. rho sweep on the validation split (seeds disjoint from the final ones)

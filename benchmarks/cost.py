@@ -233,7 +233,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
         memr = f"{r['mem_ratio']:.2f}" if r["mem_ratio"] is not None else "-"
         floor = "-" if r["floor"] is None else f"{r['floor']:.2f}"
         over = "-" if r["over_floor"] is None else f"{r['over_floor']:+.2f}"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r.get('x_float', 0):.2f} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['x_float']:.2f} | "
                      f"{r['ratio']:.2f} | {floor} | {over} | {mem} | {memr} |")
     return "\n".join(lines) + "\n"
 

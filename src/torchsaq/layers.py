@@ -145,16 +145,9 @@ class QuantLayer(_Module):
         """dL/dQ(w) accumulated over the captured backward passes since the last :meth:`zero_qweight_grad`."""
         return None if self._probe is None else self._probe.grad
 
-    @qweight_grad.setter
-    def qweight_grad(self, value: Optional[Tensor]) -> None:
-        if value is not None:
-            self._check_probe()
-            value = value.detach().to(self._probe)
-        if self._probe is not None:
-            self._probe.grad = value
-
     def zero_qweight_grad(self) -> None:
-        self.qweight_grad = None
+        if self._probe is not None:
+            self._probe.grad = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self._float_forward(self.act_quantizer(x, samples=num_samples(self, x)), self.quantized_weight())

@@ -284,7 +284,7 @@ class Targets:
 
     def drop_captures(self) -> None:
         for layer in self.layers:
-            layer.qweight_grad = None
+            layer.zero_qweight_grad()
             layer.qweight = None
 
 
