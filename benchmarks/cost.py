@@ -8,6 +8,7 @@ Ratios are to the base optimizer measured in the same run, printed next to the f
     python benchmarks/cost.py                       # CPU: MNIST-1D CNN, ResNet-20, tiny ViT
     python benchmarks/cost.py --device cuda         # adds ResNet-50 and ViT-B/16 at card-filling batches
     python benchmarks/cost.py --compile             # every method (float too) under torch.compile (inductor)
+    python benchmarks/cost.py --device cuda --lsq-backend triton   # quantizers through the fused Triton op
 """
 from __future__ import annotations
 
@@ -249,15 +250,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every method's forward (float too); no memory column (compilation's own)")
+    p.add_argument("--lsq-backend", default="autograd", choices=saq.vocab.LSQ_BACKENDS,
+                   help="LSQ implementation of the quantized models (saq.set_lsq_backend)")
     p.add_argument("--no-lsq", action="store_true", help="skip the LSQ fake-quantizer micro-benchmark")
     p.add_argument("--out", default=None, help="Markdown output (default benchmarks/results/cost_<device>.md)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available")
     torch.backends.cudnn.benchmark = True
+    saq.set_lsq_backend(args.lsq_backend)
     cmd = " ".join(["python benchmarks/cost.py"] + (argv if argv is not None else sys.argv[1:]))
     header = (f"Cost per training iteration, w4a4, {machine(args.device)}"
-              f"{', every forward under torch.compile (inductor)' if args.compile else ', eager'}; median of "
+              f"{', every forward under torch.compile (inductor)' if args.compile else ', eager'}"
+              f"{', LSQ through the Triton op' if args.lsq_backend == 'triton' else ''}; median of "
               f"{args.rounds} interleaved rounds of {args.iters} iterations; `{cmd}`")
     print(header, flush=True)
     rows = run(args.device, args.rounds, args.iters, args.warmup, args.only, args.amp,
@@ -267,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.path.insert(0, str(HERE))
         import lsq_speed  # noqa: E402  (benchmarks/lsq_speed.py)
         md += "\n### LSQ fake-quantizer, forward + backward\n\n" + lsq_speed.markdown(lsq_speed.run(args.device))
-    out = Path(args.out or HERE / "results" / f"cost_{args.device.split(':')[0]}{'_compiled' * args.compile}.md")
+    tag = "_compiled" * args.compile + "_triton" * (args.lsq_backend == "triton")
+    out = Path(args.out or HERE / "results" / f"cost_{args.device.split(':')[0]}{tag}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

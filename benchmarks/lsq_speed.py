@@ -7,6 +7,7 @@ Variants, all computing the same function and the same gradients (checked before
   via the detach trick (as in the LSQ reference implementations), autograd keeps the temporaries.
 * ``torch``   -- ``torch._fake_quantize_learnable_per_tensor_affine`` / ``..._per_channel_affine`` with
   zero point 0 and ``grad_factor = g`` (PyTorch's learnable fake-quant kernels).
+* ``triton``  -- ``torch.ops.torchsaq.lsq`` with its Triton kernels (CUDA only; ``saq.set_lsq_backend("triton")``).
 
 Tensors have ResNet-50 layer sizes: weights with per-channel steps (signed), activations after ReLU with
 a per-tensor step (unsigned). Each timed run is forward + backward w.r.t. x and the step; the variants are
@@ -22,7 +23,9 @@ import argparse
 import math
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -74,6 +77,8 @@ def _variant(name: str, bits: int, signed: bool) -> Callable[[Tensor, Tensor, fl
         return lambda x, s, g: saq.lsq(x, s, bits, signed, grad_scale=g)
     if name == "unfused":
         return lambda x, s, g: lsq_unfused(x, s, qn, qp, g)
+    if name == "triton":
+        return lambda x, s, g: torch.ops.torchsaq.lsq(x, s, qn, qp, g)
     return lambda x, s, g: lsq_torch(x, s, qn, qp, g)
 
 
@@ -149,16 +154,17 @@ def run(device: str = "cpu", batch: Optional[int] = None, bits: int = 4, reps: i
     if quick:
         cases = cases[:1] + cases[len(WEIGHTS):len(WEIGHTS) + 1]
     timed = _timer(dev)
+    variants = VARIANTS + (("triton",) if dev.type == "cuda" and saq.kernels.triton_available() else ())
     rng = random.Random(0)
     rows = []
     for name, shape, per_channel, signed in cases:
         x, s, up, g = make_case(shape, per_channel, signed, bits, dev)
-        fns = {v: _variant(v, bits, signed) for v in VARIANTS}
+        fns = {v: _variant(v, bits, signed) for v in variants}
         check_same(fns, x, s, up, g)
         xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for i in range(warmup + reps):
-            order = list(VARIANTS)
+            order = list(variants)
             rng.shuffle(order)
             for v in order:
                 ms = timed(lambda: _fwd_bwd(fns[v], xr, sr, up, g))
@@ -167,21 +173,28 @@ def run(device: str = "cpu", batch: Optional[int] = None, bits: int = 4, reps: i
         row = {"tensor": name, "shape": "x".join(map(str, shape)),
                "step": "per-channel" if per_channel else "per-tensor"}
         fused = statistics.median(times["fused"])
-        for v in VARIANTS:
+        for v in variants:
             med = statistics.median(times[v])
             row[f"{v}_ms"] = med
             row[f"{v}_x"] = med / fused
+        if "triton_ms" in row:
+            row["torch_over_triton"] = row["torch_ms"] / row["triton_ms"]
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table (ms and ratio to fused)."""
-    lines = ["| tensor | shape | step | fused ms | unfused ms | torch learnable ms | unfused / fused | torch / fused |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    """The rows as a Markdown table (ms and ratio to fused; with Triton rows, torch learnable / triton too:
+    the cost issue's target is >= 1 on every tensor)."""
+    tri = bool(rows) and "triton_ms" in rows[0]
+    lines = ["| tensor | shape | step | fused ms | unfused ms | torch learnable ms |" + (" triton ms |" if tri else "")
+             + " unfused / fused | torch / fused |" + (" torch / triton |" if tri else ""),
+             "|---|---|---|---:|---:|---:|" + ("---:|" if tri else "") + "---:|---:|" + ("---:|" if tri else "")]
     for r in rows:
         lines.append(f"| {r['tensor']} | {r['shape']} | {r['step']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | "
-                     f"{r['torch_ms']:.3f} | {r['unfused_x']:.2f} | {r['torch_x']:.2f} |")
+                     f"{r['torch_ms']:.3f} |" + (f" {r['triton_ms']:.3f} |" if tri else "")
+                     + f" {r['unfused_x']:.2f} | {r['torch_x']:.2f} |"
+                     + (f" {r['torch_over_triton']:.2f} |" if tri else ""))
     return "\n".join(lines)
 
 
@@ -194,6 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--quick", action="store_true", help="two small tensors only (smoke test)")
+    p.add_argument("--out", default=None, help="also write the table (Markdown, with its header) here")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
@@ -201,9 +215,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = run(args.device, args.batch, args.bits, args.reps, args.warmup, args.quick)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"LSQ fake-quant forward+backward, {args.bits} bits, median of {args.reps} interleaved runs ({dev}, "
-          f"torch {torch.__version__})\n")
-    print(markdown(rows))
+    cmd = " ".join(["python benchmarks/lsq_speed.py"] + (list(argv) if argv is not None else sys.argv[1:]))
+    text = (f"LSQ fake-quant forward+backward, {args.bits} bits, median of {args.reps} interleaved runs ({dev}, "
+            f"torch {torch.__version__}); `{cmd}`\n\n{markdown(rows)}\n")
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
     return rows
 
 

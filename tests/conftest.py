@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton's kernels (torchsaq/_triton_lsq.py) run in Triton's CPU interpreter, which must be
+# chosen before triton is first imported (its own library functions are decorated at import); inductor's
+# CPU code does not use Triton, so nothing else changes. test_kernels.py runs them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torchsaq as saq
 
 # Small tensors: one thread avoids OpenMP contention (DDP tests run 2 processes on 2 cores).

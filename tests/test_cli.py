@@ -222,7 +222,7 @@ def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_vo
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
     assert choices == {"sharpness": vocab.SHARPNESS, "strategy": vocab.STRATEGIES, "quantizer": vocab.QUANTIZERS,
                        "act_grad_scale": vocab.ACT_GRAD_SCALES, "optimizer": vocab.OPTIMIZERS,
-                       "lr_schedule": vocab.SCHEDULES}
+                       "lr_schedule": vocab.SCHEDULES, "lsq_backend": vocab.LSQ_BACKENDS}
     for names in (vocab.SHARPNESS_HELP, vocab.STRATEGY_HELP, vocab.QUANTIZER_HELP):
         for name, description in names.items():
             assert f"{name}: {description}" in text, name

@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from .convert import QuantConfig, calibrate, quantize
+from .kernels import get_lsq_backend, set_lsq_backend
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, quant_layers
 from .quantizer import LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotInitializedError, Quantizer, lsq, qrange
 
@@ -29,7 +30,7 @@ _LAZY = {
 
 __all__ = [
     "QuantConfig", "quantize", "calibrate", "lsq", "qrange", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer",
-    "LIQActQuantizer", "NotInitializedError",
+    "LIQActQuantizer", "NotInitializedError", "set_lsq_backend", "get_lsq_backend",
     "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "quant_layers", *_LAZY,
 ]
 

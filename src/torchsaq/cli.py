@@ -76,6 +76,7 @@ TRAIN_HELP = {
                  "training (a common QAT fine-tuning practice); their affine weights still train",
     "compile": "torch.compile the training forward (inductor; the first steps compile, the summary reports "
                "them); evaluation stays eager",
+    "lsq_backend": "implementation of the LSQ fake-quantizer",
     "amp": "mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "resume": "continue the run in --output from its checkpoint",
     "overwrite": "start a new run in an --output folder that already holds one, deleting that run's checkpoint, "
@@ -101,7 +102,7 @@ def _vocabularies() -> dict[str, dict[str, str]]:
 
     return {"sharpness": vocab.SHARPNESS_HELP, "strategy": vocab.STRATEGY_HELP, "quantizer": vocab.QUANTIZER_HELP,
             "act_grad_scale": vocab.ACT_GRAD_SCALE_HELP, "optimizer": vocab.OPTIMIZER_HELP,
-            "lr_schedule": vocab.SCHEDULE_HELP}
+            "lr_schedule": vocab.SCHEDULE_HELP, "lsq_backend": vocab.LSQ_BACKEND_HELP}
 
 
 def train_help() -> dict[str, str]:

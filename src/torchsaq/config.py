@@ -13,10 +13,10 @@ from ._optional import require
 from .convert import QuantConfig
 from .data import dataset_info, default_model
 from .quantizer import check_bits
-from .vocab import ACT_GRAD_SCALES, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
+from .vocab import ACT_GRAD_SCALES, LSQ_BACKENDS, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
 
 __all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES",
-           "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES"]
+           "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES", "LSQ_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class TrainConfig:
     threads: int = 0                # CPU threads per process (torch.set_num_threads); 0: auto (see train.py)
     amp: bool = False
     compile: bool = False           # torch.compile the training forward (inductor); evaluation stays eager
+    lsq_backend: str = "autograd"   # "triton": the fused custom op (CUDA only; torchsaq.kernels)
     resume: bool = False
     overwrite: bool = False         # a new run in an --output folder that holds one: delete the old run's files
     log_every: int = 0              # 0: once per epoch in the metrics file; the bar updates every step
@@ -156,6 +157,8 @@ class TrainConfig:
             bad(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.strategy not in STRATEGIES:
             bad(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.lsq_backend not in LSQ_BACKENDS:
+            bad(f"unknown lsq backend {self.lsq_backend!r}; choose one of {', '.join(LSQ_BACKENDS)}")
         if not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}")
         if self.sharpness != "none" and not self.rho > 0:

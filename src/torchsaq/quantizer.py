@@ -14,13 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .kernels import STEP_EPS, _codes, lsq_backward, lsq_forward, use_op
 from .vocab import QUANTIZERS
 
 __all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
            "make_quantizers", "QUANTIZERS", "NotInitializedError"]
 
-#: smallest step the forward pass will use; keeps a step that an optimizer pushed to <= 0 valid.
-STEP_EPS = 1e-8
+#: bits meaning "not quantized"
 FLOAT_BITS = 32
 
 
@@ -44,54 +44,36 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """Sum a broadcast gradient back to `shape` (the step's shape)."""
-    if t.shape == shape:
-        return t
-    # broadcasting aligns trailing dims: sum_to_size also sums the leading dims the step lacks
-    return t.sum_to_size(shape)
-
-
 def _default_grad_scale(numel: int, num_steps: int, qp: int) -> float:
     """LSQ's step-gradient scale 1/sqrt(N*Qp), N = elements sharing one step."""
     return 1.0 / math.sqrt(max(numel // max(num_steps, 1), 1) * qp)
 
 
-def _codes(x: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
-    """round(clamp(x/s, Qn, Qp)) in one new tensor (``s`` already positive)."""
-    return torch.div(x, s).clamp_(qn, qp).round_()
-
-
 class _LSQFunction(torch.autograd.Function):
-    """round(clamp(x/s, Qn, Qp)) * s with the STE for x and the LSQ gradient for s.
+    """round(clamp(x/s, Qn, Qp)) * s with the STE for x and the LSQ gradient for s (kernels.py has the maths).
 
-    Saves only x and s; the backward recomputes x/s in place instead of keeping temporaries alive.
+    Saves only x and s; the backward recomputes x/s instead of keeping temporaries alive.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
-        s = step.clamp_min(STEP_EPS)
-        out = _codes(x, s, qn, qp).mul_(s)
         ctx.save_for_backward(x, step)
-        ctx.qrange = (qn, qp)
-        ctx.grad_scale = grad_scale
-        return out
+        ctx.args = (qn, qp, grad_scale)
+        return lsq_forward(x, step, qn, qp)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, step = ctx.saved_tensors
-        qn, qp = ctx.qrange
-        s = step.clamp_min(STEP_EPS)
-        v = torch.div(x, s)
-        r = v.clamp(qn, qp)
-        inside = r == v  # Qn <= x/s <= Qp; one pass instead of two compares and an and
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            # inside: round(v) - v ; outside: the clamped bound Qn or Qp (= round(clamp(v)))
-            r.round_().sub_(v.masked_fill_(inside.logical_not_(), 0.0)).mul_(grad)
-            grad_s = _reduce_to(r, step.shape).mul_(ctx.grad_scale).to(step.dtype)
-        return grad_x, grad_s, None, None, None
+        qn, qp, grad_scale = ctx.args
+        gx, gs = lsq_backward(grad, x, step, qn, qp, grad_scale, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gs, None, None, None
+
+
+def _apply_lsq(x: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
+    """LSQ through the backend :func:`torchsaq.kernels.set_lsq_backend` chose."""
+    if use_op(x):
+        return torch.ops.torchsaq.lsq(x, step, qn, qp, grad_scale)
+    return _LSQFunction.apply(x, step, qn, qp, grad_scale)
 
 
 def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[float] = None) -> Tensor:
@@ -123,7 +105,7 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool, grad_scale: Optional[f
     qn, qp = qrange(bits, signed)
     if grad_scale is None:
         grad_scale = _default_grad_scale(x.numel(), step.numel(), qp)
-    return _LSQFunction.apply(x, step, qn, qp, float(grad_scale))
+    return _apply_lsq(x, step, qn, qp, float(grad_scale))
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -358,7 +340,7 @@ class LSQQuantizer(Quantizer):
         if g is None:
             n = x.numel() // max(samples, 1) if self.per_sample_grad_scale else x.numel()
             g = _default_grad_scale(n, self.step.numel(), qp)
-        return _LSQFunction.apply(x, self._scale_view(x).to(x.dtype), qn, qp, g)
+        return _apply_lsq(x, self._scale_view(x).to(x.dtype), qn, qp, g)
 
     def code_range(self) -> tuple[int, int]:
         return qrange(self.bits, bool(self.signed))

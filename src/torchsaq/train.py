@@ -46,6 +46,7 @@ from .convert import calibrate, quantize, trace
 from .device import SMALL_BATCH_MACS, DistEnv, amp_dtype, auto_threads, init_distributed, resolve_device  # noqa: F401
 from .engine import (DIVERGED_LOSS_FACTOR, LoopState, Run, TrainData, TrainingInterrupted,  # noqa: F401
                      TrainResult, evaluate, fit, fmt_time)
+from .kernels import get_lsq_backend, set_lsq_backend
 from .quantizer import Quantizer
 from .runlog import TensorBoard, plot_history
 from .runlog import write_metrics as _write_metrics  # noqa: F401 - the old name
@@ -338,14 +339,20 @@ def train(cfg: TrainConfig, progress: bool = True,
 
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
+    if cfg.lsq_backend == "triton" and device.type != "cuda":
+        raise ValueError(f"lsq_backend 'triton' runs Triton kernels on CUDA devices only, and this run's device "
+                         f"is {device}: use lsq_backend 'autograd'")
     own_pg = init_distributed(env, device)
     ckpt = Checkpointer(Path(cfg.output), cfg, main=env.main)
     threads_before = torch.get_num_threads()  # train() picks its own count; the caller's comes back after
+    backend_before = get_lsq_backend()  # and so does the LSQ backend
     try:
+        set_lsq_backend(cfg.lsq_backend)  # an ImportError here names the missing Triton
         ckpt.claim(env.distributed)
         return _train(cfg, progress and env.main, step_callback, device, env, ckpt).to_dict()
     finally:
         torch.set_num_threads(threads_before)
+        set_lsq_backend(backend_before)
         ckpt.release()
         if own_pg and dist.is_initialized():
             dist.destroy_process_group()

@@ -10,7 +10,8 @@ Data sets and models are registries, not fixed lists: ``torchsaq.data.list_datas
 from __future__ import annotations
 
 __all__ = ["MODES", "MODE_HELP", "SHARPNESS", "SHARPNESS_HELP", "STRATEGIES", "STRATEGY_HELP", "QUANTIZERS",
-           "QUANTIZER_HELP", "ACT_GRAD_SCALES", "ACT_GRAD_SCALE_HELP", "WHERE", "WHERE_HELP", "OPTIMIZERS",
+           "QUANTIZER_HELP", "ACT_GRAD_SCALES", "ACT_GRAD_SCALE_HELP", "WHERE", "WHERE_HELP", "LSQ_BACKENDS",
+           "LSQ_BACKEND_HELP", "OPTIMIZERS",
            "OPTIMIZER_HELP", "SCHEDULES", "SCHEDULE_HELP", "describe"]
 
 #: sharpness-aware modes of :class:`torchsaq.SAQ` (``mode=``); see README "The three cases"
@@ -54,6 +55,13 @@ WHERE_HELP = {
     "latent": "the float (latent) weights w, before quantization",
 }
 WHERE = tuple(WHERE_HELP)
+
+#: implementations of the LSQ fake-quantizer (``torchsaq.kernels.set_lsq_backend``, ``torchsaq train --lsq-backend``)
+LSQ_BACKEND_HELP = {
+    "autograd": "an autograd Function over torch ops (what torch.compile fuses)",
+    "triton": "the custom op torchsaq::lsq: one fused Triton kernel each way, CUDA only",
+}
+LSQ_BACKENDS = tuple(LSQ_BACKEND_HELP)
 
 #: base optimizers of ``torchsaq train``
 OPTIMIZER_HELP = {"sgd": "SGD with momentum", "adamw": "AdamW"}
