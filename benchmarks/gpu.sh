@@ -7,9 +7,10 @@
 #   tests     the Triton LSQ kernels against the torch maths and the float64 reference, on CUDA (~1 min)
 #   lsq       LSQ forward+backward per ResNet-50 tensor: ours, unfused, PyTorch's learnable, Triton (~1 min)
 #   triton    the training-step table of the CNNs with the Triton LSQ op (~2 min)
+#   profile   ResNet-20/50 steps profiled: GPU busy vs gaps per method, top kernels; autograd and Triton LSQ (~2 min)
 #   eager     the full training-step table, every model, eager (~5 min)
 #   compiled  the CNNs under torch.compile (~1 min compilation per model and method)
-# Suggested loan: `bash benchmarks/gpu.sh OUT tests lsq triton` then `bash benchmarks/gpu.sh OUT eager`.
+# Suggested loan: `bash benchmarks/gpu.sh OUT tests lsq triton profile` then `bash benchmarks/gpu.sh OUT eager`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results}"
@@ -30,11 +31,14 @@ for stage in "${stages[@]}"; do
     lsq) python benchmarks/lsq_speed.py --device cuda --batch 32 --out "$out/lsq_cuda.md" || status=1 ;;
     triton) python benchmarks/cost.py --device cuda --amp --lsq-backend triton --only resnet20 resnet50 \
               --rounds 5 --iters 5 --warmup 3 --no-lsq --out "$out/cost_cuda_triton.md" || status=1 ;;
+    profile) for m in resnet20 resnet50; do for b in autograd triton; do
+               python benchmarks/profile_step.py --device cuda --amp --model $m --lsq-backend $b --steps 10 \
+                 2>&1 | tee "$out/profile_cuda_${m}_$b.txt" || status=1; done; done ;;
     eager) python benchmarks/cost.py --device cuda --amp --rounds 5 --iters 5 --warmup 3 \
              --out "$out/cost_cuda.md" || status=1 ;;
     compiled) python benchmarks/cost.py --device cuda --amp --compile --only resnet20 resnet50 --rounds 5 \
                 --iters 5 --warmup 5 --out "$out/cost_cuda_compiled.md" || status=1 ;;
-    *) echo "unknown stage $stage (tests, lsq, triton, eager, compiled)"; status=1 ;;
+    *) echo "unknown stage $stage (tests, lsq, triton, profile, eager, compiled)"; status=1 ;;
   esac
 done
 exit $status
