@@ -5,6 +5,8 @@ Variants, all computing the same function and the same gradients (checked before
 * ``fused``   -- ``saq.lsq``: one autograd Function, saves only x and the step.
 * ``unfused`` -- the common LSQ implementation from plain torch ops: ``grad_scale`` and ``round_pass``
   via the detach trick (as in the LSQ reference implementations), autograd keeps the temporaries.
+* ``boolmask``-- ``fused`` with the backward torchsaq had before: the clip mask as a bool tensor
+  (``grad * mask``, ``masked_fill``), which the CPU runs 10-30x slower than a float pass; kept to show why.
 * ``torch``   -- ``torch._fake_quantize_learnable_per_tensor_affine`` / ``..._per_channel_affine`` with
   zero point 0 and ``grad_factor = g`` (PyTorch's learnable fake-quant kernels).
 * ``triton``  -- ``torch.ops.torchsaq.lsq`` with its Triton kernels (CUDA only; ``saq.set_lsq_backend("triton")``).
@@ -33,7 +35,7 @@ from torch import Tensor
 
 import torchsaq as saq
 
-VARIANTS = ("fused", "unfused", "torch")
+VARIANTS = ("fused", "boolmask", "unfused", "torch")
 
 #: (name, shape, kind); activation shapes take the batch size as their first dim
 WEIGHTS = [("layer1 conv2 weight", (64, 64, 3, 3)),
@@ -63,6 +65,28 @@ def lsq_unfused(x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
     return round_pass(torch.clamp(x / s, qn, qp)) * s
 
 
+class _BoolMaskLSQ(torch.autograd.Function):
+    """saq's LSQ with its earlier backward, which kept the clip mask as a bool tensor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
+        ctx.save_for_backward(x, step)
+        ctx.args = (qn, qp, g)
+        return saq.kernels.lsq_forward(x, step, qn, qp)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, step = ctx.saved_tensors
+        qn, qp, g = ctx.args
+        s = step.clamp_min(saq.kernels.STEP_EPS)
+        v = torch.div(x, s)
+        r = v.clamp(qn, qp)
+        inside = r == v
+        grad_x = grad * inside
+        r.round_().sub_(v.masked_fill_(inside.logical_not_(), 0.0)).mul_(grad)
+        return grad_x, r.sum_to_size(step.shape).mul_(g), None, None, None
+
+
 def lsq_torch(x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
     if step.numel() == 1:
         return torch._fake_quantize_learnable_per_tensor_affine(
@@ -77,6 +101,8 @@ def _variant(name: str, bits: int, signed: bool) -> Callable[[Tensor, Tensor, fl
         return lambda x, s, g: saq.lsq(x, s, bits, signed, grad_scale=g)
     if name == "unfused":
         return lambda x, s, g: lsq_unfused(x, s, qn, qp, g)
+    if name == "boolmask":
+        return lambda x, s, g: _BoolMaskLSQ.apply(x, s, qn, qp, g)
     if name == "triton":
         return lambda x, s, g: torch.ops.torchsaq.lsq(x, s, qn, qp, g)
     return lambda x, s, g: lsq_torch(x, s, qn, qp, g)
@@ -187,13 +213,15 @@ def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (ms and ratio to fused; with Triton rows, torch learnable / triton too:
     the cost issue's target is >= 1 on every tensor)."""
     tri = bool(rows) and "triton_ms" in rows[0]
-    lines = ["| tensor | shape | step | fused ms | unfused ms | torch learnable ms |" + (" triton ms |" if tri else "")
-             + " unfused / fused | torch / fused |" + (" torch / triton |" if tri else ""),
-             "|---|---|---|---:|---:|---:|" + ("---:|" if tri else "") + "---:|---:|" + ("---:|" if tri else "")]
+    lines = ["| tensor | shape | step | fused ms | bool-mask ms | unfused ms | torch learnable ms |"
+             + (" triton ms |" if tri else "") + " bool-mask / fused | unfused / fused | torch / fused |"
+             + (" torch / triton |" if tri else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|" if tri else "") + "---:|---:|---:|"
+             + ("---:|" if tri else "")]
     for r in rows:
-        lines.append(f"| {r['tensor']} | {r['shape']} | {r['step']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | "
-                     f"{r['torch_ms']:.3f} |" + (f" {r['triton_ms']:.3f} |" if tri else "")
-                     + f" {r['unfused_x']:.2f} | {r['torch_x']:.2f} |"
+        lines.append(f"| {r['tensor']} | {r['shape']} | {r['step']} | {r['fused_ms']:.3f} | {r['boolmask_ms']:.3f} | "
+                     f"{r['unfused_ms']:.3f} | {r['torch_ms']:.3f} |" + (f" {r['triton_ms']:.3f} |" if tri else "")
+                     + f" {r['boolmask_x']:.2f} | {r['unfused_x']:.2f} | {r['torch_x']:.2f} |"
                      + (f" {r['torch_over_triton']:.2f} |" if tri else ""))
     return "\n".join(lines)
 

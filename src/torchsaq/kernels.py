@@ -48,17 +48,21 @@ def lsq_backward(grad: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_s
     """LSQ's gradients: straight-through for ``x`` (zero where ``x/s`` is clipped), and for ``step``
     ``grad_scale * sum(grad * (round(v) - v if inside else the clipped bound))`` reduced to ``step``'s shape.
 
-    Recomputes ``x/s`` in place instead of keeping the forward's temporaries alive.
+    Recomputes ``x/s`` instead of keeping the forward's temporaries alive. Every pass is a floating-point op:
+    on the CPU, ops that read or write bool tensors (``grad * mask``, ``masked_fill``, ``where``) are not
+    vectorised and cost 10-30x a float pass (benchmarks/lsq_speed.py), so the mask is written as 0/1 in x's
+    dtype by ``eq(..., out=)``.
     """
     s = step.clamp_min(STEP_EPS)
     v = torch.div(x, s)
     r = v.clamp(qn, qp)
-    inside = r == v  # Qn <= x/s <= Qp; one pass instead of two compares and an and
+    inside = torch.eq(r, v, out=v)  # in v's buffer: 1 where Qn <= x/s <= Qp (NaN: 0), else 0
     grad_x = grad * inside if need_x else None
     grad_s = None
     if need_s:
-        # inside: round(v) - v ; outside: the clamped bound Qn or Qp (= round(clamp(v)))
-        r.round_().sub_(v.masked_fill_(inside.logical_not_(), 0.0)).mul_(grad)
+        # inside: round(v) - v ; outside: the clamped bound Qn or Qp (= round(clamp(v))): round(r) - r * inside
+        r_inside = inside.mul_(r)
+        r.round_().sub_(r_inside).mul_(grad)
         grad_s = _reduce_to(r, step.shape).mul_(grad_scale).to(step.dtype)
     return grad_x, grad_s
 
