@@ -25,6 +25,10 @@ import cost  # noqa: E402  (the trainers of the cost table)
 import torchsaq as saq  # noqa: E402
 
 
+#: profiler events whose inclusive time is the LSQ fake-quantizer's (autograd Function or custom op, both ways)
+LSQ_EVENTS = ("_LSQFunction", "_LSQFunctionBackward", "torchsaq::lsq", "torchsaq::lsq_backward")
+
+
 def _busy_ms(events: Any) -> float:
     """Union of the CUDA kernel/memcpy intervals of a profile, in ms (overlapping kernels count once)."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
@@ -63,6 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     totals: dict[str, tuple[float, float]] = {}
+    lsq: dict[str, float] = {}
     for m in args.methods:
         step = cost.make_trainer(bench, m, device, x, y, amp=args.amp)
         for _ in range(5):
@@ -78,6 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         busy = _busy_ms(prof.events()) / args.steps if cuda else sum(e.self_cpu_time_total for e in events) / \
             args.steps / 1e3
         totals[m] = (wall, busy)
+        lsq[m] = sum(e.cpu_time_total for e in events if e.key in LSQ_EVENTS) / args.steps / 1e3
         print(f"===== {m}: {wall:.2f} ms / step wall (profiled), " +
               (f"{busy:.2f} ms GPU busy, {wall - busy:.2f} ms in gaps" if cuda else f"{busy:.2f} ms CPU self time"))
         print(events.table(sort_by=sort, row_limit=args.rows))
@@ -86,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.steps} profiled steps")
     what = "GPU busy" if cuda else "CPU self"
     for m, (wall, busy) in totals.items():
-        line = f"  {m:22s} wall {wall:8.2f} ms  {what} {busy:8.2f} ms"
+        line = f"  {m:22s} wall {wall:8.2f} ms  {what} {busy:8.2f} ms  LSQ (host, inclusive) {lsq[m]:7.2f} ms"
         if base:
             line += f"  x{wall / base[0]:.2f} / x{busy / base[1]:.2f} of QAT"
         print(line)
