@@ -259,6 +259,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=10, help="iterations per timed block (a multiple of k=5)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", nargs="*", help="substrings of model names to run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (torch.set_num_threads; 0: torch's default). torchsaq train runs small models "
+                        "such as cnn1d on one thread")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--compile", action="store_true",
@@ -272,6 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--device cuda but no CUDA device is available")
     torch.backends.cudnn.benchmark = True
     saq.set_lsq_backend(args.lsq_backend)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cmd = " ".join(["python benchmarks/cost.py"] + (argv if argv is not None else sys.argv[1:]))
     header = (f"Cost per training iteration, w4a4, {machine(args.device)}"
               f"{', every forward under torch.compile (inductor)' if args.compile else ', eager'}"
