@@ -149,6 +149,24 @@ def test_gradcheck_scaled_input(signed):
     assert torch.autograd.gradcheck(f, (s,), eps=1e-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_double_backward_gradgradcheck(per_channel):
+    """Differentiating the backward (create_graph=True, as Hessian-vector products do) against finite differences
+    of the backward: the fast backward overwrites its buffers, this path must not."""
+    x = torch.randn(3, 12, dtype=torch.float64) * 2
+    s = torch.tensor([[0.3], [0.7], [1.1]] if per_channel else [0.5], dtype=torch.float64)
+    v = x / s
+    x = torch.where((v - v.floor() - 0.5).abs() < 1e-2, x + 0.05 * s, x)  # away from ties and bounds
+    x, s = x.requires_grad_(), s.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: lsq(a, b, 3, True, grad_scale=0.7), (x, s), eps=1e-7,
+                                        atol=1e-6)
+    # and the Hessian-vector product w.r.t. x through the STE is exactly zero (the STE is piecewise linear)
+    g, = torch.autograd.grad(lsq(x, s, 3, True).pow(2).sum(), x, create_graph=True)
+    hv, = torch.autograd.grad((g * torch.ones_like(g)).sum(), x)
+    inside = ((x / s >= -4) & (x / s <= 3)).double()
+    torch.testing.assert_close(hv, 2 * inside)
+
+
 def test_bits_32_returns_input():
     x = torch.randn(5)
     assert lsq(x, torch.tensor(0.1), 32, True) is x

@@ -56,14 +56,21 @@ def lsq_backward(grad: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_s
     s = step.clamp_min(STEP_EPS)
     v = torch.div(x, s)
     r = v.clamp(qn, qp)
-    inside = torch.eq(r, v, out=v)  # in v's buffer: 1 where Qn <= x/s <= Qp (NaN: 0), else 0
-    grad_x = grad * inside if need_x else None
-    grad_s = None
-    if need_s:
-        # inside: round(v) - v ; outside: the clamped bound Qn or Qp (= round(clamp(v))): round(r) - r * inside
-        r_inside = inside.mul_(r)
-        r.round_().sub_(r_inside).mul_(grad)
-        grad_s = _reduce_to(r, step.shape).mul_(grad_scale).to(step.dtype)
+    # the step-gradient term: inside, round(v) - v; outside, the clamped bound Qn or Qp (= round(clamp(v)));
+    # both are round(r) - r * inside
+    term: Optional[Tensor] = None
+    if torch.is_grad_enabled():  # the backward is itself differentiated (create_graph=True: Hessian-vector
+        inside = (r == v).to(v.dtype)  # products): out of place, nothing saved is overwritten
+        grad_x = grad * inside if need_x else None
+        if need_s:
+            term = (r.round() - r * inside) * grad
+    else:
+        inside = torch.eq(r, v, out=v)  # in v's buffer: 1 where Qn <= x/s <= Qp (NaN: 0), else 0
+        grad_x = grad * inside if need_x else None
+        if need_s:
+            r_inside = inside.mul_(r)  # before r is rounded
+            term = r.round_().sub_(r_inside).mul_(grad)
+    grad_s = None if term is None else _reduce_to(term, step.shape).mul_(grad_scale).to(step.dtype)
     return grad_x, grad_s
 
 
