@@ -111,9 +111,9 @@ def get_lsq_backend() -> str:
     return _BACKEND
 
 
-def use_op(x: Tensor) -> bool:
-    """Whether a quantizer should call the custom op for ``x`` (backend "triton", not inside ONNX export,
-    whose TorchScript tracer knows only aten ops)."""
+def use_op() -> bool:
+    """Whether quantizers should call the custom op (backend "triton", not inside ONNX export, whose
+    TorchScript tracer knows only aten ops)."""
     return _BACKEND == "triton" and not torch.onnx.is_in_onnx_export()
 
 
@@ -166,7 +166,7 @@ def _fwd_triton(x: Tensor, step: Tensor, qn: int, qp: int, lay: tuple[int, int, 
     x, fmt = _dense(x, c == 1)
     out = torch.empty_like(x, memory_format=fmt)
     per_channel = outer * inner
-    grid = (triton_cdiv(per_channel, tri.BLOCK), c)
+    grid = (tri.triton.cdiv(per_channel, tri.BLOCK), c)
     tri.lsq_fwd_kernel[grid](x, step.reshape(-1).contiguous(), out, per_channel, inner, c, float(qn), float(qp),
                              STEP_EPS, BLOCK=tri.BLOCK, FLAT=outer == 1, num_warps=tri.NUM_WARPS)
     return out
@@ -179,7 +179,7 @@ def _bwd_triton(grad: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sc
     x, fmt = _dense(x, c == 1)
     grad = grad.contiguous(memory_format=fmt)
     per_channel = outer * inner
-    nblocks = triton_cdiv(per_channel, tri.BLOCK)
+    nblocks = tri.triton.cdiv(per_channel, tri.BLOCK)
     gx = torch.empty_like(grad, memory_format=fmt) if need_x else grad.new_empty(0)
     part = torch.empty((c, nblocks), dtype=torch.float32, device=x.device) if need_s else \
         x.new_empty(0, dtype=torch.float32)
@@ -188,10 +188,6 @@ def _bwd_triton(grad: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sc
                                      NEED_X=need_x, NEED_S=need_s, num_warps=tri.NUM_WARPS)
     gs = part.sum(1).mul_(grad_scale).to(step.dtype).reshape(step.shape) if need_s else step.new_empty(0)
     return gx, gs
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- the custom op -----------------------------------------------------------------------------------------

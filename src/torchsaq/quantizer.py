@@ -71,7 +71,7 @@ class _LSQFunction(torch.autograd.Function):
 
 def _apply_lsq(x: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
     """LSQ through the backend :func:`torchsaq.kernels.set_lsq_backend` chose."""
-    if use_op(x):
+    if use_op():
         return torch.ops.torchsaq.lsq(x, step, qn, qp, grad_scale)
     return _LSQFunction.apply(x, step, qn, qp, grad_scale)
 
