@@ -54,6 +54,11 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "SAQ prev_grad": (dict(sharpness="case3", strategy="prev_grad"), "paired"),
     "SAQ every_k a=0.7": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7), "other"),
     "SAQ every_k a=auto": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "other"),
+    # the efficient strategies against the full step (issue 26): cost 1 + fraction, 1 + 1/k
+    "SAQ sub_batch f=0.25": (dict(sharpness="case3", strategy="sub_batch", strategy_fraction=0.25), "paired"),
+    "SAQ periodic k=4": (dict(sharpness="case3", strategy="every_k", strategy_k=4, strategy_alpha=0.0), "paired"),
+    "SAQ every_k k=2": (dict(sharpness="case3", strategy="every_k", strategy_k=2, strategy_alpha=None), "paired"),
+    "SAQ every_k k=5": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "paired"),
     "base (LIQ_wn)": (dict(sharpness="none", quantizer="liq"), "paired"),
     "SAQ (LIQ_wn)": (dict(sharpness="case3", strategy="full", quantizer="liq"), "paired"),
     # diagnosis: SAQ perturbing only the quantized weights (not norm affine / biases / float layers)

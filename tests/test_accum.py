@@ -119,6 +119,38 @@ def test_saq_accumulation_equals_the_concatenated_batch(strategy, mode):
     assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
+def test_engine_sub_batch_step_cuts_each_micro_batch_for_the_ascent_pass():
+    """The engine's closure takes its batches through ``opt.pass_batch``: the ascent pass sees the first quarter of
+    each micro-batch, the update pass all of it; equal to a hand-written closure doing the same; the step's hits
+    are counted over the whole batch."""
+    kw = dict(rho=0.3, strategy="sub_batch", fraction=0.25)
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), **kw)
+    ref_opt = SAQ(ref, torch.optim.SGD(ref.parameters(), **HP), **kw)
+    run = _run(model, opt, "case3")
+    for i, sizes in enumerate([[16], [8, 8], [12]]):
+        x, y = _data(i, sum(sizes))
+        micro = _split(x, y, sizes)
+        _, hits = train_step(run, micro)  # type: ignore[arg-type]
+        seen = []
+
+        def closure():
+            total = 0.0
+            for xm, ym in micro:
+                xb, yb = ref_opt.pass_batch(xm, ym)
+                seen.append(len(yb))
+                loss = F.cross_entropy(ref(xb), yb, reduction="sum") / sum(sizes)
+                loss.backward()
+                total += float(loss.detach())
+            return total
+        ref_opt.zero_grad()
+        ref_opt.step(closure)
+        assert seen == [max(1, -(-n // 4)) for n in sizes] + sizes
+        assert 0 <= hits.item() <= sum(sizes) and opt.passes_last_step == 2
+    _assert_close(model, ref, "sub_batch", tol=1e-11)
+
+
 @pytest.mark.parametrize("mode", ["case3", "case1", "sam"])
 def test_closure_free_prev_grad_accumulation_keeps_the_perturbation_and_equals_the_closure_form(mode):
     """``for micro: loss.backward()`` then ``opt.step()``: e_prev is applied at the first micro-batch's forward and

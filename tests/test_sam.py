@@ -532,6 +532,71 @@ def test_prev_grad_matches_reference(adaptive):
         assert torch.allclose(p.detach(), ref_params[kk].detach(), rtol=1e-4, atol=1e-6), kk
 
 
+@pytest.mark.parametrize("mode", ["case3", "sam"])
+def test_sub_batch_matches_reference(mode):
+    """sub_batch: e from the first ceil(f * B) samples' gradient, the update gradient from the whole batch at the
+    perturbed point; BatchNorm statistics from the update pass (whole batch), the returned loss that pass's."""
+    rho, frac, n_it = 0.3, 0.25, 3
+    model = make_model()
+    bn = model[1]
+    P = params0(model)
+    ref_params = {kk: v.clone().requires_grad_() for kk, v in P.items()}
+    ref_sgd = torch.optim.SGD(list(ref_params.values()), **HP)
+    ref_model = copy.deepcopy(model)  # its BatchNorm module keeps the reference's running statistics
+    ref_bn = ref_model[1]
+    losses = []
+    for it in range(n_it):
+        x, y = batch(it, 16)
+        Pc = {kk: v.detach() for kk, v in ref_params.items()}
+        m = math.ceil(frac * 16)
+        scratch = (ref_bn.running_mean.clone(), ref_bn.running_var.clone())  # the ascent pass's update: dropped
+        G1, GQ1, WQ1, _ = ref_grads(model, Pc, x[:m], y[:m], stats={"1": scratch})
+        hook_e, data_e = ref_perturbation(model, mode, rho, G1, GQ1, WQ1, Pc, False)
+        stats = {"1": (ref_bn.running_mean, ref_bn.running_var)}  # updated in place by the update pass
+        kw = {} if mode == "sam" else {"post": hook_e}
+        G2, _, _, loss2 = ref_grads(model, Pc, x, y, delta=data_e, stats=stats, **kw)
+        losses.append(loss2)
+        for kk, p in ref_params.items():
+            p.grad = G2[kk].clone()
+        ref_sgd.step()
+
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=rho, mode=mode, strategy="sub_batch",
+              fraction=frac)
+    sizes = []
+    for it in range(n_it):
+        x, y = batch(it, 16)
+
+        def closure():
+            xb, yb = opt.pass_batch(x, y)
+            sizes.append(xb.shape[0])
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        opt.zero_grad()
+        assert opt.passes_last_step == 2
+        assert torch.allclose(loss, losses[it], rtol=1e-5)
+    assert sizes == [4, 16] * n_it
+    for kk, p in model.named_parameters():
+        assert torch.allclose(p.detach(), ref_params[kk].detach(), rtol=1e-4, atol=1e-6), kk
+    assert torch.allclose(bn.running_mean, ref_bn.running_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bn.running_var, ref_bn.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == n_it
+
+
+def test_sub_batch_refuses_a_closure_that_ignores_pass_batch():
+    model = make_model(bn=False)
+    before = params0(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.1, strategy="sub_batch")
+    x, y = batch(0)
+    with pytest.raises(RuntimeError, match="pass_batch"):
+        opt.step(Recorder(model, x, y))
+    assert_params_equal(model, before)
+    assert opt.pass_batch(x, y)[0] is x  # outside a step: the whole batch
+    with pytest.raises(ValueError, match="fraction"):
+        SAQ(model, torch.optim.SGD(model.parameters(), **HP), strategy="sub_batch", fraction=0.0)
+
+
 # ------------------------------------------------------------------------------------- state, schedule
 @pytest.mark.parametrize("strategy,kw", [("full", {"adaptive": True}), ("every_k", {"k": 2}),
                                          ("prev_grad", {})])

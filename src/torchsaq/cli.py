@@ -66,6 +66,7 @@ TRAIN_HELP = {
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "
                       "size; 0.7 is LookSAM's published value)",
+    "strategy_fraction": "sub_batch: the ascent pass's share of the batch (its first ceil(fraction * B) samples)",
     "rho_warmup_epochs": "warm rho up from 0 over this many epochs",
     "seed": "random seed (weights, data order, dropout)",
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",

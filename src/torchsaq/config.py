@@ -37,11 +37,12 @@ class SharpnessConfig:
     alpha: Union[str, float] = "auto"
     rho_warmup_epochs: float = 0.0
     perturb_unquantized: bool = True
+    fraction: float = 0.25
 
     #: TrainConfig field -> SharpnessConfig field, where the names differ
     FIELDS = {"sharpness": "mode", "rho": "rho", "adaptive": "adaptive", "strategy": "strategy", "strategy_k": "k",
               "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs",
-              "perturb_unquantized": "perturb_unquantized"}
+              "perturb_unquantized": "perturb_unquantized", "strategy_fraction": "fraction"}
 
     def flat(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields that say the same (``sharpness``, ``rho``, ..., ``strategy_alpha``)."""
@@ -103,6 +104,7 @@ class TrainConfig:
     strategy: str = "prev_grad"     # default chosen by benchmarks (README): ~1 pass, keeps full SAQ accuracy
     strategy_k: int = 5             # every_k: a full step every k iterations
     strategy_alpha: Optional[float] = None  # every_k: weight of the stored sharp component; None: auto (measured)
+    strategy_fraction: float = 0.25  # sub_batch: the ascent pass's share of the batch
     rho_warmup_epochs: float = 0.0
     perturb_unquantized: bool = True  # False: perturb only the quantized layers' weights
     # run
@@ -200,6 +202,8 @@ class TrainConfig:
                 "--overwrite deletes it")
         if self.strategy_k < 1:
             bad(f"strategy_k must be >= 1, got {self.strategy_k}")
+        if not 0 < self.strategy_fraction <= 1:
+            bad(f"strategy_fraction must be in (0, 1], got {self.strategy_fraction}")
         self.quant_config()  # the quantizer options (quantizer, act_grad_scale, weight_standardize)
         return self
 
@@ -242,7 +246,7 @@ class TrainConfig:
                                adaptive=self.adaptive, strategy=self.strategy, k=self.strategy_k,
                                alpha="auto" if self.strategy_alpha is None else self.strategy_alpha,
                                rho_warmup_epochs=self.rho_warmup_epochs,
-                               perturb_unquantized=self.perturb_unquantized)
+                               perturb_unquantized=self.perturb_unquantized, fraction=self.strategy_fraction)
 
     def saq_kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
@@ -259,7 +263,7 @@ class TrainConfig:
         warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
         return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,
                     rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm,
-                    perturb_unquantized=s.perturb_unquantized)
+                    perturb_unquantized=s.perturb_unquantized, fraction=s.fraction)
 
     @classmethod
     def from_parts(cls, quant: Optional[QuantConfig] = None, sharpness: Optional[SharpnessConfig] = None,

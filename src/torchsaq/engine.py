@@ -351,11 +351,14 @@ def train_step(run: Run, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -
     def closure() -> torch.Tensor:
         losses = []
         for i, (x, y) in enumerate(batches):
+            n = y.shape[0]
+            if run.cfg.sharpness != "none":  # sub_batch: its ascent pass sees a part of the batch
+                x, y = run.optimizer.pass_batch(x, y)  # type: ignore[attr-defined]
             with _no_sync(run, last=i == len(batches) - 1):
                 with autocast(run.device, run.amp_dtype):
                     logits = run.model(x)
                     loss = run.criterion(logits, y) * (y.shape[0] / total)
-                if len(hits_box) < len(batches):  # the first pass's forwards
+                if len(hits_box) < len(batches) and y.shape[0] == n:  # the first pass over the whole batch
                     hits_box.append((logits.detach().argmax(1) == y).sum())
                 (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
             losses.append(loss.detach())

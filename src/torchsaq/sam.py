@@ -196,7 +196,8 @@ def rho_warmup(rho: float, warmup_steps: int) -> Callable[[int], float]:
 
 
 def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strategy: Any, k: Any, alpha: Any,
-                   eta: Any, nonfinite: Any, max_grad_norm: Any, rho_schedule: Any, grad_scaler: Any) -> None:
+                   eta: Any, nonfinite: Any, max_grad_norm: Any, rho_schedule: Any, grad_scaler: Any,
+                   fraction: Any = 0.25) -> None:
     """ValueError for any constructor argument of :class:`SAQ` out of its domain."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -212,6 +213,9 @@ def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strateg
     if alpha != "auto" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
                                 and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0 or 'auto', got {alpha!r}")
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+        raise ValueError(f"fraction (the sub_batch ascent pass's share of the batch) must be in (0, 1], got "
+                         f"{fraction!r}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if nonfinite not in NONFINITE:
@@ -259,10 +263,12 @@ class SAQ(torch.optim.Optimizer):
             affine, biases, ...), as the official code does. In mode ``"sam"``, False restricts the
             perturbation to the weights of quantized / Conv / Linear layers.
         perturb_steps: perturb the quantizer step sizes too; ``None`` means True for ``"sam"``, False otherwise.
-        strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1).
+        strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1),
+            ``"sub_batch"`` (1 + fraction; the closure takes its batch through :meth:`pass_batch`).
         k, alpha: the ``every_k`` period and the weight of the stored orthogonal component. ``"auto"``
             (default) re-adds g_v at the size it had relative to the gradient when it was measured; 0.7 is
             LookSAM's published value, which over-weights a g_v that is mostly mini-batch noise (README).
+        fraction: the ``sub_batch`` ascent pass's share of the batch (the first ``ceil(fraction * B)`` samples).
         grad_scaler: a ``torch.amp.GradScaler`` for AMP (see the module docstring).
         max_grad_norm: clip the final (unscaled) gradient to this global norm before the base step.
         nonfinite: ``"raise"`` or ``"skip"`` on a non-finite loss or gradient (without a grad scaler).
@@ -274,12 +280,12 @@ class SAQ(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
                  mode: str = "case3", *, adaptive: bool = False, eta: float = 0.01,
                  perturb_unquantized: bool = True, perturb_steps: Optional[bool] = None,
-                 strategy: str = "full", k: int = 5, alpha: Union[float, str] = "auto",
+                 strategy: str = "full", k: int = 5, alpha: Union[float, str] = "auto", fraction: float = 0.25,
                  rho_schedule: Optional[Callable[[int], float]] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, nonfinite: str = "raise"):
         _check_options(model, base_optimizer, rho, mode, strategy, k, alpha, eta, nonfinite, max_grad_norm,
-                       rho_schedule, grad_scaler)
+                       rho_schedule, grad_scaler, fraction)
         module, ddp = _unwrap(model)
         kind = Mode.parse(mode)
         perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
@@ -303,6 +309,7 @@ class SAQ(torch.optim.Optimizer):
         self.strategy = strategy
         self.k = k
         self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
+        self.fraction = float(fraction)
         self.rho_schedule = rho_schedule
         self.grad_scaler = grad_scaler
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -315,7 +322,7 @@ class SAQ(torch.optim.Optimizer):
         self._need_capture = kind.needs_capture(self.adaptive)  # Q(w) and its gradient, for e or ASAM's T
         self._set_capture(True)
         self._step = 0  # saved in state_dict, with the strategy's own state
-        self._strategy: Strategy = make_strategy(strategy, module, targets, k, self.alpha)
+        self._strategy: Strategy = make_strategy(strategy, module, targets, k, self.alpha, self.fraction)
         # transient state (never saved); the snapshots keep their buffers from step to step
         self._bn_pre = fe.Snapshot()   # BatchNorm statistics before the step (rolled back on a non-finite step)
         self._bn_mid = fe.Snapshot()   # ... after the first pass (put back after the second)
@@ -342,6 +349,20 @@ class SAQ(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"SAQ(mode={self.mode!r}, rho={self.rho}, adaptive={self.adaptive}, strategy={self.strategy!r}"
                 f"{self._strategy.describe()}, base={self.base_optimizer.__class__.__name__})")
+
+    def pass_batch(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The part of a batch the pass running now should see, for a closure to take its batch through::
+
+            def closure():
+                xb, yb = opt.pass_batch(x, y)
+                loss = criterion(model(xb), yb)
+                loss.backward()
+                return loss
+
+        ``strategy="sub_batch"``: its ascent pass gets the first ``ceil(fraction * B)`` rows of each tensor
+        (``B`` its first dimension), its update pass all of them. Every other strategy: the tensors unchanged.
+        """
+        return self._strategy.pass_batch(tensors)
 
     @property
     def step_count(self) -> int:

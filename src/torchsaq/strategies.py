@@ -10,11 +10,16 @@ own state:
 * :class:`PrevGrad` -- one pass per iteration at the point perturbed by the perturbation built from the
   previous iteration's gradient; also runs without a closure (a forward pre-hook applies it). State: that
   perturbation, and whether the closure-free form is in use.
+* :class:`SubBatch` -- the two-pass step with the ascent pass on the first ``fraction`` of the batch (the
+  closure takes its batch through :meth:`saq.SAQ.pass_batch`) and the update pass on all of it: the
+  perturbation comes from this step's own samples, as in the full step, at ``1 + fraction`` passes' cost
+  (m-sharpness: Foret et al. 2021 measured SAM's gain growing as the ascent's batch m shrinks). No state.
 
 The state is saved in the ``"saq"`` entry of :meth:`saq.SAQ.state_dict` under the keys written here.
 """
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -31,7 +36,7 @@ from .vocab import STRATEGIES
 if TYPE_CHECKING:
     from .sam import SAQ
 
-__all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "make_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "SubBatch", "make_strategy"]
 
 Scaler = Optional[torch.amp.GradScaler]
 
@@ -63,6 +68,10 @@ class Strategy:
 
     def describe(self) -> str:
         return ""
+
+    def pass_batch(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The part of the batch the pass running now sees (:meth:`saq.SAQ.pass_batch`): all of it."""
+        return tensors
 
 
 class Full(Strategy):
@@ -262,9 +271,64 @@ class PrevGrad(Strategy):
         self.closure_free_mode = bool(saq.get("closure_free", False))  # (opt.restore() removed a pending e)
 
 
+class SubBatch(Strategy):
+    """``sub_batch``: a two-pass step whose ascent pass sees the first ``ceil(fraction * B)`` samples of the batch.
+
+    The closure must take its batch through ``opt.pass_batch(x, y)`` (the first call of a step refuses one that
+    does not: it would pay for a full ascent pass). The perturbation is built from the sub-batch's gradient
+    (rho * g_sub / ||g_sub||, the mode's direction and places as in the full step), the update gradient is
+    the whole batch's at the perturbed point. BatchNorm statistics are those of the update pass (the whole
+    batch, at the perturbed point, as prev_grad's), not of the sub-batch. The step returns the update pass's
+    loss (the only pass over the whole batch). With gradient accumulation each micro-batch is cut the same way.
+    """
+
+    name = "sub_batch"
+    two_call = False
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.ascent = False       # the ascent pass is running
+        self.taken = False        # the running pass took its batch through pass_batch
+        self.bn_pre = fe.Snapshot()
+
+    def describe(self) -> str:
+        return f", fraction={self.fraction}"
+
+    def pass_batch(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.taken = True
+        if not self.ascent:
+            return tensors
+        return tuple(t[:max(1, math.ceil(self.fraction * t.shape[0]))] for t in tensors)
+
+    def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        calls: list[Any] = []
+
+        def passes() -> Any:
+            first = not calls
+            if first:
+                self.bn_pre.take(opt._bn_buffers())
+            else:  # the update pass sets the statistics from where they were before the ascent pass
+                self.bn_pre.put_back()
+                opt._bn_mid.active = False
+            self.ascent, self.taken = first, False
+            try:
+                loss = closure()
+            finally:
+                self.ascent = False
+            if first and not self.taken:
+                raise RuntimeError("strategy='sub_batch': the closure must take its batch through opt.pass_batch("
+                                   "x, y), which gives the ascent pass its sub-batch; it did not (a closure that "
+                                   "ignores it pays for a full ascent pass: use strategy='full' for that)")
+            calls.append(loss)
+            return loss
+
+        opt._two_pass(passes, rho, scaler)
+        return calls[-1]
+
+
 # the classes' names are vocab.STRATEGIES, in its order
-if tuple(c.name for c in (Full, EveryK, PrevGrad)) != STRATEGIES:
-    raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad)]} disagree with "
+if tuple(c.name for c in (Full, EveryK, PrevGrad, SubBatch)) != STRATEGIES:
+    raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad, SubBatch)]} disagree with "
                       f"vocab.STRATEGIES {STRATEGIES}")
 
 
@@ -283,11 +347,14 @@ def stepping_scaler(opt: "SAQ") -> Optional[torch.amp.GradScaler]:
     return None
 
 
-def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str]) -> Strategy:
+def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str],
+                  fraction: float = 0.25) -> Strategy:
     if name == "full":
         return Full()
     if name == "every_k":
         return EveryK(k, alpha)
     if name == "prev_grad":
         return PrevGrad(module, targets)
+    if name == "sub_batch":
+        return SubBatch(fraction)
     raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")

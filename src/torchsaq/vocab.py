@@ -32,6 +32,8 @@ STRATEGY_HELP = {
     "full": "two passes every step (the paper)",
     "every_k": "LookSAM: a full step every k iterations, the stored sharp component reused in between",
     "prev_grad": "one pass at the point perturbed by the previous step's gradient",
+    "sub_batch": "the ascent pass on a fraction of the batch (m-sharpness), the update pass on all of it: "
+                 "1 + fraction passes",
 }
 STRATEGIES = tuple(STRATEGY_HELP)
 
