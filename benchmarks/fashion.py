@@ -39,6 +39,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu_gap": dict(model="cnn_fmnist", model_kwargs={"width": 16}, train_subset=2000, augment=False,
                     float_epochs=30, qat_epochs=15, batch_size=128, lr=0.05, qat_lr=0.01, weight_decay=5e-4,
                     sweep_bits=[2], rhos=[0.05, 0.1, 0.2]),
+    # is the over-fitting result robust? Another CNN shape (5 convolutions, strided instead of max-pooled, width 24)
+    # on another fixed 2,000-image subset (issue 26, item 0)
+    "cpu_gap2": dict(model="cnn_fmnist_strided", model_kwargs={"width": 24}, train_subset=2000, subset_seed=1,
+                     augment=False, float_epochs=30, qat_epochs=15, batch_size=128, lr=0.05, qat_lr=0.01,
+                     weight_decay=5e-4, sweep_bits=[2], rhos=[0.05, 0.1, 0.2]),
     # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
     "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=15, qat_epochs=10,
                 batch_size=256, lr=0.2, qat_lr=0.02, weight_decay=5e-4, sweep_bits=[2, 3, 4]),
@@ -133,6 +138,8 @@ def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                weight_decay=p["weight_decay"], device=args.device)
     if not p.get("augment", True):
         cfg["augment"] = False
+    if p.get("subset_seed"):
+        cfg["train_subset_seed"] = p["subset_seed"]
     if args.smoke:  # a few batches per epoch: checks the whole pipeline in seconds
         cfg.update(limit_train_batches=2, limit_eval_batches=2)
     return cfg

@@ -696,6 +696,10 @@ def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
     assert subset_train(full, 0) is full and subset_train(full, 10**6) is full
     with pytest.raises(ValueError, match="train_subset"):
         subset_train(full, -1)
+    # another subset seed: another fixed subset (the same one every time), of the same size
+    c, d = subset_train(full, 100, seed=1), subset_train(full, 100, seed=1)
+    assert torch.equal(c.train.tensors[0], d.train.tensors[0]) and len(c.train) == 100
+    assert {tuple(r.tolist()) for r in c.train.tensors[0].flatten(1)} != set(kept)
 
 
 # -- the data set registry ---------------------------------------------------------------------------------

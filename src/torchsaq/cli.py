@@ -89,6 +89,7 @@ TRAIN_HELP = {
     "layer_bits": "per-layer bits by module-name glob, e.g. '{fc: 8, \"layer1.*\": [4, 8]}' (wins over the rest)",
     "exclude": "module-name globs to leave in float, e.g. --exclude head 'blocks.0.*'",
     "train_subset": "train on N examples only: a fixed subset, the same for every seed (0: all)",
+    "train_subset_seed": "which fixed subset --train-subset keeps (its own seed, independent of --seed)",
     "limit_train_batches": "at most N training batches per epoch (smoke tests)",
     "limit_eval_batches": "at most N batches per evaluation (smoke tests)",
 }

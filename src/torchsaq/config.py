@@ -69,6 +69,7 @@ class TrainConfig:
     val_split: float = 0.0          # fraction of the training set held out for validation (never the test set)
     workers: int = 0
     train_subset: int = 0           # >0: train on this many examples (a fixed subset, the same for every seed)
+    train_subset_seed: int = 0      # which fixed subset train_subset keeps (its own seed, not the run's)
     augment: bool = True            # random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST)
     # quantization
     w_bits: int = 4

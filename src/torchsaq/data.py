@@ -661,15 +661,16 @@ for _name, _model, _description in (
                      description=_description, needs_data_dir=True, requires=("torchvision", "PIL"))
 
 
-def subset_train(bundle: DataBundle, n: int) -> DataBundle:
-    """Keep ``n`` training examples (0: all): the first ``n`` of a permutation with a fixed seed, so every
-    run seed trains on the same images (paired comparisons); the validation and test sets are unchanged."""
+def subset_train(bundle: DataBundle, n: int, seed: int = 0) -> DataBundle:
+    """Keep ``n`` training examples (0: all): the first ``n`` of a permutation with a fixed seed (``seed``, not
+    the run's), so every run seed trains on the same images (paired comparisons); the validation and test sets
+    are unchanged. Another ``seed`` gives another fixed subset."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"train_subset must be an int >= 0 (0: the whole training set), got {n!r}")
     size = len(bundle.train)  # type: ignore[arg-type]
     if n == 0 or n >= size:
         return bundle
-    keep = torch.randperm(size, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
     ds = bundle.train
     if isinstance(ds, AugmentedTensorDataset):
         train: Dataset = AugmentedTensorDataset(ds.tensors[0][keep], ds.tensors[1][keep], ds.augment)

@@ -192,7 +192,7 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv = DistEnv())
     rank, world = env.rank, env.world
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
                             seed=cfg.seed, augment=cfg.augment)
-    bundle = subset_train(bundle, cfg.train_subset)
+    bundle = subset_train(bundle, cfg.train_subset, cfg.train_subset_seed)
     info = {"dataset": cfg.dataset, "num_classes": int(bundle.num_classes), "in_chans": int(bundle.in_chans),
             "input_shape": [int(s) for s in bundle.input_shape]}
     pin = device.type == "cuda"

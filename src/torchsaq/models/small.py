@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from .._optional import require
 from ._registry import register_model
 
-__all__ = ["CNN1d", "CNNDigits", "CNNFashion", "cnn1d", "cnn_digits", "cnn_fmnist", "vit_tiny_digits"]
+__all__ = ["CNN1d", "CNNDigits", "CNNFashion", "CNNFashionStrided", "cnn1d", "cnn_digits", "cnn_fmnist",
+           "cnn_fmnist_strided", "vit_tiny_digits"]
 
 
 def _conv_bn_relu(conv: type, bn: type, cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
@@ -89,6 +90,24 @@ class CNNFashion(_GAPCNN):
         ), 4 * w, num_classes)
 
 
+class CNNFashionStrided(_GAPCNN):
+    """Five 3x3 Conv-BN-ReLU (w, w, 2w, 2w, 4w channels; the 2nd and 4th with stride 2, no pooling), GAP, head.
+
+    A second shape for the Fashion-MNIST study (one layer deeper than :class:`CNNFashion`, strided convolutions
+    where that one max-pools, the resolution falling one layer later): 28x28 -> 14x14 -> 7x7.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 24):
+        w = _width(width)
+        super().__init__(nn.Sequential(
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, in_chans, w, 3, 1),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, w, 3, 2),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, w, 2 * w, 3, 1),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 2 * w, 3, 2),
+            *_conv_bn_relu(nn.Conv2d, nn.BatchNorm2d, 2 * w, 4 * w, 3, 1),
+        ), 4 * w, num_classes)
+
+
 @register_model(family="mnist1d", dataset="mnist1d", input_shape=(1, 40), num_classes=10)
 def cnn1d(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
           channels: Sequence[int] = (32, 64, 64, 64)) -> nn.Module:
@@ -108,6 +127,13 @@ def cnn_fmnist(num_classes: int = 10, in_chans: Optional[int] = None, img_size: 
                width: int = 32) -> nn.Module:
     """Small 2-D CNN for Fashion-MNIST (input (B, 1, 28, 28)); any image size >= 4 works (global pooling)."""
     return CNNFashion(num_classes, in_chans or 1, width)
+
+
+@register_model(family="fashion_mnist", dataset="fashion_mnist", input_shape=(1, 28, 28), num_classes=10)
+def cnn_fmnist_strided(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
+                       width: int = 24) -> nn.Module:
+    """A second small CNN for Fashion-MNIST: five convolutions, strided instead of max-pooled (see the class)."""
+    return CNNFashionStrided(num_classes, in_chans or 1, width)
 
 
 @register_model(family="digits", dataset="digits", input_shape=(1, 8, 8), num_classes=10, source="timm")
