@@ -10,8 +10,9 @@ Q(w) captures are put back, so the run itself is exactly the benchmark's):
 * ``cos(d, d_prev)``: against the previous step's ``d`` (another batch, one step earlier): how stale the
   direction prev_grad perturbs along is (prev_grad's own comes from the previous batch at its perturbed point);
 * ``cos(d, d_sub)``: against the direction from the first quarter of the same batch (the ``sub_batch`` strategy);
-* ``cos(d_prev, -v)``: the previous direction against the optimizer's momentum buffer (the direction the next
-  update moves the weights in is ``-v``): does prev_grad's perturbation point where the run is going anyway?
+* ``cos(d_prev, v)``: the previous direction against the optimizer's momentum buffer ``v`` (SGD moves the weights
+  along ``-v``): positive means prev_grad perturbs the weights back along the way the run came, a direction the
+  momentum already averages over, rather than this batch's own ascent direction;
 * the loss increase on this batch from a perturbation of radius rho along ``d`` (what the full step's second pass
   sees), along ``d_prev`` and along ``d_sub``: the share of the sharpness each strategy's perturbation realises.
 
@@ -101,7 +102,7 @@ class Probe:
             row.update(cos_prev=_cos(d, self.d_prev), up_prev=self.loss_at(model, x, y, self.d_prev) - float(loss0))
             v = self._momentum(run)
             if v is not None:
-                row["cos_prev_momentum"] = _cos(self.d_prev, -v)
+                row["cos_prev_momentum"] = _cos(self.d_prev, v)
         self.d_prev = d
         self.rows.append(row)
         # put everything back: the run continues exactly as without the probe
