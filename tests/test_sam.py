@@ -585,13 +585,15 @@ def test_sub_batch_matches_reference(mode):
 
 
 def test_sub_batch_refuses_a_closure_that_ignores_pass_batch():
-    model = make_model(bn=False)
+    model = make_model()
     before = params0(model)
+    stats = [b.clone() for b in model[1].buffers()]
     opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.1, strategy="sub_batch")
     x, y = batch(0)
     with pytest.raises(RuntimeError, match="pass_batch"):
         opt.step(Recorder(model, x, y))
     assert_params_equal(model, before)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model[1].buffers()))  # BatchNorm statistics too
     assert opt.pass_batch(x, y)[0] is x  # outside a step: the whole batch
     with pytest.raises(ValueError, match="fraction"):
         SAQ(model, torch.optim.SGD(model.parameters(), **HP), strategy="sub_batch", fraction=0.0)

@@ -316,6 +316,7 @@ class SubBatch(Strategy):
             finally:
                 self.ascent = False
             if first and not self.taken:
+                self.bn_pre.put_back()  # nothing of the refused step stays: statistics as before it
                 raise RuntimeError("strategy='sub_batch': the closure must take its batch through opt.pass_batch("
                                    "x, y), which gives the ascent pass its sub-batch; it did not (a closure that "
                                    "ignores it pays for a full ascent pass: use strategy='full' for that)")
