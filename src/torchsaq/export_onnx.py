@@ -40,7 +40,8 @@ from .convert import eval_mode
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from .quantizer import STEP_EPS, LIQWeightQuantizer, LSQQuantizer
 
-__all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers"]
+__all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
+           "OnnxModel"]
 
 ONNX_FORMAT = "saq-onnx"
 #: INT4/UINT4 Quantize/DequantizeLinear exist from opset 21
@@ -452,11 +453,36 @@ def _is_onnx_export(path: str) -> bool:
 
 def onnx_layers(path: PathLike) -> dict[str, dict[str, Any]]:
     """The per-layer record (bits, containers, per-channel axis) a torchsaq ONNX export carries in its metadata."""
+    return json.loads(onnx_metadata(path)["saq_layers"])
+
+
+def onnx_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata entries of a torchsaq ONNX export (``saq_onnx_mode``, ``saq_checkpoint``, ``saq_dataset``, ...)."""
     proto = _onnx().load(os.fspath(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("saq_format") != ONNX_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a torchsaq ONNX export")
-    return json.loads(props["saq_layers"])
+    return props
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file run by onnxruntime in its default session (default ``SessionOptions``), as a module that
+    takes and returns tensors: ``saq.engine.evaluate(OnnxModel("model.onnx"), loader)`` scores the file itself."""
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError as e:  # pragma: no cover - the test extra installs it
+            raise ImportError("running an ONNX file needs onnxruntime: pip install 'torchsaq[onnx]'") from e
+        self.path = os.fspath(path)
+        self.session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = onnxruntime.__version__
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
 
 
 def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
@@ -524,7 +550,7 @@ ONNX_MODES = ("compact", "fast")
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
-                onnx_mode: str = "compact") -> "ExportInfo":
+                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> "ExportInfo":
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
@@ -533,7 +559,9 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     ``"fast"``: 8-bit weight codes and uint8 activation codes (the low-bit ranges kept by a Clip on the integers)
     into ConvInteger/MatMulInteger, the same numbers on onnxruntime's integer kernels (see docs/onnx.md).
     ``quantized=False`` writes the float32 model instead (the layers' float weights, no quantizers), as a
-    baseline. The model is left as it was. Returns an :class:`saq.export.ExportInfo`.
+    baseline. ``metadata``: more string entries for the file's metadata (``torchsaq export`` records the
+    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). The model is left as it was.
+    Returns an :class:`saq.export.ExportInfo`.
     """
     from .export import ExportInfo, _checked_layers, _float_bytes, _quantizer_prefixes, _unwrap
 
@@ -555,8 +583,8 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
     proto = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
     proto.producer_name = "torchsaq"
-    meta = {"saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized), "saq_layers": json.dumps(record),
-            "saq_onnx_mode": onnx_mode if quantized else "float"}
+    meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
+            "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
     config = getattr(model, "_saq_config", None)
     if config is not None:
         meta["saq_config"] = json.dumps(config.to_dict())
