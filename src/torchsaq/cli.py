@@ -434,7 +434,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     # the run and data set go into the ONNX file's metadata, for `torchsaq eval model.onnx`
-    options = {"onnx_mode": args.onnx_mode or "compact",
+    options: dict[str, Any] = {"onnx_mode": args.onnx_mode or "compact",
                "metadata": {"saq_checkpoint": str(source.resolve()), "saq_dataset": str(info["dataset"]),
                             "saq_model": cfg.model}} if onnx else {}
     # ONNX traces one batch of the training input shape (batch dimension symbolic); safetensors ignores it

@@ -168,8 +168,10 @@ class _Fast:
 
 
 def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Optional[_Fast]:
-    """The integer-kernel form of a layer, or None where it has none (a float weight or input, LIQ at 8 bits)."""
-    if w is None or a is None:
+    """The integer-kernel form of a layer, or None where it stays on float kernels: a float weight or input, LIQ at
+    8 bits (odd integers up to 255), grouped/depthwise convolutions (onnxruntime's ConvInteger runs them as one
+    im2col + GEMM per group: several times slower than its float depthwise kernel)."""
+    if w is None or a is None or getattr(layer, "groups", 1) != 1:
         return None
     ints, scale = w.ints, w.scale
     if w.shift is not None:  # LIQ at 4/8 bits: (c - z) * S - S/2 = (2c - n) * S/2, the odd integers, n = 2z + 1
