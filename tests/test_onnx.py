@@ -1,4 +1,5 @@
-"""ONNX export: a QDQ graph with INT4/UINT4 weights that onnxruntime runs, its outputs against the PyTorch model.
+"""ONNX export: a QDQ graph with INT4/UINT4 weights that onnxruntime runs, its outputs against the PyTorch model
+(every optimization level, both flavours, the registry and zoo models: test_onnx_sessions.py).
 
 Tolerance (see :func:`assert_agrees`): LSQ weights are bit-exact in the graph (DequantizeLinear computes the
 same ``code * step`` product); LIQ weights differ by at most an ulp (the same levels, computed as

@@ -262,11 +262,11 @@ def test_tie_flips_are_ties_and_how_often(tmp_path):
     model, _ = prepared("preresnet20", saq.QuantConfig(w_bits=8, a_bits=8, per_channel=False))
     path = tmp_path / "m.onnx"
     saq.export(model, path, example_inputs=(torch.randn(1, 3, 16, 16),))
-    x = torch.randn(64, 3, 16, 16) * 1.5
+    x = torch.randn(128, 3, 16, 16) * 1.5
     report = flips(model, path, x, "all")
     assert not report["not_ties"], report
     rel = rel_errors(report["output"], report["ref"])
     assert report["flipped"][rel > 1e-4].all()
     assert np.median(rel[~report["flipped"]]) < 1e-6  # no flip, no difference beyond float rounding
-    # and they happen: 8-bit codes, ~1e4 quantized activations per sample
+    # and they happen (5% of samples here, docs/onnx.md): 8-bit codes, ~1e4 quantized activations per sample
     assert 0 < report["flipped"].mean() < 0.9, report["flipped"].mean()

@@ -1,26 +1,38 @@
-"""ONNX export of a quantized model: a QDQ graph (opset >= 21) with 4-bit weights that onnxruntime runs.
+"""ONNX export of a quantized model: a graph (opset >= 21) that onnxruntime runs, in two flavours.
 
 ``saq.export(model, "model.onnx", example_inputs=(x,))`` (or ``torchsaq export CHECKPOINT model.onnx``) writes the
 float graph of the model (traced by ``torch.onnx.export``'s TorchScript exporter) in which every quantized
 layer computes with
 
-* its weight as an integer initializer through ``DequantizeLinear`` (per-channel ``axis`` where the LSQ step
-  is per channel), in the container of its bit width: INT4/UINT4 at 2..4 bits, INT8/UINT8 at 5..8 bits.
-  LSQ: ``value = code * step``, codes in the signed b-bit range. LIQ (LIQ_wn) has the 2^k levels
-  ``(2c/(2^k-1) - 1) * |clip|``, ``c = 0..2^k-1``, symmetric with no zero level: an integer zero point
-  cannot express that half-step offset. Where they fit the container (k = 2, 3, 5, 6, 7) the levels are
-  stored as the odd integers ``2c - (2^k-1)`` with scale ``|clip| / (2^k-1)`` (plain QDQ); at k = 4 and 8
-  the odd integers (up to 15 and 255) would need the next container, so the codes ``c`` are stored (UINT4 /
-  UINT8) with scale ``2|clip| / (2^k-1)`` and zero point ``2^(k-1) - 1``, and an ``Add`` of ``-|clip| /
-  (2^k-1)`` after the DequantizeLinear supplies the half step;
-* its input through ``QuantizeLinear -> DequantizeLinear`` with the learned step and zero point 0, UINT4 /
-  INT4 (<= 4 bits) or UINT8 / INT8, unsigned where the quantizer is; a ``Clip`` to ``[lo*s, hi*s]`` follows
-  where the code range is narrower than the container's (2/3-bit codes, LIQ's symmetric signed range).
+* ``onnx_mode="compact"`` (default): its weight as an integer initializer through ``DequantizeLinear``
+  (per-channel ``axis`` where the LSQ step is per channel), in the container of its bit width: INT4/UINT4 at
+  2..4 bits, INT8/UINT8 at 5..8 bits. LSQ: ``value = code * step``, codes in the signed b-bit range. LIQ
+  (LIQ_wn) has the 2^k levels ``(2c/(2^k-1) - 1) * |clip|``, ``c = 0..2^k-1``, symmetric with no zero level: an
+  integer zero point cannot express that half-step offset. Where they fit the container (k = 2, 3, 5, 6, 7) the
+  levels are stored as the odd integers ``2c - (2^k-1)`` with scale ``|clip| / (2^k-1)`` (plain QDQ); at k = 4
+  and 8 the odd integers (up to 15 and 255) would need the next container, so the codes ``c`` are stored (UINT4
+  / UINT8) with scale ``2|clip| / (2^k-1)`` and zero point ``2^(k-1) - 1``, and an ``Add`` of ``-|clip| /
+  (2^k-1)`` after the DequantizeLinear supplies the half step. Its input goes through ``QuantizeLinear ->
+  DequantizeLinear -> Clip`` with the learned step and zero point 0, in UINT8 / INT8 (unsigned where the
+  quantizer is) at every bit width, the Clip to ``[lo*s, hi*s]`` keeping the low-bit code range;
+* ``onnx_mode="fast"``: its input as uint8 codes (``QuantizeLinear`` then a ``Clip`` on the integers; signed
+  codes carry a zero point of 128) and its weight codes in an 8-bit initializer, into ``ConvInteger`` /
+  ``MatMulInteger``; the exact int32 sums are cast to float and multiplied by ``input_step * weight_step`` (per
+  output channel), then the bias is added: the numbers of the low-bit model on integer kernels. Layers without
+  an integer form (a float input or weight, LIQ at 8 bits, grouped convolutions) keep the compact form.
+
+Why the graph has this shape (onnxruntime 1.32's transformers, docs/onnx.md): nothing computes directly on a
+``DequantizeLinear`` output. A Conv/Gemm/MatMul reading DQ'd inputs is a "QDQ node group" that onnxruntime
+may rewrite with a meaning of its own (WeightBiasQuantization rounds a float bias to ``input_scale *
+weight_scale``; DQMatMulToMatMulNBits quantizes the activations to int8 at accuracy level 4); a 4-bit Q/DQ pair
+next to MaxPool is moved across it by QDQ propagation and MaxPool then runs on uint4, which it cannot. Hence the
+8-bit activation containers, the Clip after every activation DQ, and for Linear weights a Clip to the weight's
+own [min, max] (it changes no value).
 
 Weight standardisation (LIQ's detached per-tensor one, LSQ's ``weight_standardize``) is folded in: the codes
 are those of the standardised weight the layer computes with. Everything else (BatchNorm, LayerNorm, biases,
-layers left in float) stays float32. ``quantized=False`` exports the same model in float32 (the layers'
-float weights, no quantizers): the baseline for size and speed.
+layers left in float) stays float32. ``quantized=False`` exports the same model in float32 (the layers' float
+weights, no quantizers): the baseline for size and speed.
 """
 from __future__ import annotations
 
