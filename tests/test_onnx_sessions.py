@@ -66,6 +66,9 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return MLP(nn.GELU), (8,)
     if name in ("dwres_avg", "dwres_max"):
         return DepthwiseRes(name[-3:]), (3, 8, 8)
+    if name == "reflect_cnn":  # a padding mode other than zeros: a Pad between the quantizer and the Conv
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)), (3, 8, 8)
     shapes = {"cnn1d": (1, 40), "cnn_digits": (1, 8, 8), "cnn_fmnist": (1, 28, 28), "vit_tiny_digits": (1, 8, 8),
               "preresnet20": (3, 32, 32), "resnet18": (3, 32, 32), "mobilenet_v2": (3, 32, 32),
               "deit_tiny_patch16_224": (3, 32, 32)}
@@ -199,6 +202,7 @@ CASES = [  # (model, quantizer, bits, per_channel, onnx_mode)
     ("dwres_max", "liq", 4, True, "compact"),
     ("dwres_avg", "lsq", 4, True, "fast"),
     ("dwres_max", "liq", 2, True, "fast"),
+    ("reflect_cnn", "lsq", 4, True, "fast"),  # (its first conv stays on float kernels)
     ("cnn_fmnist", "lsq", 4, True, "compact"),  # the MaxPool after a 4-bit Q/DQ
     ("cnn_fmnist", "liq", 4, True, "fast"),
     ("cnn1d", "lsq", 2, True, "compact"),

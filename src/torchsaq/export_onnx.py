@@ -417,19 +417,26 @@ def _drop_unused(graph: Any) -> None:
 
 
 def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int,
-             fast: Optional[dict[str, "_Fast"]] = None) -> Any:
+             fast: Optional[dict[str, "_Fast"]] = None) -> tuple[Any, set[str]]:
     """Convert to ``opset`` and replace the ``saq::`` marker nodes: DequantizeLinear (-> Add) for a weight,
-    Q -> DQ -> Clip for an activation; the layers in ``fast`` become integer kernels (:func:`_fast_layer`)."""
+    Q -> DQ -> Clip for an activation; the layers in ``fast`` become integer kernels (:func:`_fast_layer`).
+    Returns the model and the layers that did."""
     _onnx()  # a clear error if onnx is missing
     from onnx import version_converter
 
     proto = version_converter.convert_version(proto, opset)
     graph = proto.graph
-    fast = fast or {}
     b = _Nodes()
     # in fast mode, the Conv/MatMul reading a fast layer's weight marker is replaced (its markers with it)
     weight_out = {n.output[0]: _marker_layer(n) for n in graph.node if n.domain == _DOMAIN and n.op_type == "WeightDQ"}
-    act_in = {n.output[0]: n.input[0] for n in graph.node if n.domain == _DOMAIN and n.op_type == "ActQDQ"}
+    act_out = {n.output[0]: n for n in graph.node if n.domain == _DOMAIN and n.op_type == "ActQDQ"}
+    act_in = {k: n.input[0] for k, n in act_out.items()}
+    for node in graph.node:  # a layer whose Conv/MatMul does not read its two markers directly stays in float
+        layer = next((weight_out[i] for i in node.input[1:2] if i in weight_out), None)
+        if layer in (fast or {}) and (node.op_type not in ("Conv", "MatMul") or node.input[0] not in act_out
+                                      or _marker_layer(act_out[node.input[0]]) != layer):
+            fast = {k: v for k, v in (fast or {}).items() if k != layer}  # (a padding mode other than zeros)
+    fast = fast or {}
     for node in graph.node:
         compute = next((weight_out[i] for i in node.input if i in weight_out), None) if node.domain != _DOMAIN else None
         if compute in fast:
@@ -452,7 +459,7 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
     ops = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(ops)
-    return proto
+    return proto, set(fast)
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -595,7 +602,10 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     layers = _checked_layers(model)
     weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
     traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
-    proto = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
+    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
+    for name in set(fast) - integer:  # no integer form after all: the compact form (see _rewrite)
+        w, a = weights.get(name), acts[name]
+        record[name].update(kernel="float", w_container=w.container if w else "FLOAT", a_container=a.container)
     proto.producer_name = "torchsaq"
     meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
             "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
