@@ -208,6 +208,7 @@ CASES = [  # (model, quantizer, bits, per_channel, onnx_mode)
     ("cnn1d", "lsq", 2, True, "compact"),
     ("cnn1d", "lsq", 4, True, "fast"),
     ("cnn_digits", "lsq", 8, False, "compact"),
+    ("cnn_digits", "lsq", 8, True, "fast"),
     ("vit_tiny_digits", "lsq", 4, True, "compact"),  # signed activations, GELU, attention
     ("vit_tiny_digits", "liq", 3, True, "fast"),
 ]
