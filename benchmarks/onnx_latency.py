@@ -1,8 +1,9 @@
 """onnxruntime on this CPU: file size, memory and latency of float32 ONNX models against their w4a4 exports.
 
 Models: torchvision's ResNet-18 and MobileNetV2 (1000 classes), converted by ``saq.quantize`` (w4a4, first and
-last layer at 8 bits, LSQ) and calibrated on random data: size, memory and speed do not depend on the trained
-values. Variants, each a file written by ``saq.export(model, "x.onnx", example_inputs=...)``:
+last layer at 8 bits, LSQ), calibrated on random data and given BatchNorm statistics by two training-mode
+passes: size, memory and speed do not depend on the trained values. Variants, each a file written by
+``saq.export(model, "x.onnx", example_inputs=...)``:
 
 * ``float32`` -- ``export_onnx(..., quantized=False)``: the float model (BatchNorm folded by the exporter);
 * ``compact`` -- the default ``onnx_mode="compact"``: INT4 weights through DequantizeLinear, float kernels;
@@ -85,6 +86,10 @@ def export_models(folder: Path, name: str, img: int, batch: int):
     torch.manual_seed(0)
     model = saq.quantize(getattr(torchvision.models, name)(), saq.QuantConfig(w_bits=4, a_bits=4))
     saq.calibrate(model, [torch.randn(2, 3, img, img)])
+    with torch.no_grad():  # BatchNorm statistics of the quantized model (else untrained MobileNetV2 outputs zeros)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, img, img))
     model.eval()
     x = torch.randn(1, 3, img, img)
     export_onnx(model, folder / "float32.onnx", (x,), quantized=False)
