@@ -25,6 +25,7 @@ _LAZY = {
     "create_model": "models", "list_models": "models", "register_model": "models",
     "TrainConfig": "config", "SharpnessConfig": "config",
     "list_datasets": "data", "register_dataset": "data",
+    "load_trained": "checkpoint",
     "analysis": None, "vocab": None, "models": None, "data": None, "train": None, "checkpoint": None,
 }
 

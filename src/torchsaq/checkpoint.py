@@ -22,8 +22,8 @@ from torch import nn
 
 from ._io import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model", "model_from_checkpoint",
-           "load_state_dict_checked", "load_pretrained"]
+__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model", "load_trained",
+           "model_from_checkpoint", "load_state_dict_checked", "load_pretrained"]
 
 FORMAT = "saq-checkpoint"
 VERSION = 1
@@ -203,3 +203,17 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu"):
         "metrics": dict(state.get("metrics") or {}),
     }
     return model, cfg, info
+
+
+def load_trained(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The trained quantized model of a run: ``saq.load_trained("runs/exp")`` (the folder ``torchsaq train``
+    wrote, or its ``checkpoint.pt``).
+
+    The model is rebuilt from the checkpoint alone (architecture, quantization config, first/last layers, learned
+    steps; no data set needed), in eval mode on ``device``, ready for ``model(x)``, :func:`saq.export` or
+    ``torch.onnx``. Its data set, input shape and metrics are in ``model.saq_run`` (a dict); for the training
+    config as well use :func:`load_model`, which returns ``(model, TrainConfig, info)``.
+    """
+    model, _, info = load_model(path, device)
+    model.saq_run = info
+    return model

@@ -218,8 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     def checkpoint_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("checkpoint", help="a checkpoint.pt written by torchsaq train (or its output folder)")
 
-    e = sub.add_parser("eval", help="top-1/top-5 accuracy and loss of a checkpoint on its test set")
-    checkpoint_arg(e)
+    e = sub.add_parser("eval", help="top-1/top-5 accuracy and loss of a checkpoint, or of an exported .onnx file "
+                                    "in onnxruntime, on its test set")
+    e.add_argument("checkpoint", help="a checkpoint.pt written by torchsaq train (or its output folder), or a .onnx "
+                                      "file written by torchsaq export (run in onnxruntime's default session and "
+                                      "scored next to the PyTorch model of the run it came from)")
+    e.add_argument("--run", help="with a .onnx file: the run (folder or checkpoint.pt) to compare with and take the "
+                                 "data set from (default: the one recorded in the file by torchsaq export)")
+    e.add_argument("--dataset", help="with a .onnx file: the data set to score it on (default: the run's)")
     e.add_argument("--split", choices=("test", "val"), default="test")
     e.add_argument("--data-dir", help="data folder, if it moved since training")
     e.add_argument("--batch-size", type=int, default=256)
@@ -228,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors, or ONNX)")
     checkpoint_arg(x)
-    x.add_argument("out", help="output file: .safetensors, or .onnx for a QDQ graph (4-bit weights) that "
-                               "onnxruntime runs (needs pip install 'torchsaq[onnx]')")
+    x.add_argument("out", help="output file: .safetensors, or .onnx for a graph that onnxruntime runs (needs pip "
+                               "install 'torchsaq[onnx]')")
+    x.add_argument("--onnx-mode", choices=("compact", "fast"), default=None,
+                   help="for .onnx: compact (default; 4-bit weights, float kernels: the smallest file) or fast "
+                        "(8-bit containers, onnxruntime's integer kernels ConvInteger/MatMulInteger; same outputs)")
 
     s = sub.add_parser("summary", help="per-layer table, model size and BOPs of a checkpoint")
     checkpoint_arg(s)
@@ -344,6 +353,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        return _eval_onnx(args)
+    if args.run or args.dataset:
+        raise ValueError("--run and --dataset apply to a .onnx file; a checkpoint is scored on its own data set")
     device = _device(args.device)
     model, cfg, info = load_model(args.checkpoint, device)
     bundle = build_datasets(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, img_size=cfg.img_size,
@@ -362,6 +375,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_onnx(args: argparse.Namespace) -> int:
+    """``torchsaq eval model.onnx``: the file in onnxruntime's default session, and the run's PyTorch model."""
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import load_model
+    from .config import TrainConfig
+    from .data import build_datasets
+    from .export_onnx import OnnxModel, onnx_metadata
+    from .train import evaluate
+
+    if not Path(args.checkpoint).is_file():
+        raise ValueError(f"ONNX file not found: {args.checkpoint}")
+    meta = onnx_metadata(args.checkpoint)
+    run = args.run or (meta.get("saq_checkpoint") if Path(meta.get("saq_checkpoint", "")).exists() else None)
+    model, cfg = (load_model(run)[:2]) if run else (None, TrainConfig())
+    dataset = args.dataset or (cfg.dataset if run else meta.get("saq_dataset"))
+    if not dataset:
+        raise ValueError(f"{args.checkpoint} does not record its run or data set: give --dataset NAME or --run RUN")
+    onnx_model = OnnxModel(args.checkpoint)
+    shape = onnx_model.session.get_inputs()[0].shape
+    img_size = cfg.img_size if run else (shape[-1] if len(shape) == 4 and isinstance(shape[-1], int) else None)
+    bundle = build_datasets(dataset, data_dir=args.data_dir or cfg.data_dir, img_size=img_size,
+                            val_split=cfg.val_split, seed=cfg.seed)
+    ds = bundle.test if args.split == "test" else bundle.val
+    if ds is None:
+        raise ValueError("this run has no validation split (it was trained with val_split=0)")
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
+    rows = {"onnx": evaluate(onnx_model, loader)}
+    if model is not None:
+        rows["pytorch"] = evaluate(model, loader)
+    result = {"file": str(args.checkpoint), "run": str(run) if run else None, "dataset": dataset, "split": args.split,
+              "onnxruntime": onnx_model.version, "onnx_mode": meta.get("saq_onnx_mode"),
+              **{f"{k}_{m}": v[m_key] for k, v in rows.items() for m, m_key in
+                 (("top1", "acc"), ("top5", "top5"), ("loss", "loss"), ("samples", "n"))}}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for k, v in rows.items():
+        what = (f"{args.checkpoint} ({meta.get('saq_onnx_mode')}) in onnxruntime {onnx_model.version}, default "
+                "session" if k == "onnx" else f"PyTorch model of {run}")
+        print(f"{what}: {dataset} {args.split} ({v['n']} samples): top-1 {v['acc']:.2f}%  top-5 {v['top5']:.2f}%  "
+              f"loss {v['loss']:.4f}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .export import export
@@ -371,11 +429,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = source / CHECKPOINT_NAME if source.is_dir() else source
     if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
         raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
-    model, _, info = load_model(args.checkpoint)
+    onnx = str(args.out).lower().endswith(".onnx")
+    if args.onnx_mode and not onnx:
+        raise ValueError(f"--onnx-mode applies to .onnx files, not {args.out}")
+    model, cfg, info = load_model(args.checkpoint)
     import torch
 
+    # the run and data set go into the ONNX file's metadata, for `torchsaq eval model.onnx`
+    options: dict[str, Any] = {"onnx_mode": args.onnx_mode or "compact",
+               "metadata": {"saq_checkpoint": str(source.resolve()), "saq_dataset": str(info["dataset"]),
+                            "saq_model": cfg.model}} if onnx else {}
     # ONNX traces one batch of the training input shape (batch dimension symbolic); safetensors ignores it
-    print(export(model, args.out, example_inputs=(torch.zeros(1, *info["input_shape"]),)))
+    print(export(model, args.out, example_inputs=(torch.zeros(1, *info["input_shape"]),), **options))
     return 0
 
 

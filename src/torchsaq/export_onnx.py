@@ -1,26 +1,38 @@
-"""ONNX export of a quantized model: a QDQ graph (opset >= 21) with 4-bit weights that onnxruntime runs.
+"""ONNX export of a quantized model: a graph (opset >= 21) that onnxruntime runs, in two flavours.
 
 ``saq.export(model, "model.onnx", example_inputs=(x,))`` (or ``torchsaq export CHECKPOINT model.onnx``) writes the
 float graph of the model (traced by ``torch.onnx.export``'s TorchScript exporter) in which every quantized
 layer computes with
 
-* its weight as an integer initializer through ``DequantizeLinear`` (per-channel ``axis`` where the LSQ step
-  is per channel), in the container of its bit width: INT4/UINT4 at 2..4 bits, INT8/UINT8 at 5..8 bits.
-  LSQ: ``value = code * step``, codes in the signed b-bit range. LIQ (LIQ_wn) has the 2^k levels
-  ``(2c/(2^k-1) - 1) * |clip|``, ``c = 0..2^k-1``, symmetric with no zero level: an integer zero point
-  cannot express that half-step offset. Where they fit the container (k = 2, 3, 5, 6, 7) the levels are
-  stored as the odd integers ``2c - (2^k-1)`` with scale ``|clip| / (2^k-1)`` (plain QDQ); at k = 4 and 8
-  the odd integers (up to 15 and 255) would need the next container, so the codes ``c`` are stored (UINT4 /
-  UINT8) with scale ``2|clip| / (2^k-1)`` and zero point ``2^(k-1) - 1``, and an ``Add`` of ``-|clip| /
-  (2^k-1)`` after the DequantizeLinear supplies the half step;
-* its input through ``QuantizeLinear -> DequantizeLinear`` with the learned step and zero point 0, UINT4 /
-  INT4 (<= 4 bits) or UINT8 / INT8, unsigned where the quantizer is; a ``Clip`` to ``[lo*s, hi*s]`` follows
-  where the code range is narrower than the container's (2/3-bit codes, LIQ's symmetric signed range).
+* ``onnx_mode="compact"`` (default): its weight as an integer initializer through ``DequantizeLinear``
+  (per-channel ``axis`` where the LSQ step is per channel), in the container of its bit width: INT4/UINT4 at
+  2..4 bits, INT8/UINT8 at 5..8 bits. LSQ: ``value = code * step``, codes in the signed b-bit range. LIQ
+  (LIQ_wn) has the 2^k levels ``(2c/(2^k-1) - 1) * |clip|``, ``c = 0..2^k-1``, symmetric with no zero level: an
+  integer zero point cannot express that half-step offset. Where they fit the container (k = 2, 3, 5, 6, 7) the
+  levels are stored as the odd integers ``2c - (2^k-1)`` with scale ``|clip| / (2^k-1)`` (plain QDQ); at k = 4
+  and 8 the odd integers (up to 15 and 255) would need the next container, so the codes ``c`` are stored (UINT4
+  / UINT8) with scale ``2|clip| / (2^k-1)`` and zero point ``2^(k-1) - 1``, and an ``Add`` of ``-|clip| /
+  (2^k-1)`` after the DequantizeLinear supplies the half step. Its input goes through ``QuantizeLinear ->
+  DequantizeLinear -> Clip`` with the learned step and zero point 0, in UINT8 / INT8 (unsigned where the
+  quantizer is) at every bit width, the Clip to ``[lo*s, hi*s]`` keeping the low-bit code range;
+* ``onnx_mode="fast"``: its input as uint8 codes (``QuantizeLinear`` then a ``Clip`` on the integers; signed
+  codes carry a zero point of 128) and its weight codes in an 8-bit initializer, into ``ConvInteger`` /
+  ``MatMulInteger``; the exact int32 sums are cast to float and multiplied by ``input_step * weight_step`` (per
+  output channel), then the bias is added: the numbers of the low-bit model on integer kernels. Layers without
+  an integer form (a float input or weight, LIQ at 8 bits, grouped convolutions) keep the compact form.
+
+Why the graph has this shape (onnxruntime 1.32's transformers, docs/onnx.md): nothing computes directly on a
+``DequantizeLinear`` output. A Conv/Gemm/MatMul reading DQ'd inputs is a "QDQ node group" that onnxruntime
+may rewrite with a meaning of its own (WeightBiasQuantization rounds a float bias to ``input_scale *
+weight_scale``; DQMatMulToMatMulNBits quantizes the activations to int8 at accuracy level 4); a 4-bit Q/DQ pair
+next to MaxPool is moved across it by QDQ propagation and MaxPool then runs on uint4, which it cannot. Hence the
+8-bit activation containers, the Clip after every activation DQ, and for Linear weights a Clip to the weight's
+own [min, max] (it changes no value).
 
 Weight standardisation (LIQ's detached per-tensor one, LSQ's ``weight_standardize``) is folded in: the codes
 are those of the standardised weight the layer computes with. Everything else (BatchNorm, LayerNorm, biases,
-layers left in float) stays float32. ``quantized=False`` exports the same model in float32 (the layers'
-float weights, no quantizers): the baseline for size and speed.
+layers left in float) stays float32. ``quantized=False`` exports the same model in float32 (the layers' float
+weights, no quantizers): the baseline for size and speed.
 """
 from __future__ import annotations
 
@@ -40,7 +52,8 @@ from .convert import eval_mode
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from .quantizer import STEP_EPS, LIQWeightQuantizer, LSQQuantizer
 
-__all__ = ["export_onnx", "ONNX_FORMAT", "MIN_OPSET", "CONTAINERS", "onnx_layers"]
+__all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
+           "OnnxModel"]
 
 ONNX_FORMAT = "saq-onnx"
 #: INT4/UINT4 Quantize/DequantizeLinear exist from opset 21
@@ -65,14 +78,6 @@ def _onnx():
         raise ImportError("ONNX export needs the onnx package: pip install 'torchsaq[onnx]' "
                           "(onnx and onnxruntime)") from e
     return onnx
-
-
-def _container(lo: int, hi: int) -> str:
-    """The narrowest integer container holding ``[lo, hi]``."""
-    for name, (a, b) in CONTAINERS.items():
-        if a <= lo and hi <= b:
-            return name
-    raise ValueError(f"no ONNX integer container holds the code range [{lo}, {hi}]")
 
 
 # -- what each quantized layer becomes ------------------------------------------------------------------
@@ -101,18 +106,13 @@ class _Weight:
 
 @dataclass
 class _Act:
-    """An input quantizer as QuantizeLinear -> DequantizeLinear (-> Clip) with a per-tensor scale."""
+    """An input quantizer as QuantizeLinear -> DequantizeLinear -> Clip with a per-tensor scale, zero point 0."""
 
     scale: Tensor  # float32, 0-d
     lo: int
     hi: int
-    container: str
+    container: str  # UINT8 or INT8 whatever the bit width: see _act_plan
     bits: int
-
-    @property
-    def clip(self) -> bool:
-        """Whether the code range is narrower than the container's (then a Clip follows DequantizeLinear)."""
-        return (self.lo, self.hi) != CONTAINERS[self.container]
 
 
 def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
@@ -158,7 +158,48 @@ def _act_plan(layer: QuantLayer, name: str) -> Optional[_Act]:
         raise ValueError(f"ONNX export: layer {name} has a per-channel activation quantizer (not supported)")
     lo, hi = aq.code_range()
     scale = aq.step_size().float().clamp_min(STEP_EPS).reshape(())  # LSQ's step, LIQ's |clip| / levels
-    return _Act(scale=scale, lo=lo, hi=hi, container=_container(lo, hi), bits=aq.bits)
+    # 8-bit containers at every bit width (the Clip after DequantizeLinear keeps the low-bit range): onnxruntime's
+    # QDQ propagation moves an activation's Q/DQ pair across MaxPool/Reshape/Transpose/... and then runs that op on
+    # the integers, which has no 4-bit kernel (the session fails to load); at 8 bits that is exact (see docs/onnx.md)
+    return _Act(scale=scale, lo=lo, hi=hi, container="INT8" if lo < 0 else "UINT8", bits=aq.bits)
+
+
+@dataclass
+class _Fast:
+    """A layer of the fast flavour: uint8 activation codes and 8-bit weight codes into ConvInteger/MatMulInteger,
+    whose exact int32 sums are scaled back to float by ``input_scale * weight_scale`` (per channel)."""
+
+    ints: Tensor  # int64 weight codes, storage layout (Linear: (in, out)), within the container with zero point
+    container: str  # UINT8 (ConvInteger: onnxruntime's fast kernel is u8u8) or INT8 (MatMulInteger: u8s8)
+    zero_point: int
+    out_scale: Tensor  # float32 0-d or 1-D (per output channel)
+    a_scale: Tensor
+    a_zero_point: int  # 0 (unsigned codes) or 128 (signed codes shifted into UINT8)
+    a_lo: int  # the code range in the UINT8 container (zero point added)
+    a_hi: int
+
+
+def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Optional[_Fast]:
+    """The integer-kernel form of a layer, or None where it stays on float kernels: a float weight or input, LIQ at
+    8 bits (odd integers up to 255), grouped/depthwise convolutions (onnxruntime's ConvInteger runs them as one
+    im2col + GEMM per group: several times slower than its float depthwise kernel)."""
+    if w is None or a is None or getattr(layer, "groups", 1) != 1:
+        return None
+    ints, scale = w.ints, w.scale
+    if w.shift is not None:  # LIQ at 4/8 bits: (c - z) * S - S/2 = (2c - n) * S/2, the odd integers, n = 2z + 1
+        ints, scale = 2 * ints - (2 * w.zero_point + 1), scale / 2
+    elif w.zero_point:  # pragma: no cover - only LIQ has a weight zero point, and always with its half step
+        return None
+    if int(ints.min()) < -128 or int(ints.max()) > 127:  # LIQ at 8 bits: odd integers up to 255
+        return None
+    conv = not isinstance(layer, nn.Linear)
+    out_scale = a.scale * scale
+    if conv and out_scale.dim():  # per output channel, broadcast over (C, spatial...)
+        out_scale = out_scale.reshape([-1] + [1] * (ints.dim() - 2))
+    shift = 128 if a.lo < 0 else 0
+    return _Fast(ints=ints + 128 if conv else ints, container="UINT8" if conv else "INT8",
+                 zero_point=128 if conv else 0, out_scale=out_scale, a_scale=a.scale, a_zero_point=shift,
+                 a_lo=a.lo + shift, a_hi=a.hi + shift)
 
 
 # -- the traced graph: custom ops mark where the quantizers go -----------------------------------------
@@ -261,91 +302,106 @@ def _used_names(graph: Any) -> set[str]:
     return used
 
 
-def _clip_as_max_min(nodes: list[Any], containers: set[str]) -> list[Any]:
-    """Each Clip that feeds a 4-bit QuantizeLinear (a ReLU6, say) as Max -> Min: the same values, loadable.
+class _Nodes:
+    """The node list and the initializers being built by :func:`_rewrite` (each initializer added once)."""
 
-    onnxruntime 1.32's ClipQuantFusion reads the zero point of a QuantizeLinear that follows a Clip and
-    fails to load the whole model when that zero point is INT4/UINT4.
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._made: set[str] = set()
+
+    def init(self, name: str, make: Any) -> str:
+        """Add the initializer ``make(name)`` unless one of that name exists already; returns ``name``."""
+        if name not in self._made:
+            self._made.add(name)
+            self.inits.append(make(name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> None:
+        self.nodes.append(_onnx().helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+
+def _weight_dq(b: _Nodes, layer: str, w: _Weight, out: str, shield: bool) -> None:
+    """The integer weight through DequantizeLinear (then an Add of the half step for LIQ at 4 and 8 bits).
+
+    ``shield`` (Linear layers): then a Clip that changes nothing. A MatMul/Gemm whose only DequantizeLinear input
+    is its weight is what onnxruntime's DQMatMulToMatMulNBits fuses into MatMulNBits, at accuracy level 4 by
+    default: int8 blockwise quantization of the activations, another model.
     """
-    if not containers & {"INT4", "UINT4"}:
-        return nodes
-    helper = _onnx().helper
-    producer = {o: n for n in nodes for o in n.output}
-    clips = {id(producer[n.input[0]]) for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] in producer
-             and producer[n.input[0]].op_type == "Clip" and producer[n.input[0]].domain in ("", "ai.onnx")}
-    out: list[Any] = []
-    for n in nodes:
-        if id(n) not in clips:
-            out.append(n)
-            continue
-        x, lo, hi = (list(n.input) + ["", ""])[:3]
-        if lo:
-            y = n.output[0] if not hi else f"{n.name or n.output[0]}/max_out"
-            out.append(helper.make_node("Max", [x, lo], [y], name=f"{n.name}/max"))
-            x = y
-        if hi:
-            out.append(helper.make_node("Min", [x, hi], [n.output[0]], name=f"{n.name}/min"))
-        if not lo and not hi:
-            out.append(helper.make_node("Identity", [x], [n.output[0]], name=n.name))
-    return out
+    q = b.init(f"{layer}.weight_quantized", lambda n: _int_initializer(n, w.ints.numpy(), w.container))
+    s = b.init(f"{layer}.weight_scale", lambda n: _float_initializer(n, w.scale))
+    inputs = [q, s]
+    if w.zero_point:
+        z = f"{layer}.weight_zero_point"
+        inputs.append(b.init(z, lambda n: _int_initializer(n, np.full((), w.zero_point), w.container)))
+    kw: dict[str, Any] = {} if w.axis is None else {"axis": w.axis}
+    dq = out if w.shift is None and not shield else f"{layer}/weight_dq_out"
+    b.node("DequantizeLinear", inputs, [dq], f"{layer}/weight_dq", **kw)
+    if w.shift is not None:
+        shift = w.shift
+        sh = b.init(f"{layer}.weight_shift", lambda n: _float_initializer(n, shift))
+        b.node("Add", [dq, sh], [f"{layer}/weight_shifted" if shield else out], f"{layer}/weight_shift")
+        dq = f"{layer}/weight_shifted"
+    if shield:  # a Clip to the weight's own [min, max]: changes no value, and no DequantizeLinear feeds the MatMul
+        v = w.values()
+        lo = b.init(f"{layer}.weight_min", lambda n: _float_initializer(n, v.min()))
+        hi = b.init(f"{layer}.weight_max", lambda n: _float_initializer(n, v.max()))
+        b.node("Clip", [dq, lo, hi], [out], f"{layer}/weight_clip")
 
 
-def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int) -> Any:
-    """Convert to ``opset`` and replace the ``saq::`` marker nodes by DequantizeLinear (-> Add) / Q -> DQ (-> Clip)."""
-    _onnx()  # a clear error if onnx is missing
-    from onnx import helper, version_converter
+def _act_qdq(b: _Nodes, layer: str, a: _Act, x: str, out: str) -> None:
+    """QuantizeLinear -> DequantizeLinear -> Clip to the code range ``[lo*s, hi*s]``, on every activation.
 
-    proto = version_converter.convert_version(proto, opset)
-    graph = proto.graph
-    inits: list[Any] = []
-    made: set[str] = set()
+    The Clip stays even where the range is the container's: a compute node (Conv, Gemm, MatMul) that reads a
+    DequantizeLinear directly forms a QDQ node group, which onnxruntime may rewrite with a meaning of its own
+    (WeightBiasQuantization rounds a float bias to the grid ``input_scale * weight_scale``; QLinearConv/QGemm
+    requantize). After a Clip it is a float op on float values, which no optimization level changes.
+    """
+    s = b.init(f"{layer}.input_scale", lambda n: _float_initializer(n, a.scale))
+    z = b.init(f"{layer}.input_zero_point", lambda n: _int_initializer(n, np.zeros((), np.int64), a.container))
+    lo = b.init(f"{layer}.input_min", lambda n: _float_initializer(n, a.scale * a.lo))
+    hi = b.init(f"{layer}.input_max", lambda n: _float_initializer(n, a.scale * a.hi))
+    b.node("QuantizeLinear", [x, s, z], [f"{layer}/input_q_out"], f"{layer}/input_q")
+    b.node("DequantizeLinear", [f"{layer}/input_q_out", s, z], [f"{layer}/input_dq_out"], f"{layer}/input_dq")
+    b.node("Clip", [f"{layer}/input_dq_out", lo, hi], [out], f"{layer}/input_clip")
 
-    def once(key: str, make: Any) -> None:
-        if key not in made:
-            made.add(key)
-            inits.extend(make())
 
-    nodes: list[Any] = []
-    for node in graph.node:
-        if node.domain != _DOMAIN:
-            nodes.append(node)
-            continue
-        layer = next(a.s.decode() for a in node.attribute if a.name == "layer")
-        if node.op_type == "WeightDQ":
-            w = weights[layer]
-            q, s, z, b = (f"{layer}.weight_quantized", f"{layer}.weight_scale", f"{layer}.weight_zero_point",
-                          f"{layer}.weight_shift")
-            once(q, lambda: [_int_initializer(q, w.ints.numpy(), w.container), _float_initializer(s, w.scale)]
-                 + ([_int_initializer(z, np.full((), w.zero_point), w.container)] if w.zero_point else [])
-                 + ([_float_initializer(b, w.shift)] if w.shift is not None else []))
-            kw: dict[str, Any] = {} if w.axis is None else {"axis": w.axis}
-            out = node.output[0] if w.shift is None else f"{layer}/weight_dq_out"
-            nodes.append(helper.make_node("DequantizeLinear", [q, s] + ([z] if w.zero_point else []), [out],
-                                          name=f"{layer}/weight_dq", **kw))
-            if w.shift is not None:
-                nodes.append(helper.make_node("Add", [out, b], [node.output[0]], name=f"{layer}/weight_shift"))
-        elif node.op_type == "ActQDQ":
-            a = acts[layer]
-            s, z = f"{layer}.input_scale", f"{layer}.input_zero_point"
-            lo, hi = f"{layer}.input_min", f"{layer}.input_max"
-            once(s, lambda: [_float_initializer(s, a.scale), _int_initializer(z, np.zeros((), np.int64), a.container)]
-                 + ([_float_initializer(lo, a.scale * a.lo), _float_initializer(hi, a.scale * a.hi)] if a.clip else []))
-            # the Clip to a narrower code range comes after the DequantizeLinear (same values: the bounds are
-            # lo*s and hi*s, what DQ gives for lo and hi): before QuantizeLinear, onnxruntime 1.32's
-            # ClipQuantFusion fails to load the model for INT4/UINT4 zero points
-            dq = f"{layer}/input_dq_out" if a.clip else node.output[0]
-            nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [f"{layer}/input_q_out"],
-                                          name=f"{layer}/input_q"))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}/input_q_out", s, z], [dq],
-                                          name=f"{layer}/input_dq"))
-            if a.clip:
-                nodes.append(helper.make_node("Clip", [dq, lo, hi], [node.output[0]], name=f"{layer}/input_clip"))
-        else:  # pragma: no cover - only the two markers above are emitted
-            raise ValueError(f"ONNX export: unexpected marker node {node.op_type}")
-    del graph.node[:]
-    graph.node.extend(_clip_as_max_min(nodes, {a.container for a in acts.values()}))
-    graph.initializer.extend(inits)
-    # drop what only the markers read: the float weights and step constants traced into the graph
+def _fast_layer(b: _Nodes, layer: str, f: _Fast, node: Any, x: str) -> None:
+    """Replace ``node`` (the layer's Conv or MatMul) and its markers by QuantizeLinear (UINT8) -> Clip (the code
+    range, on the integers) -> ConvInteger/MatMulInteger -> Cast -> Mul (-> Add of a Conv's bias)."""
+    onnx = _onnx()
+    s = b.init(f"{layer}.input_scale", lambda n: _float_initializer(n, f.a_scale))
+    z = b.init(f"{layer}.input_zero_point", lambda n: _int_initializer(n, np.full((), f.a_zero_point), "UINT8"))
+    lo = b.init(f"{layer}.input_min", lambda n: _int_initializer(n, np.full((), f.a_lo), "UINT8"))
+    hi = b.init(f"{layer}.input_max", lambda n: _int_initializer(n, np.full((), f.a_hi), "UINT8"))
+    wq = b.init(f"{layer}.weight_quantized", lambda n: _int_initializer(n, f.ints.numpy(), f.container))
+    wz = b.init(f"{layer}.weight_zero_point", lambda n: _int_initializer(n, np.full((), f.zero_point), f.container))
+    os_ = b.init(f"{layer}.output_scale", lambda n: _float_initializer(n, f.out_scale))
+    b.node("QuantizeLinear", [x, s, z], [f"{layer}/input_q_out"], f"{layer}/input_q")
+    b.node("Clip", [f"{layer}/input_q_out", lo, hi], [f"{layer}/input_codes"], f"{layer}/input_clip")
+    acc, bias = f"{layer}/acc", (node.input[2] if node.op_type == "Conv" and len(node.input) > 2 else "")
+    op = "ConvInteger" if node.op_type == "Conv" else "MatMulInteger"
+    int_node = onnx.helper.make_node(op, [f"{layer}/input_codes", wq, z, wz], [acc], name=f"{layer}/{op}")
+    if op == "ConvInteger":
+        int_node.attribute.extend(node.attribute)
+    b.nodes.append(int_node)
+    b.node("Cast", [acc], [f"{layer}/acc_float"], f"{layer}/cast", to=onnx.TensorProto.FLOAT)
+    scaled = f"{layer}/scaled" if bias else node.output[0]
+    b.node("Mul", [f"{layer}/acc_float", os_], [scaled], f"{layer}/rescale")
+    if bias:
+        spatial = len(f.ints.shape) - 2
+        shape = b.init(f"{layer}.bias_shape", lambda n: onnx.numpy_helper.from_array(
+            np.array([-1] + [1] * spatial, np.int64), n))
+        b.node("Reshape", [bias, shape], [f"{layer}/bias_column"], f"{layer}/bias_reshape")
+        b.node("Add", [scaled, f"{layer}/bias_column"], [node.output[0]], f"{layer}/bias_add")
+
+
+def _marker_layer(node: Any) -> str:
+    return next(a.s.decode() for a in node.attribute if a.name == "layer")
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove what only the markers read: the float weights and step constants traced into the graph."""
     while True:
         used = _used_names(graph)
         dead = [n for n in graph.node if n.op_type == "Constant" and not set(n.output) & used]
@@ -354,16 +410,56 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
         for n in dead:
             graph.node.remove(n)
     used = _used_names(graph)
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    keep_vi = [v for v in graph.value_info if v.name in used]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_vi)
+    for field in (graph.initializer, graph.value_info):
+        keep = [t for t in field if t.name in used]
+        del field[:]
+        field.extend(keep)
+
+
+def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int,
+             fast: Optional[dict[str, "_Fast"]] = None) -> tuple[Any, set[str]]:
+    """Convert to ``opset`` and replace the ``saq::`` marker nodes: DequantizeLinear (-> Add) for a weight,
+    Q -> DQ -> Clip for an activation; the layers in ``fast`` become integer kernels (:func:`_fast_layer`).
+    Returns the model and the layers that did."""
+    _onnx()  # a clear error if onnx is missing
+    from onnx import version_converter
+
+    proto = version_converter.convert_version(proto, opset)
+    graph = proto.graph
+    b = _Nodes()
+    # in fast mode, the Conv/MatMul reading a fast layer's weight marker is replaced (its markers with it)
+    weight_out = {n.output[0]: _marker_layer(n) for n in graph.node if n.domain == _DOMAIN and n.op_type == "WeightDQ"}
+    act_out = {n.output[0]: n for n in graph.node if n.domain == _DOMAIN and n.op_type == "ActQDQ"}
+    act_in = {k: n.input[0] for k, n in act_out.items()}
+    for node in graph.node:  # a layer whose Conv/MatMul does not read its two markers directly stays in float
+        layer = next((weight_out[i] for i in node.input[1:2] if i in weight_out), None)
+        if layer in (fast or {}) and (node.op_type not in ("Conv", "MatMul") or node.input[0] not in act_out
+                                      or _marker_layer(act_out[node.input[0]]) != layer):
+            fast = {k: v for k, v in (fast or {}).items() if k != layer}  # (a padding mode other than zeros)
+    fast = fast or {}
+    for node in graph.node:
+        compute = next((weight_out[i] for i in node.input if i in weight_out), None) if node.domain != _DOMAIN else None
+        if compute in fast:
+            _fast_layer(b, compute, fast[compute], node, act_in[node.input[0]])
+        elif node.domain != _DOMAIN:
+            b.nodes.append(node)
+        elif _marker_layer(node) in fast:
+            continue  # folded into the integer kernel above
+        elif node.op_type == "WeightDQ":
+            name = _marker_layer(node)
+            _weight_dq(b, name, weights[name], node.output[0], shield=weights[name].ints.dim() == 2)
+        elif node.op_type == "ActQDQ":
+            _act_qdq(b, _marker_layer(node), acts[_marker_layer(node)], node.input[0], node.output[0])
+        else:  # pragma: no cover - only the two markers above are emitted
+            raise ValueError(f"ONNX export: unexpected marker node {node.op_type}")
+    del graph.node[:]
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.inits)
+    _drop_unused(graph)
     ops = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(ops)
-    return proto
+    return proto, set(fast)
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -378,65 +474,79 @@ def _is_onnx_export(path: str) -> bool:
 
 def onnx_layers(path: PathLike) -> dict[str, dict[str, Any]]:
     """The per-layer record (bits, containers, per-channel axis) a torchsaq ONNX export carries in its metadata."""
+    return json.loads(onnx_metadata(path)["saq_layers"])
+
+
+def onnx_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata entries of a torchsaq ONNX export (``saq_onnx_mode``, ``saq_checkpoint``, ``saq_dataset``, ...)."""
     proto = _onnx().load(os.fspath(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("saq_format") != ONNX_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a torchsaq ONNX export")
-    return json.loads(props["saq_layers"])
+    return props
 
 
-@torch.no_grad()
-def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
-                dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False) -> "ExportInfo":
-    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX QDQ graph to ``path``.
+class OnnxModel(nn.Module):
+    """An ONNX file run by onnxruntime in its default session (default ``SessionOptions``), as a module that
+    takes and returns tensors: ``saq.engine.evaluate(OnnxModel("model.onnx"), loader)`` scores the file itself."""
 
-    ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
-    first dimension of the inputs and the output is symbolic. ``opset`` >= 21 (INT4 Quantize/DequantizeLinear).
-    ``quantized=False`` writes the float32 model instead (the layers' float weights, no quantizers), as a
-    baseline. The model is left as it was. Returns an :class:`saq.export.ExportInfo`.
-    """
-    from .export import ExportInfo, _checked_layers, _float_bytes, _quantizer_prefixes, _unwrap
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError as e:  # pragma: no cover - the test extra installs it
+            raise ImportError("running an ONNX file needs onnxruntime: pip install 'torchsaq[onnx]'") from e
+        self.path = os.fspath(path)
+        self.session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = onnxruntime.__version__
 
-    onnx = _onnx()
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"export: ONNX opset must be an int >= {MIN_OPSET} (INT4 QuantizeLinear), got {opset!r}")
-    if example_inputs is None:
-        raise ValueError("export: an ONNX export traces the model: give example_inputs=(x,) (a batch of inputs)")
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if os.path.isdir(path):
-        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.onnx")
-    if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
-        raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
-    model = _unwrap(model)
-    layers = _checked_layers(model)
-    names = {id(m): n for n, m in layers}
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
+        dict[str, _Weight], dict[str, _Act], dict[str, _Fast], dict[str, dict[str, Any]]]:
+    """What each quantized layer becomes (weights, activations, integer-kernel layers) and the metadata record."""
     weights: dict[str, _Weight] = {}
     acts: dict[str, _Act] = {}
+    fast: dict[str, _Fast] = {}
     record: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        if quantized:
-            w, a = _weight_plan(layer), _act_plan(layer, name)
-            if w is not None:
-                weights[name] = w
-            if a is not None:
-                acts[name] = a
-            record[name] = {
-                "quantizer": layer.weight_quantizer.kind, "role": layer.quant_role,
-                "w_bits": layer.w_bits, "w_container": w.container if w else "FLOAT", "w_axis": w.axis if w else None,
-                "a_bits": layer.a_bits, "a_container": a.container if a else "FLOAT",
-                "a_range": [a.lo, a.hi] if a else None}
+        w, a = _weight_plan(layer), _act_plan(layer, name)
+        f = _fast_plan(layer, w, a) if mode == "fast" else None
+        if w is not None:
+            weights[name] = w
+        if a is not None:
+            acts[name] = a
+        if f is not None:
+            fast[name] = f
+        record[name] = {
+            "quantizer": layer.weight_quantizer.kind, "role": layer.quant_role,
+            "w_bits": layer.w_bits, "w_container": f.container if f else w.container if w else "FLOAT",
+            "w_axis": w.axis if w else None,
+            "a_bits": layer.a_bits, "a_container": "UINT8" if f else a.container if a else "FLOAT",
+            "a_range": [a.lo, a.hi] if a else None,
+            "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f else "float"}
+    return weights, acts, fast, record
+
+
+def _trace(model: nn.Module, layers: list[tuple[str, QuantLayer]], args: tuple, weights: dict[str, _Weight],
+           acts: dict[str, _Act], quantized: bool, dynamic_batch: bool) -> bytes:
+    """The TorchScript exporter's ONNX bytes of ``model``, its quantized layers marked by ``saq::`` nodes."""
     input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     dynamic = {n: {0: "batch"} for n in [*input_names, "output"]} if dynamic_batch else None
     swapped: list[tuple[nn.Module, type]] = []
     buf = io.BytesIO()
     try:
-        for _, layer in layers:
+        for name, layer in layers:
             swapped.append((layer, type(layer)))
             layer.__class__ = _EXPORT_CLASSES[type(layer)]
             assert isinstance(layer, _OnnxLayer)
-            layer._onnx_name = names[id(layer)]
-            layer._onnx_weight = weights.get(layer._onnx_name)
-            layer._onnx_act = acts.get(layer._onnx_name)
+            layer._onnx_name = name
+            layer._onnx_weight = weights.get(name)
+            layer._onnx_act = acts.get(name)
             layer._onnx_float = not quantized
         with eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's tracer and deprecation notes
@@ -451,9 +561,54 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
             m.__class__ = cls
             for attr in ("_onnx_name", "_onnx_weight", "_onnx_act", "_onnx_float"):
                 m.__dict__.pop(attr, None)
-    proto = _rewrite(onnx.load_from_string(buf.getvalue()), weights, acts, opset)
+    return buf.getvalue()
+
+
+#: what ``onnx_mode`` selects: the file for size (INT4 weights, float kernels) or for speed (8-bit integer kernels)
+ONNX_MODES = ("compact", "fast")
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
+                dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
+                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> "ExportInfo":
+    """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
+
+    ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
+    first dimension of the inputs and the output is symbolic. ``opset`` >= 21 (INT4 Quantize/DequantizeLinear).
+    ``onnx_mode="compact"`` (default): INT4 weights through DequantizeLinear, float kernels (the smallest file);
+    ``"fast"``: 8-bit weight codes and uint8 activation codes (the low-bit ranges kept by a Clip on the integers)
+    into ConvInteger/MatMulInteger, the same numbers on onnxruntime's integer kernels (see docs/onnx.md).
+    ``quantized=False`` writes the float32 model instead (the layers' float weights, no quantizers), as a
+    baseline. ``metadata``: more string entries for the file's metadata (``torchsaq export`` records the
+    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). The model is left as it was.
+    Returns an :class:`saq.export.ExportInfo`.
+    """
+    from .export import ExportInfo, _checked_layers, _float_bytes, _quantizer_prefixes, _unwrap
+
+    onnx = _onnx()
+    if onnx_mode not in ONNX_MODES:
+        raise ValueError(f"export: onnx_mode must be one of {', '.join(map(repr, ONNX_MODES))}, got {onnx_mode!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"export: ONNX opset must be an int >= {MIN_OPSET} (INT4 QuantizeLinear), got {opset!r}")
+    if example_inputs is None:
+        raise ValueError("export: an ONNX export traces the model: give example_inputs=(x,) (a batch of inputs)")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if os.path.isdir(path):
+        raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.onnx")
+    if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
+        raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
+    model = _unwrap(model)
+    layers = _checked_layers(model)
+    weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
+    traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
+    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
+    for name in set(fast) - integer:  # no integer form after all: the compact form (see _rewrite)
+        w, a = weights.get(name), acts[name]
+        record[name].update(kernel="float", w_container=w.container if w else "FLOAT", a_container=a.container)
     proto.producer_name = "torchsaq"
-    meta = {"saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized), "saq_layers": json.dumps(record)}
+    meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
+            "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
     config = getattr(model, "_saq_config", None)
     if config is not None:
         meta["saq_config"] = json.dumps(config.to_dict())
