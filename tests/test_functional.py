@@ -5,6 +5,7 @@ the targets), torchsaq.strategies (their state)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +158,9 @@ def test_finite_and_first_failure():
 # ------------------------------------------------------------------------------------------ the mode table
 def test_mode_table_is_docs_method():
     assert perturb.MODES == ("sam", "case1", "case2", "case3")
-    assert STRATEGIES == ("full", "every_k", "prev_grad")
+    assert STRATEGIES == ("full", "every_k", "prev_grad", "sub_batch")
+    documented = (Path(__file__).parents[1] / "docs" / "method.md").read_text().split("## Efficient strategies")[1]
+    assert [s for s in STRATEGIES if f"`{s}`" not in documented] == []
     assert perturb.WHERE == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE
     assert (Mode.SAM.direction, Mode.SAM.site) == (None, None)
     assert (Mode.CASE1.direction, Mode.CASE1.site) == (Direction.WEIGHT_GRAD, Site.AFTER)
