@@ -399,11 +399,23 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_sharpness_json(path: Path) -> bool:
+    """Whether ``path`` holds what ``torchsaq sharpness --output`` writes (the only file it may replace)."""
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(row, dict) and {"checkpoint", "hessian_top_eigenvalue", "sam_sharpness"} <= set(row)
+
+
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     from .analysis import format_sharpness_table, run_sharpness
 
     if args.output and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a folder; give a file name such as sharpness.json")
+    if args.output and Path(args.output).exists() and not _is_sharpness_json(Path(args.output)):
+        raise ValueError(f"--output {args.output} exists and is not a torchsaq sharpness result (a checkpoint?); "
+                         "refusing to replace it: give another file name")
     row = run_sharpness(args.checkpoint, num_samples=args.num_samples, batch_size=args.batch_size, rho=args.rho,
                         m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
     print(format_sharpness_table([row]), end="")

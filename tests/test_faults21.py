@@ -1,0 +1,57 @@
+"""Faults (issue 21): nothing lost, no hang, nothing silently wrong (round 3). Each test is one probe of the issue,
+run as the user runs it (the CLI as typed) where that is cheap."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchsaq.cli import main
+
+TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
+        "--sharpness", "none"]
+
+
+def _fails(capsys, argv, *needles, code=None) -> str:
+    """The CLI exits non-zero with one line 'torchsaq: error: ...' holding every needle (last on stderr)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors exit 2
+        rc = e.code
+    text = capsys.readouterr().err.strip()
+    assert rc != 0 and (code is None or rc == code), (rc, text)
+    err = text.split("\n")[-1]
+    assert err.startswith("torchsaq: error: ") and text.count("torchsaq: error") == 1 and "Traceback" not in text, text
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def _ok(capsys, argv) -> str:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    return captured.out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny trained run (cnn1d on mnist1d), shared by the probes that only read it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", *TINY, "--output", str(out)]) == 0
+    return out
+
+
+# -- lost data, hangs, crashes -------------------------------------------------------------------------------
+def test_sharpness_never_overwrites_a_file_that_is_not_its_own_output(run_dir, tmp_path, capsys):
+    ckpt = run_dir / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}\n')
+    fast = ["--num-samples", "8", "--iters", "1"]
+    _fails(capsys, ["sharpness", str(ckpt), *fast, "--output", str(ckpt)], str(ckpt), "not a torchsaq sharpness",
+           code=1)
+    _fails(capsys, ["sharpness", str(ckpt), *fast, "--output", str(other)], "not a torchsaq sharpness", code=1)
+    assert ckpt.read_bytes() == before and other.read_text() == '{"mine": 1}\n'
+    out = tmp_path / "s.json"
+    _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])
+    _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])  # its own earlier output is replaced
