@@ -55,3 +55,23 @@ def test_sharpness_never_overwrites_a_file_that_is_not_its_own_output(run_dir, t
     out = tmp_path / "s.json"
     _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])
     _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])  # its own earlier output is replaced
+
+
+def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "notes.txt").write_text("my notes")
+    (out / "config.yaml").write_text("lr: 0.1\n")  # the user's own recipe
+    for extra in ([], ["--overwrite"]):
+        _fails(capsys, ["train", *TINY, "--output", str(out), *extra], "config.yaml", "tb", "not written by torchsaq",
+               code=1)
+        assert (out / "config.yaml").read_text() == "lr: 0.1\n" and (out / "tb" / "notes.txt").exists()
+    # a run of ours is replaced with --overwrite; a file of the user's beside it stays
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    (run / "notes.txt").write_text("keep")
+    _ok(capsys, ["train", *TINY, "--output", str(run), "--overwrite"])
+    assert (run / "notes.txt").read_text() == "keep" and (run / "checkpoint.pt").is_file()
+    (run / "tb" / "mine.txt").write_text("keep too")  # the user's file inside our tb/: that tb/ is no longer ours
+    _fails(capsys, ["train", *TINY, "--output", str(run), "--overwrite"], "tb", "not written by torchsaq", code=1)
+    assert (run / "tb" / "mine.txt").exists() and (run / "checkpoint.pt").is_file()
