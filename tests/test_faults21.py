@@ -75,3 +75,23 @@ def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     (run / "tb" / "mine.txt").write_text("keep too")  # the user's file inside our tb/: that tb/ is no longer ours
     _fails(capsys, ["train", *TINY, "--output", str(run), "--overwrite"], "tb", "not written by torchsaq", code=1)
     assert (run / "tb" / "mine.txt").exists() and (run / "checkpoint.pt").is_file()
+
+
+_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+                  + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model_kwargs:\n  " + _BOMB.replace("\n", "\n  "), "too large"),  # 10^9 leaves
+    ("model_kwargs: &x {channels: *x}", "refers to itself"),
+    ("layer_bits: &x {fc: [*x]}", "refers to itself"),
+])
+def test_yaml_alias_bombs_and_cycles_are_refused_at_once(tmp_path, capsys, text, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text + "\n")
+    _fails(capsys, ["train", "--config", str(recipe), "--output", str(tmp_path / "o")], needle, code=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_self_referencing_model_kwargs_flag_is_one_line(capsys):
+    _fails(capsys, ["train", "--model-kwargs", "&x {channels: *x}"], "refers to itself", code=2)

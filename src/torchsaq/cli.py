@@ -139,6 +139,12 @@ def _parse_mapping(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    from .config import check_size
+
+    try:
+        check_size(value, "the mapping")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
