@@ -553,9 +553,10 @@ def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys
 
 # -- threads -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys):
+def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys, monkeypatch):
     from torchsaq.train import SMALL_BATCH_MACS, auto_threads
 
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (issue 21: load counts)
     cpu = torch.device("cpu")
     cores = len(os.sched_getaffinity(0))
     assert auto_threads(SMALL_BATCH_MACS / 2, cpu) == 1

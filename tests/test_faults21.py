@@ -95,3 +95,29 @@ def test_yaml_alias_bombs_and_cycles_are_refused_at_once(tmp_path, capsys, text,
 
 def test_a_self_referencing_model_kwargs_flag_is_one_line(capsys):
     _fails(capsys, ["train", "--model-kwargs", "&x {channels: *x}"], "refers to itself", code=2)
+
+
+def test_threads_beyond_the_machine_are_refused_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "o"
+    for n in ("1000", "20000"):
+        _fails(capsys, ["train", *TINY, "--threads", n, "--output", str(out)], f"--threads {n}", "CPU core", code=1)
+    assert not out.exists()
+
+
+def test_auto_threads_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
+    import os
+
+    from torchsaq.device import SMALL_BATCH_MACS, auto_threads
+
+    cpu, big = torch.device("cpu"), SMALL_BATCH_MACS * 10
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert auto_threads(big, cpu) == 4  # an idle machine: every core
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert auto_threads(big, cpu) == 1  # three cores busy with other work (this process is not yet running)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert auto_threads(big, cpu) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    assert auto_threads(big, cpu) == 2
+    assert auto_threads(big, cpu, local_world=2) == 1

@@ -71,7 +71,8 @@ TRAIN_HELP = {
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
     "device": "auto, cpu, cuda, cuda:N",
     "threads": "CPU threads per process; 0 = auto: 1 for small models (under 0.5 G multiply-accumulates per "
-               "batch), else the cores shared among the processes on this machine",
+               "batch), else the idle cores (by the load average) shared among the processes on this machine; "
+               "at most the machine's cores",
     "freeze_bn": "BatchNorm layers normalise with their running statistics and do not update them while "
                  "training (a common QAT fine-tuning practice); their affine weights still train",
     "compile": "torch.compile the training forward (inductor; the first steps compile, the summary reports "

@@ -337,6 +337,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
+    from .device import check_threads
+
+    check_threads(cfg.threads)
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
     if cfg.lsq_backend == "triton" and device.type != "cuda":
