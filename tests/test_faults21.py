@@ -121,3 +121,29 @@ def test_auto_threads_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
     assert auto_threads(big, cpu) == 2
     assert auto_threads(big, cpu, local_world=2) == 1
+
+
+def _edited_checkpoint(run_dir, tmp_path, edit) -> str:
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    edit(state)
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s["data"].update(input_shape=[1, 2000000000]), "input_shape"),
+    (lambda s: s["data"].update(input_shape=[3, 40]), "input_shape"),
+    (lambda s: s.update(model=[1, 2]), "'model'"),
+    (lambda s: s["data"].pop("in_chans"), "in_chans"),
+    (lambda s: s["data"].update(num_classes="ten"), "num_classes"),
+    (lambda s: s.update(config=[1, 2]), "'config'"),
+    (lambda s: s.update(data=None), "'data'"),
+    (lambda s: s.update(epoch="x"), "epoch"),
+    (lambda s: s["model"].update({"features.0.weight": [1.0]}), "features.0.weight"),
+])
+@pytest.mark.parametrize("command", ["summary", "eval", "export"])
+def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, capsys, edit, needle, command):
+    path = _edited_checkpoint(run_dir, tmp_path, edit)
+    argv = [command, path] + ([str(tmp_path / "m.safetensors")] if command == "export" else [])
+    _fails(capsys, argv, path, needle, code=1)
