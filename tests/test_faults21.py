@@ -147,3 +147,35 @@ def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, cap
     path = _edited_checkpoint(run_dir, tmp_path, edit)
     argv = [command, path] + ([str(tmp_path / "m.safetensors")] if command == "export" else [])
     _fails(capsys, argv, path, needle, code=1)
+
+
+def _disk_full(monkeypatch, module, name):
+    """``module.name`` (torch.save, safetensors' save_file) fails as it does on a full disk: torch's zip writer
+    raises a RuntimeError without an errno, and the disk has no space left."""
+    import collections
+    import shutil
+
+    real = getattr(module, name)
+
+    def fail(obj, f, *a, **k):
+        real(obj, "/dev/full", *a, **k) if module is torch else None  # torch's own error on a failing write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(module, name, fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _disk_full(monkeypatch, torch, "save")
+    _fails(capsys, ["train", *TINY, "--output", str(run)], "No space left on device", "checkpoint.pt", code=1)
+    assert not (run / "checkpoint.pt").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_during_a_safetensors_export_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    _disk_full(monkeypatch, safetensors.torch, "save_file")
+    _fails(capsys, ["export", str(run_dir), str(tmp_path / "m.safetensors")], "No space left on device", code=1)
+    assert list(tmp_path.iterdir()) == []
