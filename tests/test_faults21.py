@@ -179,3 +179,18 @@ def test_a_full_disk_during_a_safetensors_export_is_one_line(run_dir, tmp_path, 
     _disk_full(monkeypatch, safetensors.torch, "save_file")
     _fails(capsys, ["export", str(run_dir), str(tmp_path / "m.safetensors")], "No space left on device", code=1)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"])
+def test_an_explicit_data_dir_without_the_data_is_an_error_naming_it(tmp_path, capsys, kind):
+    from torchsaq.data import build_datasets
+
+    d = tmp_path / "fm"
+    if kind == "empty":
+        d.mkdir()
+    elif kind == "file":
+        d.write_text("x")
+    with pytest.raises(ValueError, match="fm"):  # never the system package's copy instead
+        build_datasets("fashion_mnist", data_dir=str(d))
+    _fails(capsys, ["train", "--dataset", "fashion_mnist", "--data-dir", str(d), "--no-save"], str(d), "--data-dir",
+           code=1)
