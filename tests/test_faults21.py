@@ -194,3 +194,28 @@ def test_an_explicit_data_dir_without_the_data_is_an_error_naming_it(tmp_path, c
         build_datasets("fashion_mnist", data_dir=str(d))
     _fails(capsys, ["train", "--dataset", "fashion_mnist", "--data-dir", str(d), "--no-save"], str(d), "--data-dir",
            code=1)
+
+
+def _calibrated(model):
+    import torchsaq as saq
+
+    saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=4))
+    model.train()
+    model(torch.randn(64, 8))
+    return model.eval()
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "onnx"])
+def test_tied_weights_and_a_layer_registered_twice_are_refused_at_export(tmp_path, suffix):
+    import torchsaq as saq
+    from torch import nn
+
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    tied[2].weight = tied[0].weight
+    layer = nn.Linear(8, 8)
+    twice = nn.Sequential(layer, nn.ReLU(), layer)
+    for model, needle in ((tied, "share one weight"), (twice, "registered twice")):
+        path = tmp_path / f"m.{suffix}"
+        with pytest.raises(ValueError, match=needle) as e:
+            saq.export(_calibrated(model), path, example_inputs=(torch.randn(2, 8),))
+        assert "0" in str(e.value) and "2" in str(e.value) and not path.exists()
