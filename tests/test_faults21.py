@@ -219,3 +219,14 @@ def test_tied_weights_and_a_layer_registered_twice_are_refused_at_export(tmp_pat
         with pytest.raises(ValueError, match=needle) as e:
             saq.export(_calibrated(model), path, example_inputs=(torch.randn(2, 8),))
         assert "0" in str(e.value) and "2" in str(e.value) and not path.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_export_of_a_low_precision_model_is_refused_not_rounded_differently(tmp_path, dtype):
+    import torchsaq as saq
+    from torch import nn
+
+    model = _calibrated(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))).to(dtype)
+    with pytest.raises(ValueError, match=str(dtype).replace("torch.", "")):
+        saq.export(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -252,6 +252,11 @@ def _checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     if not layers:
         raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
     _check_not_shared(model, layers)
+    low = [(n, m.weight.dtype) for n, m in layers if m.weight.dtype != torch.float32]
+    if low:  # the codes would be computed in float32 while the forward rounds in the layer's own dtype
+        raise ValueError(f"export: layer {low[0][0]} runs in {str(low[0][1]).replace('torch.', '')}, and an export "
+                         "stores the float32 model's codes, which can differ by one step: export model.float() "
+                         "(the float32 model, whose outputs the export reproduces exactly)")
     if not is_traced(model):
         raise ValueError("export: the model has not run yet (first/last layers unknown): calibrate or train it first")
     uninit = [f"{n}.{qn}" for n, m in layers for qn, q in (("weight_quantizer", m.weight_quantizer),
