@@ -230,3 +230,18 @@ def test_export_of_a_low_precision_model_is_refused_not_rounded_differently(tmp_
     with pytest.raises(ValueError, match=str(dtype).replace("torch.", "")):
         saq.export(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_calibrating_on_all_zero_or_empty_data_says_so(recwarn):
+    import torchsaq as saq
+    from torch import nn
+
+    model = saq.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), saq.QuantConfig(4, 4))
+    with pytest.warns(UserWarning, match="all zero.*0"):
+        saq.calibrate(model, [(torch.zeros(16, 8), None)])
+    model = saq.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), saq.QuantConfig(4, 4))
+    with pytest.raises(ValueError, match="empty") as e:
+        saq.calibrate(model, [(torch.zeros(0, 8), None)])
+    assert "NaN" not in str(e.value)
+    saq.calibrate(model, [(torch.randn(16, 8), None)])  # ordinary data: no warning
+    assert not [w for w in recwarn if "calibrate" in str(w.message)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union, cast
 
@@ -263,6 +264,17 @@ def _inputs(batch: Any) -> tuple:
 
 
 @torch.no_grad()
+def _warn_all_zero(model: nn.Module) -> None:
+    """Warn when a layer's calibration inputs were all zero: its activation step falls back to the tiny 1e-6 and
+    every input then gives (nearly) the same output."""
+    dead = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.act_quantizer.enabled
+            and m.act_quantizer.is_initialized and float(m.act_quantizer.step_size().max()) <= 1e-6]
+    if dead:
+        warnings.warn(f"calibrate: the inputs of {len(dead)} layer(s) were all zero (e.g. {', '.join(dead[:3])}): "
+                      "their activation steps fall back to 1e-6 and every input gives the same output; calibrate "
+                      "on real data", UserWarning, stacklevel=3)
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None,
               device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """Initialise every quantizer from data: LSQ's step 2*mean|x|/sqrt(Qp) (mean|x| averaged over the
@@ -291,6 +303,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 if num_batches is not None and i >= num_batches:
                     break
                 args = tuple(a.to(device) for a in _inputs(batch))
+                if any(a.dim() and a.shape[0] == 0 for a in args if torch.is_tensor(a)):
+                    raise ValueError(f"calibrate: batch {i} is empty (0 samples); give batches with samples")
                 if i == 0:
                     trace(model, *args)
                     quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
@@ -311,6 +325,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 raise ValueError(f"calibrate: the batches give non-finite step sizes / clips for {len(bad)} "
                                  "quantizer(s) "
                                  f"(e.g. {', '.join(bad[:3])}): the data holds NaN or inf values; left unchanged")
+            _warn_all_zero(model)
         finally:
             for q in quantizers:
                 q._calib = None
