@@ -245,3 +245,18 @@ def test_calibrating_on_all_zero_or_empty_data_says_so(recwarn):
     assert "NaN" not in str(e.value)
     saq.calibrate(model, [(torch.randn(16, 8), None)])  # ordinary data: no warning
     assert not [w for w in recwarn if "calibrate" in str(w.message)]
+
+
+def test_evaluation_of_inputs_holding_nan_is_an_error_not_an_accuracy():
+    import torchsaq as saq
+    from torch import nn
+
+    from torchsaq.train import evaluate
+
+    model = saq.calibrate(saq.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
+                                       saq.QuantConfig(4, 4)), [(torch.randn(16, 8), None)])
+    x, y = torch.randn(10, 8), torch.zeros(10, dtype=torch.long)
+    assert evaluate(model, [(x, y)])["n"] == 10
+    x[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 of 10 samples"):
+        evaluate(model, [(x, y)])

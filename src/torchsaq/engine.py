@@ -298,9 +298,10 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
     (at most ``limit`` batches if > 0) in eval mode; every module gets its own training flag back.
 
     ``reduce``: sum over the ranks of a torchrun job (each rank evaluating its shard) before averaging.
+    A sample whose outputs are not finite (NaN in the inputs) is a FloatingPointError: no accuracy is reported.
     """
     device = torch.device(device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count, non-finite
     with eval_mode(model):
         for i, (x, y) in enumerate(loader):
             if limit and i >= limit:
@@ -314,10 +315,14 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
             hit = top.eq(y.view(-1, 1))
             sums += torch.stack([nn.functional.cross_entropy(out, y, reduction="sum").double(),
                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                                 (~torch.isfinite(out).all(dim=1)).sum().double()])
     if reduce:
         dist.all_reduce(sums)
-    loss, c1, c5, n = sums.tolist()
+    loss, c1, c5, n, bad = sums.tolist()
+    if bad:
+        raise FloatingPointError(f"evaluation: {int(bad)} of {int(n)} samples give non-finite outputs (NaN or inf "
+                                 "in the inputs or the model); no accuracy is reported")
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
     return {"acc": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": int(n)}
