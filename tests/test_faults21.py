@@ -260,3 +260,37 @@ def test_evaluation_of_inputs_holding_nan_is_an_error_not_an_accuracy():
     x[3, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="1 of 10 samples"):
         evaluate(model, [(x, y)])
+
+
+def _saq_model():
+    import torchsaq as saq
+    from torch import nn
+
+    torch.manual_seed(0)
+    return saq.calibrate(saq.quantize(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                                      saq.QuantConfig(4, 4)), [(torch.randn(32, 8), None)])
+
+
+def test_a_param_group_added_to_saq_is_perturbed_too():
+    import torchsaq as saq
+
+    model = _saq_model()
+    base = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1)
+    opt = saq.SAQ(model, base, rho=0.5, strategy="full")
+    opt.add_param_group({"params": [model[2].weight]})
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        p = model[2].perturb_post
+        seen.append(p is not None and bool(p.ne(0).any()))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert seen == [False, True]  # the second pass runs at Q(w) + e for the new group's layer too
+    other = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        opt.add_param_group({"params": [other]})

@@ -324,10 +324,23 @@ class SAQ(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer surface ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (the groups are shared)."""
+        """Add a group to the base optimizer (the groups are shared); its parameters are perturbed like the
+        others (a quantized layer's weight at Q(w), as the mode says). The perturbation targets are chosen
+        again, so the strategy's stored state (prev_grad's e_prev, every_k's g_v) starts afresh."""
         if not getattr(self, "_initialised", False):
             return super().add_param_group(param_group)
+        self.restore()
         self.base_optimizer.add_param_group(param_group)
+        try:
+            targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer,
+                                      self.perturb_unquantized, self.perturb_steps)
+        except ValueError:
+            self.base_optimizer.param_groups.pop()  # all or nothing
+            raise
+        self._set_capture(False)
+        self._targets = targets
+        self._set_capture(True)
+        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
