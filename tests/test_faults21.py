@@ -294,3 +294,32 @@ def test_a_param_group_added_to_saq_is_perturbed_too():
     other = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="not parameters of the model"):
         opt.add_param_group({"params": [other]})
+
+
+@pytest.mark.parametrize("strategy", ["prev_grad", "every_k"])
+def test_saq_state_from_a_model_of_another_width_is_refused_at_load(strategy):
+    import torchsaq as saq
+    from torch import nn
+
+    def make(width):
+        torch.manual_seed(0)
+        m = saq.calibrate(saq.quantize(nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3)),
+                                       saq.QuantConfig(4, 4)), [(torch.randn(32, 8), None)])
+        return m, saq.SAQ(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), strategy=strategy, k=1)
+
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    m16, o16 = make(16)
+    for _ in range(2):
+        def closure():
+            o16.zero_grad()
+            loss = nn.functional.cross_entropy(m16(x), y)
+            loss.backward()
+            return loss
+        o16.step(closure)
+    state = o16.state_dict()
+    _, o32 = make(32)
+    with pytest.raises(ValueError, match=r"shape \(16, 8\).*\(32, 8\)"):
+        o32.load_state_dict(state)
+    state["base"]["state"] = {}  # without the base's momentum: the strategy's own state is checked too
+    with pytest.raises(ValueError, match=r"shape \(16, 8\).*\(32, 8\)"):
+        o32.load_state_dict(state)
