@@ -323,3 +323,62 @@ def test_saq_state_from_a_model_of_another_width_is_refused_at_load(strategy):
     state["base"]["state"] = {}  # without the base's momentum: the strategy's own state is checked too
     with pytest.raises(ValueError, match=r"shape \(16, 8\).*\(32, 8\)"):
         o32.load_state_dict(state)
+
+
+# -- the first hour ------------------------------------------------------------------------------------------
+def test_version_flag_prints_the_version():
+    import subprocess
+    import sys
+
+    import torchsaq
+
+    r = subprocess.run([sys.executable, "-m", "torchsaq", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"torchsaq {torchsaq.__version__}", r
+
+
+@pytest.mark.parametrize("command", ["eval", "landscape", "sharpness", "summary", "export"])
+def test_every_command_help_describes_its_options_with_defaults(command):
+    from torchsaq.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    assert sub.description, command
+    for action in sub._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, (command, action.dest)
+        if action.option_strings and action.default not in (None, False) and not isinstance(action.default, str) \
+                or action.dest in ("device", "split", "where", "batch_size"):
+            assert f"[{action.default}]" in action.help, (command, action.dest, action.help)
+
+
+def test_one_epoch_is_singular_and_the_bar_shows_one_time_left(capsys):
+    from torchsaq.train import format_result
+
+    r = {"model": "cnn1d", "dataset": "mnist1d", "w_bits": 4, "a_bits": 4, "sharpness": "none", "epochs": 1,
+         "time_s": 3.0, "device": "cpu", "threads": 1, "test_acc": 50.0, "test_top5": 90.0, "test_loss": 1.0,
+         "size_bits": 8.0, "float_bits": 32.0}
+    assert "1 epoch in" in format_result(r)
+
+
+def test_the_progress_bar_shows_one_time_left(capsys):
+    main(["train", *TINY, "--no-save"])
+    err = capsys.readouterr().err
+    assert "left " in err and "<" not in err, err[-500:]  # tqdm's own remaining time ("00:01<00:02") is gone
+
+
+def test_the_interrupt_message_names_torchsaq(tmp_path, capsys):
+    import signal
+
+    from torchsaq.config import TrainConfig
+    from torchsaq.train import TrainingInterrupted, train
+
+    def ctrl_c(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    cfg = TrainConfig(epochs=1, batch_size=32, limit_train_batches=3, limit_eval_batches=1, sharpness="none",
+                      save=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, progress=True, step_callback=ctrl_c)
+    err = capsys.readouterr().err
+    assert "\ntorchsaq: stopping after this step" in err and "\nsaq:" not in err, err[-300:]

@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
     from .vocab import WHERE, WHERE_HELP, describe
 
+    from . import __version__
+
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
+    p.add_argument("--version", action="version", version=f"torchsaq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a quantized model (default: MNIST-1D, 1-D CNN, w4a4, SAQ)",
@@ -225,10 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="top-1/top-5 accuracy and loss of a checkpoint on its test set")
     checkpoint_arg(e)
-    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the test set, or the validation split held out of the training set (val_split > 0)")
     e.add_argument("--data-dir", help="data folder, if it moved since training")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors, or ONNX)")
@@ -240,29 +244,44 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_arg(s)
 
     ls = sub.add_parser("landscape", help="1-D/2-D loss landscape plots of one or more checkpoints")
-    ls.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    ls.add_argument("--dims", type=int, choices=(1, 2), default=1)
+    ls.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="checkpoint.pt files (or run folders) of one data set, plotted together")
+    ls.add_argument("--dims", type=int, choices=(1, 2), default=1, help="1-D curves or a 2-D surface")
     ls.add_argument("--steps", type=int, default=21, help="grid points per direction")
     ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
     ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
-    ls.add_argument("--batch-size", type=int, default=256)
+    ls.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     ls.add_argument("--where", type=_where, choices=WHERE, default="quantized",
                     help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
-    ls.add_argument("--seed", type=int, default=0)
-    ls.add_argument("--device", default="cpu")
+    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
+    ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     ls.add_argument("--output", default="runs/landscape", help="output folder")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
-    sh.add_argument("--rho", type=float, default=0.05)
+    sh.add_argument("--rho", type=float, default=0.05, help="radius of the SAM sharpness (worst loss within rho)")
     sh.add_argument("--m", type=int, default=None, help="m-sharpness: batch size of the adversarial step")
     sh.add_argument("--iters", type=int, default=20, help="power iterations for the top eigenvalue")
-    sh.add_argument("--num-samples", type=int, default=512)
-    sh.add_argument("--batch-size", type=int, default=256)
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--device", default="cpu")
+    sh.add_argument("--num-samples", type=int, default=512, help="training samples the measures use")
+    sh.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the sample subset and the random vectors")
+    sh.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, sp in sub.choices.items():
+        if name != "train":  # train's flags say their defaults already (generated from TrainConfig)
+            _document(sp, summaries.get(name))
     return p
+
+
+def _document(sp: argparse.ArgumentParser, summary: Optional[str]) -> None:
+    """A sub-command's help as ``train --help``'s: a description, and every option's default in brackets."""
+    if sp.description is None and summary:
+        sp.description = summary[0].upper() + summary[1:] + "."
+    for a in sp._actions:
+        if a.option_strings and a.help and a.help is not argparse.SUPPRESS and not a.help.endswith("]") \
+                and a.default is not None and a.default is not False and a.default is not argparse.SUPPRESS:
+            a.help = f"{a.help} [{a.default}]"
 
 
 def config_from_args(args: argparse.Namespace):
