@@ -266,7 +266,7 @@ class StopRequest:
             return  # e.g. torchrun's SIGTERM right after the terminal's SIGINT: already stopping
         self.requested, self._first = True, signum
         if self.announce:
-            print("\nsaq: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+            print("\ntorchsaq: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
                   file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
@@ -501,6 +501,10 @@ def finish_epoch(run: Run, epoch: int, sums: EpochSums, warned_dead: set[str]) -
     return record
 
 
+#: tqdm's bar without its own time left for the epoch: the postfix's "left" is the whole run's (one ETA)
+_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 def fit(run: Run) -> None:
     """Train from ``run.state`` to ``cfg.epochs``: per epoch, :func:`train_one_epoch`, :func:`finish_epoch`,
     the metrics files (rank 0) and a checkpoint. Ctrl-C/SIGTERM: :class:`TrainingInterrupted` after a save."""
@@ -515,7 +519,8 @@ def fit(run: Run) -> None:
             resumed = epoch == st.start_epoch
             begin = st.skip if resumed else 0
             with tqdm(total=run.data.steps_per_epoch, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                      disable=not run.progress, dynamic_ncols=True, unit="step", leave=True, file=sys.stderr) as bar:
+                      disable=not run.progress, dynamic_ncols=True, unit="step", leave=True, file=sys.stderr,
+                      bar_format=_BAR) as bar:
                 sums = train_one_epoch(run, epoch, begin, st.partial if resumed else EpochSums(), stop, bar)
                 record = finish_epoch(run, epoch, sums, warned_dead)
                 st.history.append(record)

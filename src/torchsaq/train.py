@@ -405,7 +405,7 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [f"torchsaq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, "
-             f"{r['epochs']} epochs in {fmt_time(r['time_s'])} ({r['device']}"
+             f"{r['epochs']} epoch{'s' * (r['epochs'] != 1)} in {fmt_time(r['time_s'])} ({r['device']}"
              f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     if r.get("compiled") and r.get("first_step_s") is not None:
