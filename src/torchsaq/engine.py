@@ -372,6 +372,7 @@ def train_step(run: Run, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -
         base_step(run.base, run.raw_model.parameters(), grad_scaler=run.scaler, max_grad_norm=run.cfg.max_grad_norm)
     else:
         loss = run.optimizer.step(closure)  # type: ignore[assignment, arg-type]  # torch stub: a float closure
+    keep_steps_positive(run.raw_model)
     with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
@@ -443,6 +444,25 @@ def _after_step(run: Run, loss: float, sums: EpochSums, bar: Any, batches: int =
         bar.update(batches)
     if run.step_callback is not None:
         run.step_callback(st.global_step)
+
+
+@torch.no_grad()
+def keep_steps_positive(model: nn.Module) -> None:
+    """Project every LSQ step back to at least :data:`~torchsaq.kernels.STEP_EPS` after an optimizer step.
+
+    Why a step goes negative: at 8 bits LSQ's initial step puts the range (Qp * s = 2 sqrt(Qp) mean|w|, about
+    22 mean|w|) far beyond the weights, so no weight is clipped and the step's gradient is only the rounding
+    term round(w/s) - w/s, zero-mean noise with no restoring force; scaled by 1/sqrt(N Qp) with few weights
+    per channel (N = 5 in cnn1d's first layer) it is a random walk at the weights' learning rate, which can
+    cross zero (the default run's smallest first-layer step falls to a third of its start while the median
+    holds). The forward already computes with max(s, STEP_EPS); projecting s there keeps it positive, so the
+    clipped weights' gradient pushes it back up at once instead of first climbing back from below zero. A
+    step that never goes that low is untouched (the results are unchanged bit for bit)."""
+    from .kernels import STEP_EPS
+
+    steps = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.kind == "lsq" and q.enabled]
+    if steps:
+        torch._foreach_clamp_min_(steps, STEP_EPS)
 
 
 def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
