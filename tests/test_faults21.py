@@ -383,3 +383,24 @@ def test_the_interrupt_message_names_torchsaq(tmp_path, capsys):
         train(cfg, progress=True, step_callback=ctrl_c)
     err = capsys.readouterr().err
     assert "\ntorchsaq: stopping after this step" in err and "\nsaq:" not in err, err[-300:]
+
+
+# -- tracebacks and misleading messages: one line naming the option ------------------------------------------
+@pytest.mark.parametrize("recipe, flags, needles", [
+    ("exclude: [1, 2]\n", [], ["exclude", "string"]),
+    ("layer_bits: {fc: 8}\nexclude: [fc, {a: 1}]\n", [], ["exclude", "string"]),
+    ("model_kwargs: {channels: 5}\n", [], ["channels", "5"]),
+    (None, ["--model-kwargs", "{channels: abc}"], ["channels", "abc"]),
+    (None, ["--model-kwargs", "{widht: 3}"], ["widht", "cnn1d"]),
+    (None, ["--seed", str(2**70)], ["seed"]),
+    (None, ["--model", "resnet20"], ["resnet20", "mnist1d", "cnn1d"]),
+])
+def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, recipe, flags, needles):
+    argv = ["train", *TINY, "--output", str(tmp_path / "o"), *flags]
+    if recipe is not None:
+        (tmp_path / "r.yaml").write_text(recipe)
+        argv += ["--config", str(tmp_path / "r.yaml")]
+    _fails(capsys, argv, *needles)
+    from torchsaq.checkpointer import RUN_FILES
+
+    assert not [p for p in (tmp_path / "o").glob("*") if p.name in RUN_FILES]  # nothing written

@@ -179,6 +179,8 @@ class TrainConfig:
             bad(f"step_milestones must be epochs >= 1, got {self.step_milestones}")
         if self.workers < 0 or self.log_every < 0 or self.seed < 0 or self.threads < 0:
             bad("workers, log_every, seed and threads must be >= 0")
+        if self.seed >= 2**63 - 1024:  # torch.manual_seed(seed + rank) takes a signed 64-bit integer
+            bad(f"seed must be below 2^63 (a 64-bit integer), got {self.seed}")
         if self.img_size is not None and self.img_size < 1:
             bad(f"img_size must be >= 1, got {self.img_size}")
         if not 0 <= self.val_split < 1:
@@ -377,6 +379,11 @@ def parse_field(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be a list, e.g. [30, 60], got {value!r}")
         check_size(value, name)
         (item,) = typing.get_args(tp)
+        if item is str:
+            wrong = [v for v in value if not isinstance(v, str)]
+            if wrong:
+                raise ValueError(f"{name} items must be strings (module-name globs such as 'fc' or 'blocks.0.*'), "
+                                 f"got {wrong[0]!r}")
         return [_as_int(f"{name} item", v) if item is int else v for v in value]
     if origin is dict:
         if not isinstance(value, dict):

@@ -330,6 +330,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     from .models import model_info
 
     model_info(cfg.model_name)  # an unknown model fails now (with suggestions), before any data is built
+    from .models._registry import check_model_options
+
+    check_model_options(cfg.model_name, {k: v for k, v in cfg.model_kwargs.items() if k != "in_chans"})
     from .data import DATASETS, build_datasets
 
     if cfg.dataset not in DATASETS:  # and so does an unknown data set (its error names the choices)
@@ -368,12 +371,26 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     state = ckpt.resume_state()  # None for a fresh run
     _seed_all(cfg.seed)
     data, bundle = build_data(cfg, device, env)
+    _check_input_rank(cfg, data.info["input_shape"])
     model, raw_model, threads = _setup_model(cfg, data, bundle.train, state, device, env, ckpt.path)
     run = _setup_run(cfg, env, device, data, model, raw_model, ckpt, state, progress, step_callback)
     if state is not None:
         set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
     fit(run)
     return _result(run, threads)
+
+
+def _check_input_rank(cfg: TrainConfig, input_shape: list[int]) -> None:
+    """A model made for images on a 1-D data set (or the reverse) is a one-line error naming both."""
+    from .data import dataset_info
+    from .models import model_info
+
+    expected = model_info(cfg.model_name).input_shape
+    if expected and len(expected) != len(input_shape):
+        shape = "x".join(map(str, input_shape))
+        raise ValueError(f"model {cfg.model} takes {len(expected) - 1}-D inputs ({'x'.join(map(str, expected))}) "
+                         f"but {cfg.dataset}'s are {len(input_shape) - 1}-D ({shape}): choose a model for this "
+                         f"data set (its default: {dataset_info(cfg.dataset).default_model})")
 
 
 def _result(run: Run, threads: int) -> TrainResult:
