@@ -404,3 +404,11 @@ def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, recipe, fl
     from torchsaq.checkpointer import RUN_FILES
 
     assert not [p for p in (tmp_path / "o").glob("*") if p.name in RUN_FILES]  # nothing written
+
+
+@pytest.mark.parametrize("sharpness", ["case3", "none"])
+def test_a_diverging_lr_says_what_the_cli_can_do_under_saq_too(tmp_path, capsys, sharpness):
+    err = _fails(capsys, ["train", "--epochs", "1", "--batch-size", "32", "--limit-train-batches", "6",
+                          "--limit-eval-batches", "1", "--lr", "1e30", "--sharpness", sharpness,
+                          "--output", str(tmp_path / "o")], "nothing was saved", "lower --lr", code=1)
+    assert "nonfinite=" not in err and "GradScaler" not in err

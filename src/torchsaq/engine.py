@@ -409,7 +409,13 @@ def train_one_epoch(run: Run, epoch: int, begin: int, sums: EpochSums, stop: Sto
                 raise
             raise TrainingInterrupted(run.save(epoch, step, sums), epoch + 1, step)
         t_step = time.perf_counter()
-        loss, hits = train_step(run, group)
+        try:
+            loss, hits = train_step(run, group)
+        except FloatingPointError as e:  # saq.SAQ refused a non-finite step: say what the CLI user can do
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch + 1}, batch {step + len(group)}: "
+                f"{str(e).partition('; ')[0].removeprefix('saq.SAQ: ')} (the step was not taken); "
+                f"{run.checkpointer.kept()}; lower --lr (or --rho), or set --max-grad-norm") from e
         count = sum(int(y.numel()) for _, y in group)
         step += len(group)
         # one host-device read per step for both numbers (exact: float64 holds either one)
