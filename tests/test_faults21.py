@@ -412,3 +412,17 @@ def test_a_diverging_lr_says_what_the_cli_can_do_under_saq_too(tmp_path, capsys,
                           "--limit-eval-batches", "1", "--lr", "1e30", "--sharpness", sharpness,
                           "--output", str(tmp_path / "o")], "nothing was saved", "lower --lr", code=1)
     assert "nonfinite=" not in err and "GradScaler" not in err
+
+
+def test_quantize_with_wrong_example_inputs_leaves_the_model_as_it_was():
+    import torchsaq as saq
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    keys, ref = list(model.state_dict()), model(torch.ones(2, 8))
+    with pytest.raises((ValueError, RuntimeError)):
+        saq.quantize(model, saq.QuantConfig(4, 4), example_inputs=torch.zeros(1, 5))
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear] and list(model.state_dict()) == keys
+    assert torch.equal(model(torch.ones(2, 8)), ref) and not hasattr(model, "_saq_config")
+    saq.quantize(model, saq.QuantConfig(4, 4), example_inputs=torch.zeros(1, 8))  # and it can be quantized now
+    assert len(saq.quant_layers(model)) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import warnings
@@ -135,19 +136,33 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
         if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
             raise ValueError(f"exclude pattern {pattern!r} matches no module of the model")
 
-    for name, m in targets:
-        bits = _override(name, config) or (config.w_bits, config.a_bits)
-        m.__class__ = QUANT_CLASSES[type(m)]
-        m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
-                      config.quantizer, config.act_grad_scale)
-        m._saq_name = name
-    # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
-    model._saq_config = config  # type: ignore[assignment]
-    hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
-    model._saq_trace_hook = hook  # type: ignore[assignment]
-    if example_inputs is not None:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        trace(model, *args)
+    # all or nothing: on any failure (a layer that cannot be converted, example inputs of the wrong shape) every
+    # converted layer and the model get their earlier class and attributes back
+    saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()})
+             for _, m in targets]
+    try:
+        for name, m in targets:
+            bits = _override(name, config) or (config.w_bits, config.a_bits)
+            m.__class__ = QUANT_CLASSES[type(m)]
+            m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
+                          config.quantizer, config.act_grad_scale)
+            m._saq_name = name
+        # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
+        model._saq_config = config  # type: ignore[assignment]
+        hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
+        model._saq_trace_hook = hook  # type: ignore[assignment]
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            trace(model, *args)
+    except BaseException:
+        _drop_trace_hook(model)
+        model.__dict__.pop("_saq_trace_hook", None)
+        model.__dict__.pop("_saq_config", None)
+        for m, cls, attrs in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+        raise
     return model
 
 
