@@ -42,6 +42,7 @@ def run_dir(tmp_path_factory):
 
 
 # -- lost data, hangs, crashes -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sharpness_never_overwrites_a_file_that_is_not_its_own_output(run_dir, tmp_path, capsys):
     ckpt = run_dir / "checkpoint.pt"
     before = ckpt.read_bytes()
@@ -326,6 +327,7 @@ def test_saq_state_from_a_model_of_another_width_is_refused_at_load(strategy):
 
 
 # -- the first hour ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_version_flag_prints_the_version():
     import subprocess
     import sys

@@ -7,7 +7,6 @@ separate best checkpoint; the metrics history says which epoch scored best).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -72,6 +71,10 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
     return lock
 
 
+#: options every stored config.yaml holds (recognises a run's own config.yaml across versions that add options)
+_STORED_KEYS = {"dataset", "model", "output", "seed", "resume", "overwrite", "save"}
+
+
 def _written_by_us(path: Path) -> bool:
     """Whether ``path`` (one of :data:`RUN_FILES`) is recognisably what a torchsaq run writes there: only such a
     file is ever replaced or deleted (a user's own ``config.yaml`` or ``tb/`` in an --output folder is not)."""
@@ -101,7 +104,8 @@ def _written_by_us(path: Path) -> bool:
             import yaml
 
             data = yaml.safe_load(text)
-            return isinstance(data, dict) and set(data) == {f.name for f in dataclasses.fields(TrainConfig)}
+            # a run writes every option (a hand-written recipe rarely names resume, overwrite and save at once)
+            return isinstance(data, dict) and _STORED_KEYS <= set(data)
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
     return False

@@ -466,7 +466,8 @@ def keep_steps_positive(model: nn.Module) -> None:
     step that never goes that low is untouched (the results are unchanged bit for bit)."""
     from .kernels import STEP_EPS
 
-    steps = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.kind == "lsq" and q.enabled]
+    steps: list[torch.Tensor] = [q.scale for q in model.modules()
+                                 if isinstance(q, Quantizer) and q.kind == "lsq" and q.enabled]
     if steps:
         torch._foreach_clamp_min_(steps, STEP_EPS)
 
