@@ -392,8 +392,9 @@ def test_fashion_mnist_default_folder_is_the_debian_package(tmp_path, monkeypatc
     _write_fmnist(system, gz=(True,) * 4)
     monkeypatch.setattr(sdata, "FASHION_MNIST_SYSTEM_DIR", str(system))
     assert len(build_datasets("fashion_mnist").train) == 40
-    (tmp_path / "empty").mkdir()  # a --data-dir without any of the files falls back to it too
-    assert len(build_datasets("fashion_mnist", data_dir=tmp_path / "empty").test) == 12
+    (tmp_path / "empty").mkdir()  # a --data-dir without the files is an error, never this copy (issue 21)
+    with pytest.raises(ValueError, match="empty"):
+        build_datasets("fashion_mnist", data_dir=tmp_path / "empty")
 
 
 def _one_line_error(match: str, **kw) -> str:
@@ -409,13 +410,12 @@ def _one_line_error(match: str, **kw) -> str:
 
 def test_fashion_mnist_missing_files_say_where_and_how(tmp_path, no_system_fmnist):
     (tmp_path / "empty").mkdir()
-    msg = _one_line_error("not in .*empty.* \\(--data-dir\\) and .*no-system-fashion-mnist.* \\(Debian package",
-                          data_dir=tmp_path / "empty")
+    msg = _one_line_error("not in .*empty.* \\(--data-dir\\); install", data_dir=tmp_path / "empty")
     assert "apt-get install dataset-fashion-mnist" in msg and "into DIR and pass --data-dir DIR" in msg
     assert all(f in msg for f in sdata.FASHION_MNIST_FILES)
     msg = _one_line_error("not in .*no-system-fashion-mnist.*apt-get install dataset-fashion-mnist")
     assert "--data-dir)" not in msg
-    _one_line_error("not in .*missing", data_dir=tmp_path / "missing")
+    _one_line_error("missing.* does not exist", data_dir=tmp_path / "missing")
     # some files but not all: that folder was meant, name what is missing there
     _write_fmnist(tmp_path / "part")
     (tmp_path / "part" / "t10k-labels-idx1-ubyte.gz").unlink()

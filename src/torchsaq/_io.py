@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Union
@@ -14,7 +16,8 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     A failure at any point (an exception, Ctrl-C, a crash) leaves the previous file at ``path`` intact and
-    removes the temporary file; an OSError (a full disk, no permission) is re-raised naming ``path``.
+    removes the temporary file; an OSError (a full disk, no permission) is re-raised naming ``path``, and so is
+    any other error of ``write`` on a file system left without space (torch.save, safetensors: no errno).
     Returns ``path``.
     """
     path = Path(path)
@@ -31,8 +34,12 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given: the umask decides
         os.replace(tmp, path)
     except BaseException as e:
+        full = not isinstance(e, (OSError, KeyboardInterrupt)) and _disk_full(path.parent)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full:  # torch's zip writer and safetensors report a full disk without an errno
+            raise OSError(errno.ENOSPC, f"cannot write {path}: {os.strerror(errno.ENOSPC)}; "
+                                        f"any earlier {path.name} is unchanged") from e
         if isinstance(e, OSError):
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; "
                                    f"any earlier {path.name} is unchanged") from e
@@ -48,6 +55,15 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (next to) no space left: checked before the failed write's
+    temporary file is removed."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 def _umask() -> int:

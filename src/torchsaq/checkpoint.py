@@ -11,6 +11,7 @@ A checkpoint is a plain dict of tensors and Python scalars/containers written wi
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
@@ -72,7 +73,48 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     for key in ("config", "model", "data"):
         if key not in state:
             raise ValueError(f"{path} is an incomplete torchsaq checkpoint (missing {key!r})")
+    check_fields(state, str(path))
     return state
+
+
+#: the most input elements per sample a checkpoint may declare (ImageNet at 224 px: 150528)
+MAX_INPUT_ELEMENTS = 2**26
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_fields(state: dict[str, Any], where: str) -> None:
+    """The one check of a checkpoint's fields by type and range, before anything acts on them: a ValueError
+    naming ``where`` and the field (a wrong type, a missing entry, an input shape that cannot be this model's)."""
+    def bad(field: str, why: str) -> None:
+        raise ValueError(f"{where} is not a valid torchsaq checkpoint: {field} {why}")
+
+    for key, kind in (("config", dict), ("model", dict), ("data", dict), ("optimizer", dict), ("scheduler", dict),
+                      ("metrics", dict), ("history", list), ("rng", dict)):
+        if key in state and not isinstance(state[key], kind) and not (key == "metrics" and state[key] is None):
+            bad(repr(key), f"must be a {kind.__name__}, got {type(state[key]).__name__}")
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        if key in state and not _is_int(state[key]):
+            bad(repr(key), f"must be an integer >= 0, got {state[key]!r}")
+    tensors = [k for k, v in state["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if tensors:
+        bad(f"'model' entry {tensors[0]!r}", "is not a tensor")
+    data = state["data"]
+    for key in ("num_classes", "in_chans"):
+        if not _is_int(data.get(key), 1):
+            bad(f"data.{key}", f"must be an integer >= 1, got {data.get(key, 'nothing')!r}")
+    shape = data.get("input_shape")
+    if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 4 and all(_is_int(n, 1) for n in shape)):
+        bad("data.input_shape", f"must be a list of 1 to 4 positive integers, got {shape!r}")
+    if shape[0] != data["in_chans"]:
+        bad("data.input_shape", f"{list(shape)} does not start with data.in_chans ({data['in_chans']})")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        bad("data.input_shape", f"{list(shape)} is absurd ({math.prod(shape)} values per sample, more than "
+                                f"{MAX_INPUT_ELEMENTS})")
+    if "dataset" in data and not isinstance(data["dataset"], str):
+        bad("data.dataset", f"must be a name, got {data['dataset']!r}")
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:

@@ -7,6 +7,7 @@ separate best checkpoint; the metrics history says which epoch scored best).
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import sys
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write_text
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .device import agree
 
@@ -51,7 +52,11 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
     except OSError as e:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
     try:
-        held = [name for name in RUN_FILES if (out / name).exists()]
+        held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        foreign = [name for name in held if not _written_by_us(out / name)]
+        if foreign and not cfg.resume:
+            raise ValueError(f"{out} holds {', '.join(foreign)} not written by torchsaq, which a run would replace; "
+                             "move them away or choose another --output (nothing was changed)")
         if held and not cfg.resume:
             if not cfg.overwrite:
                 raise ValueError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, "
@@ -64,6 +69,46 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
         lock.release()
         raise
     return lock
+
+
+#: options every stored config.yaml holds (recognises a run's own config.yaml across versions that add options)
+_STORED_KEYS = {"dataset", "model", "output", "seed", "resume", "overwrite", "save"}
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` (one of :data:`RUN_FILES`) is recognisably what a torchsaq run writes there: only such a
+    file is ever replaced or deleted (a user's own ``config.yaml`` or ``tb/`` in an --output folder is not)."""
+    name = path.name
+    try:
+        if path.is_symlink():
+            return False
+        if name == "tb":
+            files = [p for p in path.rglob("*") if not p.is_dir()]
+            return path.is_dir() and all(p.name.startswith("events.out.tfevents.") for p in files)
+        if not path.is_file():
+            return False
+        if name == CHECKPOINT_NAME:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return isinstance(state, dict) and state.get("format") == FORMAT
+        if name == "curves.png":
+            with open(path, "rb") as f:
+                head = f.read(512)
+            return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+        text = path.read_text()
+        if name == "metrics.csv":
+            return text.startswith("epoch,") or not text
+        if name == "metrics.jsonl":
+            rows = [json.loads(line) for line in text.splitlines()]
+            return all(isinstance(r, dict) and "epoch" in r for r in rows)
+        if name == "config.yaml":
+            import yaml
+
+            data = yaml.safe_load(text)
+            # a run writes every option (a hand-written recipe rarely names resume, overwrite and save at once)
+            return isinstance(data, dict) and _STORED_KEYS <= set(data)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return False
 
 
 def _config_diff(old: TrainConfig, new: TrainConfig) -> list[str]:

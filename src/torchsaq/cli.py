@@ -72,7 +72,8 @@ TRAIN_HELP = {
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
     "device": "auto, cpu, cuda, cuda:N",
     "threads": "CPU threads per process; 0 = auto: 1 for small models (under 0.5 G multiply-accumulates per "
-               "batch), else the cores shared among the processes on this machine",
+               "batch), else the idle cores (by the load average) shared among the processes on this machine; "
+               "at most the machine's cores",
     "freeze_bn": "BatchNorm layers normalise with their running statistics and do not update them while "
                  "training (a common QAT fine-tuning practice); their affine weights still train",
     "compile": "torch.compile the training forward (inductor; the first steps compile, the summary reports "
@@ -141,6 +142,12 @@ def _parse_mapping(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    from .config import check_size
+
+    try:
+        check_size(value, "the mapping")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -205,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
     from .vocab import WHERE, WHERE_HELP, describe
 
+    from . import __version__
+
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
+    p.add_argument("--version", action="version", version=f"torchsaq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a quantized model (default: MNIST-1D, 1-D CNN, w4a4, SAQ)",
@@ -226,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", help="with a .onnx file: the run (folder or checkpoint.pt) to compare with and take the "
                                  "data set from (default: the one recorded in the file by torchsaq export)")
     e.add_argument("--dataset", help="with a .onnx file: the data set to score it on (default: the run's)")
-    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the test set, or the validation split held out of the training set (val_split > 0)")
     e.add_argument("--data-dir", help="data folder, if it moved since training")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     x = sub.add_parser("export", help="export a checkpoint as integer weights + scales (safetensors, or ONNX)")
@@ -244,29 +255,44 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_arg(s)
 
     ls = sub.add_parser("landscape", help="1-D/2-D loss landscape plots of one or more checkpoints")
-    ls.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    ls.add_argument("--dims", type=int, choices=(1, 2), default=1)
+    ls.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="checkpoint.pt files (or run folders) of one data set, plotted together")
+    ls.add_argument("--dims", type=int, choices=(1, 2), default=1, help="1-D curves or a 2-D surface")
     ls.add_argument("--steps", type=int, default=21, help="grid points per direction")
     ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
     ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
-    ls.add_argument("--batch-size", type=int, default=256)
+    ls.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     ls.add_argument("--where", type=_where, choices=WHERE, default="quantized",
                     help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
-    ls.add_argument("--seed", type=int, default=0)
-    ls.add_argument("--device", default="cpu")
+    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
+    ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     ls.add_argument("--output", default="runs/landscape", help="output folder")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
-    sh.add_argument("--rho", type=float, default=0.05)
+    sh.add_argument("--rho", type=float, default=0.05, help="radius of the SAM sharpness (worst loss within rho)")
     sh.add_argument("--m", type=int, default=None, help="m-sharpness: batch size of the adversarial step")
     sh.add_argument("--iters", type=int, default=20, help="power iterations for the top eigenvalue")
-    sh.add_argument("--num-samples", type=int, default=512)
-    sh.add_argument("--batch-size", type=int, default=256)
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--device", default="cpu")
+    sh.add_argument("--num-samples", type=int, default=512, help="training samples the measures use")
+    sh.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the sample subset and the random vectors")
+    sh.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, sp in sub.choices.items():
+        if name != "train":  # train's flags say their defaults already (generated from TrainConfig)
+            _document(sp, summaries.get(name))
     return p
+
+
+def _document(sp: argparse.ArgumentParser, summary: Optional[str]) -> None:
+    """A sub-command's help as ``train --help``'s: a description, and every option's default in brackets."""
+    if sp.description is None and summary:
+        sp.description = summary[0].upper() + summary[1:] + "."
+    for a in sp._actions:
+        if a.option_strings and a.help and a.help is not argparse.SUPPRESS and not a.help.endswith("]") \
+                and a.default is not None and a.default is not False and a.default is not argparse.SUPPRESS:
+            a.help = f"{a.help} [{a.default}]"
 
 
 def config_from_args(args: argparse.Namespace):
@@ -466,11 +492,23 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_sharpness_json(path: Path) -> bool:
+    """Whether ``path`` holds what ``torchsaq sharpness --output`` writes (the only file it may replace)."""
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(row, dict) and {"checkpoint", "hessian_top_eigenvalue", "sam_sharpness"} <= set(row)
+
+
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     from .analysis import format_sharpness_table, run_sharpness
 
     if args.output and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a folder; give a file name such as sharpness.json")
+    if args.output and Path(args.output).exists() and not _is_sharpness_json(Path(args.output)):
+        raise ValueError(f"--output {args.output} exists and is not a torchsaq sharpness result (a checkpoint?); "
+                         "refusing to replace it: give another file name")
     row = run_sharpness(args.checkpoint, num_samples=args.num_samples, batch_size=args.batch_size, rho=args.rho,
                         m=args.m, iters=args.iters, seed=args.seed, device=_device(args.device))
     print(format_sharpness_table([row]), end="")

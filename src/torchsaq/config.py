@@ -182,6 +182,8 @@ class TrainConfig:
             bad(f"step_milestones must be epochs >= 1, got {self.step_milestones}")
         if self.workers < 0 or self.log_every < 0 or self.seed < 0 or self.threads < 0:
             bad("workers, log_every, seed and threads must be >= 0")
+        if self.seed >= 2**63 - 1024:  # torch.manual_seed(seed + rank) takes a signed 64-bit integer
+            bad(f"seed must be below 2^63 (a 64-bit integer), got {self.seed}")
         if self.img_size is not None and self.img_size < 1:
             bad(f"img_size must be >= 1, got {self.img_size}")
         if not 0 <= self.val_split < 1:
@@ -380,13 +382,50 @@ def parse_field(name: str, value: Any) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, e.g. [30, 60], got {value!r}")
+        check_size(value, name)
         (item,) = typing.get_args(tp)
+        if item is str:
+            wrong = [v for v in value if not isinstance(v, str)]
+            if wrong:
+                raise ValueError(f"{name} items must be strings (module-name globs such as 'fc' or 'blocks.0.*'), "
+                                 f"got {wrong[0]!r}")
         return [_as_int(f"{name} item", v) if item is int else v for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, e.g. {{key: value}}, got {value!r}")
+        check_size(value, name)
         return dict(value)
     return value  # pragma: no cover - every field type is handled above
+
+
+#: the most values (containers and scalars, YAML aliases expanded) one option or recipe may hold
+MAX_VALUES = 100_000
+
+
+def check_size(value: Any, what: str, limit: int = MAX_VALUES) -> None:
+    """A ValueError if ``value`` (YAML/JSON data) refers to itself or holds more than ``limit`` values once its
+    shared parts (YAML aliases) are expanded: counted without expanding them, so a billion-laughs recipe fails
+    at once instead of being copied until memory runs out."""
+    sizes: dict[int, int] = {}
+    path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list, tuple)):
+            continue
+        key = id(node)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+        if done:
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            path.discard(key)
+            if sizes[key] > limit:
+                raise ValueError(f"{what} is too large: over {limit} values once its YAML aliases are expanded")
+        elif key in path:
+            raise ValueError(f"{what} refers to itself (a recursive YAML alias such as '&x {{k: *x}}')")
+        elif key not in sizes:
+            path.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
 
 
 def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
@@ -406,5 +445,6 @@ def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
         raise ValueError(f"cannot read recipe {path}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
+    check_size(data, f"recipe {path}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(data)

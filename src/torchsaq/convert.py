@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union, cast
 
@@ -134,19 +136,33 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
         if not any(fnmatch.fnmatchcase(n, pattern) for n in all_names):
             raise ValueError(f"exclude pattern {pattern!r} matches no module of the model")
 
-    for name, m in targets:
-        bits = _override(name, config) or (config.w_bits, config.a_bits)
-        m.__class__ = QUANT_CLASSES[type(m)]
-        m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
-                      config.quantizer, config.act_grad_scale)
-        m._saq_name = name
-    # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
-    model._saq_config = config  # type: ignore[assignment]
-    hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
-    model._saq_trace_hook = hook  # type: ignore[assignment]
-    if example_inputs is not None:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        trace(model, *args)
+    # all or nothing: on any failure (a layer that cannot be converted, example inputs of the wrong shape) every
+    # converted layer and the model get their earlier class and attributes back
+    saved = [(m, type(m), {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()})
+             for _, m in targets]
+    try:
+        for name, m in targets:
+            bits = _override(name, config) or (config.w_bits, config.a_bits)
+            m.__class__ = QUANT_CLASSES[type(m)]
+            m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
+                          config.quantizer, config.act_grad_scale)
+            m._saq_name = name
+        # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
+        model._saq_config = config  # type: ignore[assignment]
+        hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
+        model._saq_trace_hook = hook  # type: ignore[assignment]
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            trace(model, *args)
+    except BaseException:
+        _drop_trace_hook(model)
+        model.__dict__.pop("_saq_trace_hook", None)
+        model.__dict__.pop("_saq_config", None)
+        for m, cls, attrs in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+        raise
     return model
 
 
@@ -263,6 +279,17 @@ def _inputs(batch: Any) -> tuple:
 
 
 @torch.no_grad()
+def _warn_all_zero(model: nn.Module) -> None:
+    """Warn when a layer's calibration inputs were all zero: its activation step falls back to the tiny 1e-6 and
+    every input then gives (nearly) the same output."""
+    dead = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.act_quantizer.enabled
+            and m.act_quantizer.is_initialized and float(m.act_quantizer.step_size().max()) <= 1e-6]
+    if dead:
+        warnings.warn(f"calibrate: the inputs of {len(dead)} layer(s) were all zero (e.g. {', '.join(dead[:3])}): "
+                      "their activation steps fall back to 1e-6 and every input gives the same output; calibrate "
+                      "on real data", UserWarning, stacklevel=3)
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None,
               device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """Initialise every quantizer from data: LSQ's step 2*mean|x|/sqrt(Qp) (mean|x| averaged over the
@@ -291,6 +318,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 if num_batches is not None and i >= num_batches:
                     break
                 args = tuple(a.to(device) for a in _inputs(batch))
+                if any(a.dim() and a.shape[0] == 0 for a in args if torch.is_tensor(a)):
+                    raise ValueError(f"calibrate: batch {i} is empty (0 samples); give batches with samples")
                 if i == 0:
                     trace(model, *args)
                     quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
@@ -311,6 +340,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 raise ValueError(f"calibrate: the batches give non-finite step sizes / clips for {len(bad)} "
                                  "quantizer(s) "
                                  f"(e.g. {', '.join(bad[:3])}): the data holds NaN or inf values; left unchanged")
+            _warn_all_zero(model)
         finally:
             for q in quantizers:
                 q._calib = None

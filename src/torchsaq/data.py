@@ -300,8 +300,13 @@ def read_idx(path: PathLike, magic: Optional[int] = None) -> np.ndarray:
 
 
 def _fashion_mnist_files(data_dir: Optional[PathLike]) -> list[Path]:
-    """The four IDX files, from ``data_dir`` if it holds them, else from the Debian package's folder."""
-    folders = ([Path(data_dir).expanduser()] if data_dir is not None else []) + [Path(FASHION_MNIST_SYSTEM_DIR)]
+    """The four IDX files, from ``data_dir`` if one is given (it must hold them: never another copy instead),
+    else from the Debian package's folder."""
+    folders = [Path(data_dir).expanduser()] if data_dir is not None else [Path(FASHION_MNIST_SYSTEM_DIR)]
+    if data_dir is not None and not folders[0].is_dir():
+        raise ValueError(f"fashion_mnist: --data-dir {str(data_dir)!r} "
+                         f"{'is a file, not a folder' if folders[0].exists() else 'does not exist'}; give the "
+                         "folder of the four IDX files, or leave --data-dir out to read the Debian package's copy")
     for folder in folders:
         found = [next((folder / n for n in (stem, stem + ".gz") if (folder / n).is_file()), None)
                  for stem in FASHION_MNIST_FILES]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_device", "DistEnv", "init_distributed", "agree", "amp_dtype", "autocast", "auto_threads",
-           "SMALL_BATCH_MACS"]
+           "SMALL_BATCH_MACS", "check_threads", "usable_cores"]
 
 #: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
 SMALL_BATCH_MACS = 5e8
@@ -92,15 +92,34 @@ def auto_threads(macs_per_batch: Optional[float], device: torch.device, local_wo
 
     Small = under :data:`SMALL_BATCH_MACS` multiply-accumulates per batch: there a second thread gains
     little, and on a machine busy with other work it costs a lot (README: steps 20-80x slower, measured).
+    A larger model gets at most the cores the 1-minute load average leaves idle: on a busy 2-core machine
+    two threads ran Fashion-MNIST 3.5-5x slower than one (each step waits for the thread that shares a core).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     share = max(1, min(torch.get_num_threads(), cores // max(local_world, 1)))
     if device.type == "cpu" and macs_per_batch is not None and macs_per_batch < SMALL_BATCH_MACS:
         return 1
-    return share
+    try:  # cores that other work keeps busy (the 1-minute load average) would make every step wait for them
+        idle = round(cores - os.getloadavg()[0])
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this system
+        idle = cores
+    return max(1, min(share, idle // max(local_world, 1)))
+
+
+def check_threads(threads: int) -> None:
+    """A ValueError for an explicit thread count above this machine's usable CPU cores (0 = auto is fine)."""
+    cores = usable_cores()
+    if threads > cores:
+        raise ValueError(f"--threads {threads} is more than the {cores} CPU core(s) this process may use; "
+                         f"give at most {cores}, or 0 to choose automatically")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def agree(message: Optional[str], distributed: bool) -> None:

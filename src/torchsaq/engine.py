@@ -266,7 +266,7 @@ class StopRequest:
             return  # e.g. torchrun's SIGTERM right after the terminal's SIGINT: already stopping
         self.requested, self._first = True, signum
         if self.announce:
-            print("\nsaq: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+            print("\ntorchsaq: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
                   file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
@@ -298,9 +298,10 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
     (at most ``limit`` batches if > 0) in eval mode; every module gets its own training flag back.
 
     ``reduce``: sum over the ranks of a torchrun job (each rank evaluating its shard) before averaging.
+    A sample whose outputs are not finite (NaN in the inputs) is a FloatingPointError: no accuracy is reported.
     """
     device = torch.device(device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count, non-finite
     with eval_mode(model):
         for i, (x, y) in enumerate(loader):
             if limit and i >= limit:
@@ -314,10 +315,14 @@ def evaluate(model: nn.Module, loader: Any, device: Union[str, torch.device] = "
             hit = top.eq(y.view(-1, 1))
             sums += torch.stack([nn.functional.cross_entropy(out, y, reduction="sum").double(),
                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                                 (~torch.isfinite(out).all(dim=1)).sum().double()])
     if reduce:
         dist.all_reduce(sums)
-    loss, c1, c5, n = sums.tolist()
+    loss, c1, c5, n, bad = sums.tolist()
+    if bad:
+        raise FloatingPointError(f"evaluation: {int(bad)} of {int(n)} samples give non-finite outputs (NaN or inf "
+                                 "in the inputs or the model); no accuracy is reported")
     if n == 0:
         return {"acc": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
     return {"acc": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": int(n)}
@@ -370,6 +375,7 @@ def train_step(run: Run, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -
         base_step(run.base, run.raw_model.parameters(), grad_scaler=run.scaler, max_grad_norm=run.cfg.max_grad_norm)
     else:
         loss = run.optimizer.step(closure)  # type: ignore[assignment, arg-type]  # torch stub: a float closure
+    keep_steps_positive(run.raw_model)
     with warnings.catch_warnings():  # a scaler-skipped first step makes LambdaLR complain
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()
@@ -406,7 +412,13 @@ def train_one_epoch(run: Run, epoch: int, begin: int, sums: EpochSums, stop: Sto
                 raise
             raise TrainingInterrupted(run.save(epoch, step, sums), epoch + 1, step)
         t_step = time.perf_counter()
-        loss, hits = train_step(run, group)
+        try:
+            loss, hits = train_step(run, group)
+        except FloatingPointError as e:  # saq.SAQ refused a non-finite step: say what the CLI user can do
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch + 1}, batch {step + len(group)}: "
+                f"{str(e).partition('; ')[0].removeprefix('saq.SAQ: ')} (the step was not taken); "
+                f"{run.checkpointer.kept()}; lower --lr (or --rho), or set --max-grad-norm") from e
         count = sum(int(y.numel()) for _, y in group)
         step += len(group)
         # one host-device read per step for both numbers (exact: float64 holds either one)
@@ -441,6 +453,26 @@ def _after_step(run: Run, loss: float, sums: EpochSums, bar: Any, batches: int =
         bar.update(batches)
     if run.step_callback is not None:
         run.step_callback(st.global_step)
+
+
+@torch.no_grad()
+def keep_steps_positive(model: nn.Module) -> None:
+    """Project every LSQ step back to at least :data:`~torchsaq.kernels.STEP_EPS` after an optimizer step.
+
+    Why a step goes negative: at 8 bits LSQ's initial step puts the range (Qp * s = 2 sqrt(Qp) mean|w|, about
+    22 mean|w|) far beyond the weights, so no weight is clipped and the step's gradient is only the rounding
+    term round(w/s) - w/s, zero-mean noise with no restoring force; scaled by 1/sqrt(N Qp) with few weights
+    per channel (N = 5 in cnn1d's first layer) it is a random walk at the weights' learning rate, which can
+    cross zero (the default run's smallest first-layer step falls to a third of its start while the median
+    holds). The forward already computes with max(s, STEP_EPS); projecting s there keeps it positive, so the
+    clipped weights' gradient pushes it back up at once instead of first climbing back from below zero. A
+    step that never goes that low is untouched (the results are unchanged bit for bit)."""
+    from .kernels import STEP_EPS
+
+    steps: list[torch.Tensor] = [q.scale for q in model.modules()
+                                 if isinstance(q, Quantizer) and q.kind == "lsq" and q.enabled]
+    if steps:
+        torch._foreach_clamp_min_(steps, STEP_EPS)
 
 
 def _dead_steps(model: nn.Module) -> list[tuple[str, float]]:
@@ -499,6 +531,10 @@ def finish_epoch(run: Run, epoch: int, sums: EpochSums, warned_dead: set[str]) -
     return record
 
 
+#: tqdm's bar without its own time left for the epoch: the postfix's "left" is the whole run's (one ETA)
+_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 def fit(run: Run) -> None:
     """Train from ``run.state`` to ``cfg.epochs``: per epoch, :func:`train_one_epoch`, :func:`finish_epoch`,
     the metrics files (rank 0) and a checkpoint. Ctrl-C/SIGTERM: :class:`TrainingInterrupted` after a save."""
@@ -513,7 +549,8 @@ def fit(run: Run) -> None:
             resumed = epoch == st.start_epoch
             begin = st.skip if resumed else 0
             with tqdm(total=run.data.steps_per_epoch, initial=begin, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                      disable=not run.progress, dynamic_ncols=True, unit="step", leave=True, file=sys.stderr) as bar:
+                      disable=not run.progress, dynamic_ncols=True, unit="step", leave=True, file=sys.stderr,
+                      bar_format=_BAR) as bar:
                 sums = train_one_epoch(run, epoch, begin, st.partial if resumed else EpochSums(), stop, bar)
                 record = finish_epoch(run, epoch, sums, warned_dead)
                 st.history.append(record)

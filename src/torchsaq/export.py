@@ -228,11 +228,35 @@ def _is_export(path: str) -> bool:
 
 
 # -- export -------------------------------------------------------------------------------------------------
+def _check_not_shared(model: nn.Module, layers: list[tuple[str, QuantLayer]]) -> None:
+    """Tied weights (one weight tensor in two quantized layers) and a layer registered under two names do not
+    round-trip (each place stores its own codes and steps): refused, naming both places."""
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantLayer) and id(m) in names:
+            raise ValueError(f"export: layer {names[id(m)]} is registered twice (also as {name}); an export stores "
+                             "each name's codes separately: give each place its own layer")
+        names.setdefault(id(m), name)
+    owners: dict[int, str] = {}
+    for name, layer in layers:
+        other = owners.setdefault(id(layer.weight), name)
+        if other != name:
+            raise ValueError(f"export: layers {other} and {name} share one weight tensor (tied weights), each with "
+                             "its own quantizer steps, which an export cannot store exactly; untie them "
+                             "(copy the weight) before quantizing")
+
+
 def _checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """The quantized layers of an exportable model: traced, scales initialised and finite, no perturbation."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
+    _check_not_shared(model, layers)
+    low = [(n, m.weight.dtype) for n, m in layers if m.weight.dtype != torch.float32]
+    if low:  # the codes would be computed in float32 while the forward rounds in the layer's own dtype
+        raise ValueError(f"export: layer {low[0][0]} runs in {str(low[0][1]).replace('torch.', '')}, and an export "
+                         "stores the float32 model's codes, which can differ by one step: export model.float() "
+                         "(the float32 model, whose outputs the export reproduces exactly)")
     if not is_traced(model):
         raise ValueError("export: the model has not run yet (first/last layers unknown): calibrate or train it first")
     uninit = [f"{n}.{qn}" for n, m in layers for qn, q in (("weight_quantizer", m.weight_quantizer),

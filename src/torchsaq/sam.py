@@ -250,6 +250,26 @@ def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.O
     return targets
 
 
+def _check_state_shapes(base: Any, params: list[Tensor], targets: list[Tensor], saved: dict[str, Any]) -> None:
+    """A state saved for a model of another width (the same number of tensors) is refused at load, naming the
+    first mismatch: the base optimizer's per-parameter state and every_k's g_v against the parameters,
+    prev_grad's e_prev against the perturbed tensors."""
+    def check(what: str, saved_t: Any, shape: Any) -> None:
+        if torch.is_tensor(saved_t) and saved_t.dim() and tuple(saved_t.shape) != tuple(shape):
+            raise ValueError(f"state_dict {what} has shape {tuple(saved_t.shape)} but this optimizer's is "
+                             f"{tuple(shape)}: it was saved for another model")
+
+    for index, entry in (base.get("state") or {}).items() if isinstance(base, dict) else ():
+        if isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict):
+            for key, value in entry.items():
+                check(f"base state {key!r} of parameter {index}", value, params[index].shape)
+    for key in ("e_prev", "gv"):
+        got = saved.get(key)
+        if isinstance(got, (list, tuple)):
+            for i, (t, ref) in enumerate(zip(got, targets if key == "e_prev" else params)):
+                check(f"{key}[{i}]", t, ref.shape)
+
+
 class SAQ(torch.optim.Optimizer):
     """Sharpness-aware wrapper around a base optimizer: SAM, SAQ cases 1-3, ASAM, and cheaper strategies.
 
@@ -331,10 +351,23 @@ class SAQ(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer surface ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (the groups are shared)."""
+        """Add a group to the base optimizer (the groups are shared); its parameters are perturbed like the
+        others (a quantized layer's weight at Q(w), as the mode says). The perturbation targets are chosen
+        again, so the strategy's stored state (prev_grad's e_prev, every_k's g_v) starts afresh."""
         if not getattr(self, "_initialised", False):
             return super().add_param_group(param_group)
+        self.restore()
         self.base_optimizer.add_param_group(param_group)
+        try:
+            targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer,
+                                      self.perturb_unquantized, self.perturb_steps)
+        except ValueError:
+            self.base_optimizer.param_groups.pop()  # all or nothing
+            raise
+        self._set_capture(False)
+        self._targets = targets
+        self._set_capture(True)
+        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
@@ -487,6 +520,7 @@ class SAQ(torch.optim.Optimizer):
             if saq.get(key) != mine:
                 raise ValueError(f"state_dict was saved with {key}={saq.get(key)!r} but this optimizer has "
                                  f"{key}={mine!r}")
+        _check_state_shapes(state_dict["base"], self._params(), list(self._targets.tensors()), saq)
         self.restore()
         self.base_optimizer.load_state_dict(state_dict["base"])
         # Optimizer.load_state_dict rebinds the base's lists: share them again

@@ -330,6 +330,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     from .models import model_info
 
     model_info(cfg.model_name)  # an unknown model fails now (with suggestions), before any data is built
+    from .models._registry import check_model_options
+
+    check_model_options(cfg.model_name, {k: v for k, v in cfg.model_kwargs.items() if k != "in_chans"})
     from .data import DATASETS, build_datasets
 
     if cfg.dataset not in DATASETS:  # and so does an unknown data set (its error names the choices)
@@ -337,6 +340,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
+    from .device import check_threads
+
+    check_threads(cfg.threads)
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
     if cfg.lsq_backend == "triton" and device.type != "cuda":
@@ -365,12 +371,26 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     state = ckpt.resume_state()  # None for a fresh run
     _seed_all(cfg.seed)
     data, bundle = build_data(cfg, device, env)
+    _check_input_rank(cfg, data.info["input_shape"])
     model, raw_model, threads = _setup_model(cfg, data, bundle.train, state, device, env, ckpt.path)
     run = _setup_run(cfg, env, device, data, model, raw_model, ckpt, state, progress, step_callback)
     if state is not None:
         set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
     fit(run)
     return _result(run, threads)
+
+
+def _check_input_rank(cfg: TrainConfig, input_shape: list[int]) -> None:
+    """A model made for images on a 1-D data set (or the reverse) is a one-line error naming both."""
+    from .data import dataset_info
+    from .models import model_info
+
+    expected = model_info(cfg.model_name).input_shape
+    if expected and len(expected) != len(input_shape):
+        shape = "x".join(map(str, input_shape))
+        raise ValueError(f"model {cfg.model} takes {len(expected) - 1}-D inputs ({'x'.join(map(str, expected))}) "
+                         f"but {cfg.dataset}'s are {len(input_shape) - 1}-D ({shape}): choose a model for this "
+                         f"data set (its default: {dataset_info(cfg.dataset).default_model})")
 
 
 def _result(run: Run, threads: int) -> TrainResult:
@@ -402,7 +422,7 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [f"torchsaq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, "
-             f"{r['epochs']} epochs in {fmt_time(r['time_s'])} ({r['device']}"
+             f"{r['epochs']} epoch{'s' * (r['epochs'] != 1)} in {fmt_time(r['time_s'])} ({r['device']}"
              f"{', %d thread%s' % (r['threads'], 's' * (r['threads'] > 1)) if r.get('threads') else ''}"
              f"{', %d processes' % r['world_size'] if r.get('world_size', 1) > 1 else ''})"]
     if r.get("compiled") and r.get("first_step_s") is not None:

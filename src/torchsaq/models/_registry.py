@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, TypeVar, Union, overload
 
 from torch import nn
 
-__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "check_model_options"]
 
 Builder = Callable[..., nn.Module]
 F = TypeVar("F", bound=Builder)
@@ -105,11 +105,41 @@ def create_model(name: str, num_classes: int, in_chans: Optional[int] = None, im
         call["in_chans"] = in_chans
     if img_size is not None:
         call["img_size"] = img_size
+    check_model_options(name, call)
+    try:
+        return fn(num_classes=num_classes, **call)
+    except (TypeError, ValueError) as e:  # an option value the builder cannot use
+        raise ValueError(f"model {name!r} cannot be built with options {call}: {e}") from None
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the kind of a builder's ``default`` (numbers, strings, sequences of them)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and all(
+            not default or _fits(v, default[0]) for v in value)
+    return True
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> None:
+    """A one-line ValueError for model options the builder of ``name`` does not take, or of another kind than
+    its default (``channels: 5`` where the default is a list): checked before anything is built."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    fn, _ = _REGISTRY[name]
     params = inspect.signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        bad = sorted(set(call) - set(params))
+        bad = sorted(set(options) - set(params))
         if bad:
             accepted = [p for p in params if p != "num_classes"]
             raise ValueError(f"model {name!r} does not accept option(s) {', '.join(bad)}; "
                              f"it accepts: {', '.join(accepted) or 'none'}")
-    return fn(num_classes=num_classes, **call)
+    for key, value in options.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if default not in (inspect.Parameter.empty, None) and not _fits(value, default):
+            raise ValueError(f"model {name!r} option {key} must be like its default {default!r}, got {value!r}")
