@@ -42,6 +42,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
     "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=15, qat_epochs=10,
                 batch_size=256, lr=0.2, qat_lr=0.02, weight_decay=5e-4, sweep_bits=[2, 3, 4]),
+    # the paper's Transformer regime (docs/vit.md): a small ViT (vit_fmnist) trained and fine-tuned with AdamW,
+    # linear LR warm-up then cosine. "options" go to every run, "float_options"/"qat_options" to the float
+    # training / the QAT fine-tunes (the methods' own settings win). 2 CPU cores, over-fitting regime:
+    "vit_gap": dict(model="vit_fmnist", model_kwargs={}, train_subset=2000, augment=False, float_epochs=40,
+                    qat_epochs=15, batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
+                    rhos=[0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=20),
+                    float_options=dict(warmup_epochs=5), qat_options=dict(warmup_epochs=1)),
+    # ... with more data (10k images, augmented)
+    "vit_cpu": dict(model="vit_fmnist", model_kwargs={}, train_subset=10000, float_epochs=30, qat_epochs=10,
+                    batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
+                    rhos=[0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=10),
+                    float_options=dict(warmup_epochs=3), qat_options=dict(warmup_epochs=1)),
+    # one GPU (not run yet): DeiT-Tiny's width and depth (192 x 12, 3 heads) with 4x4 patches (49 tokens), the
+    # full training set, augmented; several runs at once (--workers 8 --device cuda)
+    "vit_gpu": dict(model="vit_fmnist", model_kwargs={"patch_size": 4, "embed_dim": 192, "depth": 12,
+                                                      "num_heads": 3, "mlp_ratio": 4.0, "drop_path_rate": 0.1},
+                    train_subset=0, float_epochs=100, qat_epochs=30, batch_size=256, lr=1e-3, qat_lr=1e-4,
+                    weight_decay=0.05, sweep_bits=[4, 2], rhos=[0.02, 0.05, 0.1, 0.2],
+                    options=dict(optimizer="adamw", label_smoothing=0.1, eval_every=5),
+                    float_options=dict(warmup_epochs=10), qat_options=dict(warmup_epochs=2)),
 }
 
 # method -> (TrainConfig overrides, seed tier); tier "paired" gets --seeds seeds, "other" gets --other-seeds
@@ -128,6 +148,7 @@ def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                weight_decay=p["weight_decay"], device=args.device)
     if not p.get("augment", True):
         cfg["augment"] = False
+    cfg.update(p.get("options", {}))  # e.g. the ViT presets' optimizer
     if args.smoke:  # a few batches per epoch: checks the whole pipeline in seconds
         cfg.update(limit_train_batches=2, limit_eval_batches=2)
     return cfg
@@ -137,7 +158,7 @@ def float_config(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     p = PRESETS[args.preset]
     return dict(_common(args, seed), sharpness="none", w_bits=32, a_bits=32, first_last_bits=32,
                 epochs=args.float_epochs or p["float_epochs"], lr=p["lr"], save=True,
-                output=str(_float_dir(seed, args)))
+                output=str(_float_dir(seed, args)), **p.get("float_options", {}))
 
 
 def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: argparse.Namespace,
@@ -149,6 +170,7 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     rho = over.pop("_rho", rho)  # a diagnosis that sets rho itself
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
                pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
+    cfg.update(p.get("qat_options", {}))
     cfg.update(over)
     if args.eval_every > 1:  # changes no number (a test says so), only which epochs have a test point
         cfg["eval_every"] = args.eval_every
@@ -295,7 +317,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"{args.val_split:.0%} validation split; float model "
              f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning "
              f"{args.qat_epochs or p['qat_epochs']} "
-             f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
+             f"epochs from it at lr {p['qat_lr']} ({p.get('options', {}).get('optimizer', 'sgd')}, cosine), "
+             f"first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
              f"rho from {args.rhos} on the validation split (one seed). train acc: the last epoch's accuracy on "

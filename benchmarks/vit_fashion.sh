@@ -1,0 +1,22 @@
+#!/bin/sh
+# The ViT benchmark of docs/vit.md (issue 22), stage by stage in priority order. Every stage is
+# benchmarks/fashion.py with a ViT preset; runs are cached in benchmarks/results/fashion_runs_<preset>.jsonl, so
+# a stage repeats nothing an earlier one ran, and the script resumes where it was stopped.
+#   nohup nice -n 10 sh benchmarks/vit_fashion.sh > /tmp/vit_bench.log 2>&1 &      # 2 CPU cores, one worker
+#   PRESET=vit_gpu WORKERS=8 sh benchmarks/vit_fashion.sh --device cuda             # one GPU
+set -e
+cd "$(dirname "$0")/.."
+PRESET=${PRESET:-vit_gap}
+run() { python benchmarks/fashion.py --preset "$PRESET" --workers "${WORKERS:-1}" "$@"; }
+BASE="base (LSQ QAT)"; SAQ="SAQ (case 3)"; PREV="SAQ prev_grad"
+# 1. the headline (w4a4): plain QAT vs SAQ, 2 paired seeds first, then prev_grad and SAM (quantized), then 10 seeds
+run --bits 4 --methods "$BASE" "$SAQ" --seeds 2 --report "fashion_${PRESET}_w4" "$@"
+run --bits 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 2 --other-seeds 2 --report "fashion_${PRESET}_w4" "$@"
+run --bits 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 --report "fashion_${PRESET}_w4" "$@"
+# 2. the float control: the same AdamW fine-tune without quantization, with and without SAM
+run --bits 32 --methods "float fine-tune (SGD)" "float fine-tune (SAM)" --seeds 10 --report "fashion_${PRESET}_float" "$@"
+# 3. w3a3 and w2a2 (rho swept at w2a2 too; w3a3 takes the nearest swept bit-width's)
+run --bits 2 3 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 "$@"
+# 4. the fine-tune's length (the CNN lesson) and what SAQ perturbs, at w4a4 and w2a2
+run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 10 --diagnose --diagnoses "4x QAT epochs" \
+    "no perturbation of norm/bias" --report "fashion_${PRESET}_diag" "$@"
