@@ -56,6 +56,15 @@ def test_saq_perturbs_norms_biases_and_embeddings_unless_told_not_to():
     assert not any(n.endswith((".step", ".scale")) for n in every)  # no quantizer step by default
     only_weights = perturbed(saq.SAQ(model, base, mode="case3", perturb_unquantized=False))
     assert only_weights == {n + ".weight" for n, _ in saq.quant_layers(model)}
+    # perturb_exclude: parameter-name globs left unperturbed (still trained by the base optimizer)
+    no_embed = perturbed(saq.SAQ(model, base, mode="case3", perturb_exclude=("pos_embed", "cls_token")))
+    assert no_embed == every - {"pos_embed", "cls_token"}
+    no_norm = perturbed(saq.SAQ(model, base, mode="case3", perturb_exclude=["*norm*"]))
+    assert no_norm == {n for n in every if "norm" not in n} and len(no_norm) == len(every) - 2 * (2 * 4 + 1)
+    with pytest.raises(ValueError, match="perturb_exclude pattern 'pos_embedding' matches no parameter"):
+        saq.SAQ(model, base, perturb_exclude=["pos_embedding"])
+    cfg = saq.TrainConfig(sharpness="case3", perturb_exclude=["pos_embed", "cls_token"])
+    assert cfg.saq_kwargs(10)["perturb_exclude"] == ("pos_embed", "cls_token")
 
 
 @pytest.mark.slow  # ~3 s (8 s on a loaded machine): one epoch of 2 steps, full SAQ, and an evaluation
