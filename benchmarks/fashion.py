@@ -103,6 +103,14 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "lr 0.001": dict(lr=0.001),
     "frozen BatchNorm statistics, lr 0.001, rho 0.01": dict(freeze_bn=True, lr=0.001, _rho=0.01),
 }
+# ViT-only diagnoses (docs/vit.md: which tensors SAQ perturbs; rho against AdamW's per-parameter scaling): not in
+# the default --diagnoses (their parameter names exist in timm ViTs only)
+VIT_DIAGNOSES: dict[str, dict[str, Any]] = {
+    "no perturbation of pos_embed/cls_token": dict(perturb_exclude=["pos_embed", "cls_token"]),
+    "no perturbation of LayerNorm": dict(perturb_exclude=["*norm*"]),
+    "ASAM (adaptive), rho 0.5": dict(adaptive=True, _rho=0.5),
+}
+DIAGNOSES.update(VIT_DIAGNOSES)
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="QAT runs evaluate every N epochs (and the last); cached runs answer for any N")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
-    ap.add_argument("--diagnoses", nargs="+", default=list(DIAGNOSES), choices=list(DIAGNOSES),
-                    help="which ablations --diagnose runs (default: all)")
+    ap.add_argument("--diagnoses", nargs="+", default=[d for d in DIAGNOSES if d not in VIT_DIAGNOSES],
+                    choices=list(DIAGNOSES), help="which ablations --diagnose runs (default: all but the ViT ones)")
     ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
                     help="stop after this stage (the cache keeps what is done)")
     ap.add_argument("--out", default=str(HERE / "results"))

@@ -17,6 +17,7 @@ run --bits 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 -
 run --bits 32 --methods "float fine-tune (SGD)" "float fine-tune (SAM)" --seeds 10 --report "fashion_${PRESET}_float" "$@"
 # 3. w3a3 and w2a2 (rho swept at w2a2 too; w3a3 takes the nearest swept bit-width's)
 run --bits 2 3 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 "$@"
-# 4. the fine-tune's length (the CNN lesson) and what SAQ perturbs, at w4a4 and w2a2
+# 4. at w2a2 (fashion.py's diagnoses run there): the fine-tune's length (the CNN lesson), what SAQ perturbs, ASAM
 run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 10 --diagnose --diagnoses "4x QAT epochs" \
-    "no perturbation of norm/bias" --report "fashion_${PRESET}_diag" "$@"
+    "no perturbation of norm/bias" "no perturbation of pos_embed/cls_token" "no perturbation of LayerNorm" \
+    "ASAM (adaptive), rho 0.5" --report "fashion_${PRESET}_diag" "$@"
