@@ -27,7 +27,10 @@ def test_vit_fmnist_shape():
     assert model.patch_embed.proj.kernel_size == (7, 7) and model.patch_embed.num_patches == 16
     assert model.pos_embed.shape == (1, 17, 64) and len(model.blocks) == 4 and model.blocks[0].attn.num_heads == 4
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
-    assert sum(p.numel() for p in model.parameters()) == 139_018
+    d, hidden, tokens = 64, 128, 17
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    by_hand = (49 * d + d) + d + tokens * d + 4 * block + 2 * d + (d * 10 + 10)  # embed, cls, pos, blocks, norm, head
+    assert sum(p.numel() for p in model.parameters()) == by_hand == 139_018
     wide = create_model("vit_fmnist", 10, in_chans=1, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     assert wide.patch_embed.num_patches == 49 and wide(torch.randn(1, 1, 28, 28)).shape == (1, 10)
 
