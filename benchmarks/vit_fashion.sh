@@ -12,7 +12,8 @@ BASE="base (LSQ QAT)"; SAQ="SAQ (case 3)"; PREV="SAQ prev_grad"
 # 1. plain AdamW QAT vs SAQ at 2 paired seeds: w4a4 (the headline), then w2a2 (where the gap to float is larger)
 run --bits 4 --methods "$BASE" "$SAQ" --seeds 2 --report "fashion_${PRESET}_w4" "$@"
 run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 2 --report "fashion_${PRESET}_w24" "$@"
-# 2. with the one-pass strategy, 10 paired seeds at both
+# 2. 10 paired seeds at both, then the one-pass strategy (its own rho sweep)
+run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 10 --report "fashion_${PRESET}_w24" "$@"
 run --bits 2 4 --methods "$BASE" "$SAQ" "$PREV" --seeds 10 --report "fashion_${PRESET}_w24" "$@"
 # 3. SAM on the quantized model (3 seeds) and w3a3 (rho of the nearer swept bit-width)
 run --bits 2 3 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 "$@"
