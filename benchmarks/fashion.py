@@ -47,19 +47,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # training / the QAT fine-tunes (the methods' own settings win). 2 CPU cores, over-fitting regime:
     "vit_gap": dict(model="vit_fmnist", model_kwargs={}, train_subset=2000, augment=False, float_epochs=40,
                     qat_epochs=15, batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
-                    rhos=[0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=20),
+                    rhos=[0.01, 0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=20),
                     float_options=dict(warmup_epochs=5), qat_options=dict(warmup_epochs=1)),
     # ... with more data (10k images, augmented)
     "vit_cpu": dict(model="vit_fmnist", model_kwargs={}, train_subset=10000, float_epochs=30, qat_epochs=10,
                     batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
-                    rhos=[0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=10),
+                    rhos=[0.01, 0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=10),
                     float_options=dict(warmup_epochs=3), qat_options=dict(warmup_epochs=1)),
     # one GPU (not run yet): DeiT-Tiny's width and depth (192 x 12, 3 heads) with 4x4 patches (49 tokens), the
     # full training set, augmented; several runs at once (--workers 8 --device cuda)
     "vit_gpu": dict(model="vit_fmnist", model_kwargs={"patch_size": 4, "embed_dim": 192, "depth": 12,
                                                       "num_heads": 3, "mlp_ratio": 4.0, "drop_path_rate": 0.1},
                     train_subset=0, float_epochs=100, qat_epochs=30, batch_size=256, lr=1e-3, qat_lr=1e-4,
-                    weight_decay=0.05, sweep_bits=[4, 2], rhos=[0.02, 0.05, 0.1, 0.2],
+                    weight_decay=0.05, sweep_bits=[4, 2], rhos=[0.01, 0.02, 0.05, 0.1, 0.2],
                     options=dict(optimizer="adamw", label_smoothing=0.1, eval_every=5),
                     float_options=dict(warmup_epochs=10), qat_options=dict(warmup_epochs=2)),
 }
