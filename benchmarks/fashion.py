@@ -47,6 +47,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one GPU: the paper's CIFAR network (ResNet-20) with one input channel, on the full training set
     "gpu": dict(model="resnet20", model_kwargs={"in_chans": 1}, train_subset=0, float_epochs=15, qat_epochs=10,
                 batch_size=256, lr=0.2, qat_lr=0.02, weight_decay=5e-4, sweep_bits=[2, 3, 4]),
+    # the paper's Transformer regime (docs/vit.md): a small ViT (vit_fmnist) trained and fine-tuned with AdamW,
+    # linear LR warm-up then cosine. "options" go to every run, "float_options"/"qat_options" to the float
+    # training / the QAT fine-tunes (the methods' own settings win). 2 CPU cores, over-fitting regime:
+    "vit_gap": dict(model="vit_fmnist", model_kwargs={}, train_subset=2000, augment=False, float_epochs=40,
+                    qat_epochs=15, batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
+                    rhos=[0.01, 0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=20),
+                    float_options=dict(warmup_epochs=5), qat_options=dict(warmup_epochs=1)),
+    # ... with more data (10k images, augmented)
+    "vit_cpu": dict(model="vit_fmnist", model_kwargs={}, train_subset=10000, float_epochs=30, qat_epochs=10,
+                    batch_size=128, lr=1e-3, qat_lr=2e-4, weight_decay=0.05, sweep_bits=[4, 2],
+                    rhos=[0.01, 0.02, 0.05, 0.1, 0.2], options=dict(optimizer="adamw", eval_every=10),
+                    float_options=dict(warmup_epochs=3), qat_options=dict(warmup_epochs=1)),
+    # one GPU (not run yet): DeiT-Tiny's width and depth (192 x 12, 3 heads) with 4x4 patches (49 tokens), the
+    # full training set, augmented; several runs at once (--workers 8 --device cuda)
+    "vit_gpu": dict(model="vit_fmnist", model_kwargs={"patch_size": 4, "embed_dim": 192, "depth": 12,
+                                                      "num_heads": 3, "mlp_ratio": 4.0, "drop_path_rate": 0.1},
+                    train_subset=0, float_epochs=100, qat_epochs=30, batch_size=256, lr=1e-3, qat_lr=1e-4,
+                    weight_decay=0.05, sweep_bits=[4, 2], rhos=[0.01, 0.02, 0.05, 0.1, 0.2],
+                    options=dict(optimizer="adamw", label_smoothing=0.1, eval_every=5),
+                    float_options=dict(warmup_epochs=10), qat_options=dict(warmup_epochs=2)),
 }
 
 # method -> (TrainConfig overrides, seed tier); tier "paired" gets --seeds seeds, "other" gets --other-seeds
@@ -93,6 +113,14 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "lr 0.001": dict(lr=0.001),
     "frozen BatchNorm statistics, lr 0.001, rho 0.01": dict(freeze_bn=True, lr=0.001, _rho=0.01),
 }
+# ViT-only diagnoses (docs/vit.md: which tensors SAQ perturbs; rho against AdamW's per-parameter scaling): not in
+# the default --diagnoses (their parameter names exist in timm ViTs only)
+VIT_DIAGNOSES: dict[str, dict[str, Any]] = {
+    "no perturbation of pos_embed/cls_token": dict(perturb_exclude=["pos_embed", "cls_token"]),
+    "no perturbation of LayerNorm": dict(perturb_exclude=["*norm*"]),
+    "ASAM (adaptive), rho 0.5": dict(adaptive=True, _rho=0.5),
+}
+DIAGNOSES.update(VIT_DIAGNOSES)
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +168,7 @@ def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         cfg["augment"] = False
     if p.get("subset_seed"):
         cfg["train_subset_seed"] = p["subset_seed"]
+    cfg.update(p.get("options", {}))  # e.g. the ViT presets' optimizer
     if args.smoke:  # a few batches per epoch: checks the whole pipeline in seconds
         cfg.update(limit_train_batches=2, limit_eval_batches=2)
     return cfg
@@ -149,7 +178,7 @@ def float_config(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     p = PRESETS[args.preset]
     return dict(_common(args, seed), sharpness="none", w_bits=32, a_bits=32, first_last_bits=32,
                 epochs=args.float_epochs or p["float_epochs"], lr=p["lr"], save=True,
-                output=str(_float_dir(seed, args)))
+                output=str(_float_dir(seed, args)), **p.get("float_options", {}))
 
 
 def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: argparse.Namespace,
@@ -161,6 +190,7 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     rho = over.pop("_rho", rho)  # a diagnosis that sets rho itself
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
                pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
+    cfg.update(p.get("qat_options", {}))
     cfg.update(over)
     if args.eval_every > 1:  # changes no number (a test says so), only which epochs have a test point
         cfg["eval_every"] = args.eval_every
@@ -200,8 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="QAT runs evaluate every N epochs (and the last); cached runs answer for any N")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
-    ap.add_argument("--diagnoses", nargs="+", default=list(DIAGNOSES), choices=list(DIAGNOSES),
-                    help="which ablations --diagnose runs (default: all)")
+    ap.add_argument("--diagnoses", nargs="+", default=[d for d in DIAGNOSES if d not in VIT_DIAGNOSES],
+                    choices=list(DIAGNOSES), help="which ablations --diagnose runs (default: all but the ViT ones)")
     ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
                     help="stop after this stage (the cache keeps what is done)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -307,7 +337,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"{args.val_split:.0%} validation split; float model "
              f"{args.float_epochs or p['float_epochs']} epochs, then QAT fine-tuning "
              f"{args.qat_epochs or p['qat_epochs']} "
-             f"epochs from it at lr {p['qat_lr']} (cosine), first/last layer 8-bit. Device: {args.device}. "
+             f"epochs from it at lr {p['qat_lr']} ({p.get('options', {}).get('optimizer', 'sgd')}, cosine), "
+             f"first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
              f"rho from {args.rhos} on the validation split (one seed). train acc: the last epoch's accuracy on "

@@ -62,6 +62,8 @@ TRAIN_HELP = {
     "adaptive": "adaptive (ASAM) perturbation",
     "perturb_unquantized": "also perturb norm affine, biases and float layers (--no-perturb-unquantized: only the "
                            "quantized weights)",
+    "perturb_exclude": "parameter-name globs never perturbed (still trained), e.g. --perturb-exclude pos_embed "
+                       "cls_token '*norm*'",
     "strategy": "how often the sharpness-aware step runs its ascent pass",
     "strategy_k": "every_k: a full sharpness-aware step every k iterations",
     "strategy_alpha": "every_k: weight of the stored sharp gradient component (default: auto, its measured "

@@ -27,6 +27,7 @@ class SharpnessConfig:
     (``sharpness: none``); ``k`` / ``alpha``: the every_k strategy's period and weight (``"auto"``: measured).
     ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs. ``perturb_unquantized``: also
     perturb what is not a quantized layer's weight (norm affine, biases, float layers), as SAQ does by default.
+    ``perturb_exclude``: parameter-name globs never perturbed (e.g. a ViT's ``pos_embed``, ``cls_token``).
     """
 
     mode: Optional[str] = "case3"
@@ -38,15 +39,18 @@ class SharpnessConfig:
     rho_warmup_epochs: float = 0.0
     perturb_unquantized: bool = True
     fraction: float = 0.25
+    perturb_exclude: tuple[str, ...] = ()
 
     #: TrainConfig field -> SharpnessConfig field, where the names differ
     FIELDS = {"sharpness": "mode", "rho": "rho", "adaptive": "adaptive", "strategy": "strategy", "strategy_k": "k",
               "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs",
-              "perturb_unquantized": "perturb_unquantized", "strategy_fraction": "fraction"}
+              "perturb_unquantized": "perturb_unquantized", "strategy_fraction": "fraction",
+              "perturb_exclude": "perturb_exclude"}
 
     def flat(self) -> dict[str, Any]:
         """The :class:`TrainConfig` fields that say the same (``sharpness``, ``rho``, ..., ``strategy_alpha``)."""
-        values = {"sharpness": self.mode or "none", "strategy_alpha": None if self.alpha == "auto" else self.alpha}
+        values = {"sharpness": self.mode or "none", "strategy_alpha": None if self.alpha == "auto" else self.alpha,
+                  "perturb_exclude": list(self.perturb_exclude)}
         return {f: values.get(f, getattr(self, name)) for f, name in self.FIELDS.items()}
 
 
@@ -108,6 +112,7 @@ class TrainConfig:
     strategy_fraction: float = 0.25  # sub_batch: the ascent pass's share of the batch
     rho_warmup_epochs: float = 0.0
     perturb_unquantized: bool = True  # False: perturb only the quantized layers' weights
+    perturb_exclude: list[str] = field(default_factory=list)  # parameter-name globs never perturbed
     # run
     seed: int = 0
     output: str = "runs/saq"
@@ -249,7 +254,8 @@ class TrainConfig:
                                adaptive=self.adaptive, strategy=self.strategy, k=self.strategy_k,
                                alpha="auto" if self.strategy_alpha is None else self.strategy_alpha,
                                rho_warmup_epochs=self.rho_warmup_epochs,
-                               perturb_unquantized=self.perturb_unquantized, fraction=self.strategy_fraction)
+                               perturb_unquantized=self.perturb_unquantized, fraction=self.strategy_fraction,
+                               perturb_exclude=tuple(self.perturb_exclude))
 
     def saq_kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
@@ -266,7 +272,8 @@ class TrainConfig:
         warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
         return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,
                     rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm,
-                    perturb_unquantized=s.perturb_unquantized, fraction=s.fraction)
+                    perturb_unquantized=s.perturb_unquantized, fraction=s.fraction,
+                    perturb_exclude=s.perturb_exclude)
 
     @classmethod
     def from_parts(cls, quant: Optional[QuantConfig] = None, sharpness: Optional[SharpnessConfig] = None,

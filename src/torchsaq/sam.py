@@ -125,8 +125,9 @@ constructor and use ``first_step``/``second_step`` as above, or do it by hand::
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -229,8 +230,9 @@ def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strateg
 
 
 def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.Optimizer,
-                    perturb_unquantized: bool, perturb_steps: bool) -> Targets:
-    """The perturbation targets among the parameters the base optimizer trains (see :class:`Targets`)."""
+                    perturb_unquantized: bool, perturb_steps: bool, exclude: Sequence[str] = ()) -> Targets:
+    """The perturbation targets among the parameters the base optimizer trains (see :class:`Targets`), less
+    the parameters whose names match a glob of ``exclude`` (a pattern that matches no parameter is an error)."""
     base_params = [p for g in base_optimizer.param_groups for p in g["params"]]
     model_ids = {id(p) for p in module.parameters()}
     foreign = [p for p in base_params if id(p) not in model_ids]
@@ -241,6 +243,13 @@ def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.O
         raise ValueError(f"mode {mode.value!r} needs a quantized model (call saq.quantize(model, ...) first); "
                          "use mode='sam' for a float model")
     trainable = [p for p in base_params if p.requires_grad]
+    if exclude:
+        names = {id(p): n for n, p in module.named_parameters()}
+        for pattern in exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names.values()):
+                raise ValueError(f"perturb_exclude pattern {pattern!r} matches no parameter of the model "
+                                 f"(e.g. {', '.join(list(names.values())[:3])}, ...)")
+        trainable = [p for p in trainable if not any(fnmatch.fnmatchcase(names[id(p)], pat) for pat in exclude)]
     targets = Targets.select(module, mode, trainable, unquantized=perturb_unquantized, steps=perturb_steps)
     if mode is not Mode.SAM and not targets.layers:
         raise ValueError(f"mode {mode.value!r}: none of the quantized layers' weights is trained by the base "
@@ -283,6 +292,8 @@ class SAQ(torch.optim.Optimizer):
             affine, biases, ...), as the official code does. In mode ``"sam"``, False restricts the
             perturbation to the weights of quantized / Conv / Linear layers.
         perturb_steps: perturb the quantizer step sizes too; ``None`` means True for ``"sam"``, False otherwise.
+        perturb_exclude: parameter-name globs never perturbed (they still train), e.g. ``("pos_embed",
+            "cls_token")`` or ``("*norm*",)`` for a ViT's position embedding and class token or its LayerNorms.
         strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1),
             ``"sub_batch"`` (1 + fraction; the closure takes its batch through :meth:`pass_batch`).
         k, alpha: the ``every_k`` period and the weight of the stored orthogonal component. ``"auto"``
@@ -300,6 +311,7 @@ class SAQ(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
                  mode: str = "case3", *, adaptive: bool = False, eta: float = 0.01,
                  perturb_unquantized: bool = True, perturb_steps: Optional[bool] = None,
+                 perturb_exclude: Sequence[str] = (),
                  strategy: str = "full", k: int = 5, alpha: Union[float, str] = "auto", fraction: float = 0.25,
                  rho_schedule: Optional[Callable[[int], float]] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
@@ -309,7 +321,10 @@ class SAQ(torch.optim.Optimizer):
         module, ddp = _unwrap(model)
         kind = Mode.parse(mode)
         perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
-        targets = _select_targets(module, kind, base_optimizer, perturb_unquantized, perturb_steps)
+        if isinstance(perturb_exclude, str):
+            perturb_exclude = (perturb_exclude,)
+        targets = _select_targets(module, kind, base_optimizer, perturb_unquantized, perturb_steps,
+                                  tuple(perturb_exclude))
 
         self._initialised = False
         super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {})
@@ -326,6 +341,7 @@ class SAQ(torch.optim.Optimizer):
         self.eta = float(eta)
         self.perturb_unquantized = bool(perturb_unquantized)
         self.perturb_steps = bool(perturb_steps)
+        self.perturb_exclude = tuple(perturb_exclude)
         self.strategy = strategy
         self.k = k
         self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)

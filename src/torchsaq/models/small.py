@@ -10,7 +10,7 @@ from .._optional import require
 from ._registry import register_model
 
 __all__ = ["CNN1d", "CNNDigits", "CNNFashion", "CNNFashionStrided", "cnn1d", "cnn_digits", "cnn_fmnist",
-           "cnn_fmnist_strided", "vit_tiny_digits"]
+           "cnn_fmnist_strided", "vit_tiny_digits", "vit_fmnist"]
 
 
 def _conv_bn_relu(conv: type, bn: type, cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
@@ -145,3 +145,18 @@ def vit_tiny_digits(num_classes: int = 10, in_chans: Optional[int] = None, img_s
     cfg: dict[str, Any] = dict(patch_size=2, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
     cfg.update(kwargs)
     return VisionTransformer(img_size=img_size or 8, in_chans=in_chans or 1, num_classes=num_classes, **cfg)
+
+
+@register_model(family="fashion_mnist", dataset="fashion_mnist", input_shape=(1, 28, 28), num_classes=10, source="timm")
+def vit_fmnist(num_classes: int = 10, in_chans: Optional[int] = None, img_size: Optional[int] = None,
+               **kwargs: Any) -> nn.Module:
+    """Small timm VisionTransformer for Fashion-MNIST: patch 7 (16 tokens + class token), dim 64, depth 4, 4 heads.
+
+    Sized for CPUs (docs/vit.md): 139k parameters, ~2.3M multiply-accumulates per 28x28 image; timm kwargs
+    (``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``drop_path_rate``) override the defaults.
+    """
+    VisionTransformer = require("timm.models.vision_transformer", "timm", "model vit_fmnist").VisionTransformer
+
+    cfg: dict[str, Any] = dict(patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    cfg.update(kwargs)
+    return VisionTransformer(img_size=img_size or 28, in_chans=in_chans or 1, num_classes=num_classes, **cfg)
