@@ -27,7 +27,9 @@ generator's default). The predicted loss counts weight noise only, either way.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -233,7 +235,8 @@ class Allocation:
         return "\n".join(lines)
 
     def to_yaml(self, recipe: Optional[Mapping[str, Any]] = None, comment: str = "") -> str:
-        """A recipe fragment for ``torchsaq train --config``: ``recipe``'s keys, then ``layer_bits``.
+        """A recipe fragment for ``torchsaq train --config``: ``recipe``'s keys, then ``layer_bits`` (this
+        allocation's layers, then the patterns of ``recipe["layer_bits"]`` if any: the first match wins).
 
         Its first line starts with :data:`FRAGMENT_MARK`; ``comment`` lines follow as YAML comments.
         """
@@ -243,7 +246,9 @@ class Allocation:
                 f"predicted loss increase {self.predicted:.4g}"]
         head += [f"# {line}" for line in comment.splitlines()]
         body = dict(recipe or {})
-        body["layer_bits"] = self.layer_bits
+        ours = self.layer_bits
+        earlier = dict(body.pop("layer_bits", None) or {})  # patterns of the recipe: after ours (first match wins)
+        body["layer_bits"] = {**ours, **{k: v for k, v in earlier.items() if k not in ours}}
         return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
 
@@ -386,3 +391,67 @@ def allocate_bits(model: nn.Module, data: Iterable[Batch], avg_bits: Optional[fl
     """
     return allocate(model, data, avg_bits=avg_bits, size_bytes=size_bytes, bops=bops, choices=choices,
                     measure=measure, **options).layer_bits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the checkpoint driver of `torchsaq allocate`
+# ---------------------------------------------------------------------------------------------------------
+#: the fields a fragment carries over from the checkpoint's config (what the layer names and fixed bits depend on)
+_RECIPE_FIELDS = ("dataset", "data_dir", "model", "model_kwargs", "img_size", "w_bits", "a_bits", "first_last_bits",
+                  "quantizer", "per_channel", "weight_standardize", "act_grad_scale", "exclude")
+
+
+def check_fragment_path(path: Union[str, os.PathLike]) -> None:
+    """A ValueError unless ``path`` is free or holds a fragment ``torchsaq allocate`` wrote (:data:`FRAGMENT_MARK`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"allocate: {p} is a folder; give a file name such as allocation.yaml")
+    if not p.exists():
+        return
+    try:
+        with open(p, encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        first = ""
+    if not first.startswith(FRAGMENT_MARK):
+        raise ValueError(f"allocate: {p} exists and was not written by torchsaq allocate; refusing to replace it")
+
+
+def run_allocate(checkpoint: str, output: Optional[str], budget: dict[str, float], choices: Sequence[int],
+                 activations: str = "keep", samples: int = 32, num_samples: int = 512, batch_size: int = 256,
+                 seed: int = 0, device: str = "cpu") -> tuple[Allocation, Optional[Path]]:
+    """Allocate the bits of a checkpoint's model on a fixed training subset (the one ``torchsaq sharpness`` uses)
+    and write the recipe fragment to ``output`` (atomically; only over a fragment written here). ``budget``:
+    one of ``{"avg_bits": ..}``, ``{"size_bytes": ..}``, ``{"bops": ..}``. Returns (allocation, written path).
+
+    The fragment holds the checkpoint's data set, model and quantization options, ``pretrained`` (the checkpoint:
+    ``torchsaq train --config`` fine-tunes it at the new bits; its steps are re-initialised) and ``layer_bits``.
+    """
+    from ._io import atomic_write_text
+    from .analysis.drivers import _fixed_batches
+    from .checkpoint import load_model
+    from .train import CHECKPOINT_NAME
+
+    unknown = sorted(set(budget) - set(BUDGETS))
+    if unknown:
+        raise ValueError(f"unknown budget {', '.join(unknown)}; give one of {', '.join(BUDGETS)}")
+    _budget(*(budget.get(k) for k in BUDGETS))  # exactly one, checked before the model loads
+    if output is not None:
+        check_fragment_path(output)
+    model, cfg, info = load_model(checkpoint, device)
+    batches = _fixed_batches(cfg, num_samples, batch_size, seed, device)
+    result = allocate(model, batches, avg_bits=budget.get("avg_bits"), size_bytes=budget.get("size_bytes"),
+                      bops=budget.get("bops"), choices=choices, activations=activations, samples=samples, seed=seed)
+    if output is None:
+        return result, None
+    source = Path(checkpoint)
+    source = source / CHECKPOINT_NAME if source.is_dir() else source
+    recipe = {k: getattr(cfg, k) for k in _RECIPE_FIELDS if getattr(cfg, k) not in (None, [], {})}
+    recipe["pretrained"] = str(source.resolve())
+    if cfg.layer_bits:  # the checkpoint's own patterns still decide the layers that are not allocated
+        recipe["layer_bits"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.layer_bits.items()}
+    fragment = result.to_yaml(recipe, comment=(
+        f"from {source} (epoch {info['epoch']}); sensitivity on {sum(len(x) for x, _ in batches)} training "
+        f"samples, seed {seed}\nlayer_bits: allocated layers only (the first/last keep first_last_bits); "
+        f"train with: torchsaq train --config {output}"))
+    return result, atomic_write_text(output, fragment)

@@ -1,4 +1,4 @@
-"""The ``torchsaq`` command line: train, eval, export, summary, landscape, sharpness.
+"""The ``torchsaq`` command line: train, eval, export, summary, landscape, sharpness, allocate.
 
 ``torchsaq train``'s flags are generated from :class:`saq.config.TrainConfig`'s fields (``--field-name``;
 booleans as ``--x/--no-x``), so they never drift from the config. Only flags given explicitly override
@@ -255,7 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0)
     sh.add_argument("--device", default="cpu")
     sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    _add_allocate(sub)
     return p
+
+
+def _add_allocate(sub: Any) -> None:
+    """``torchsaq allocate``: per-layer bits from sharpness under one budget (torchsaq.allocate)."""
+    from .allocate import ACTIVATIONS
+
+    al = sub.add_parser("allocate", help="mixed precision: per-layer weight bits under a size/BOPs budget, where "
+                                         "the loss is sharp (mean Hessian trace x quantization noise, solved exactly)")
+    al.add_argument("checkpoint", help="a checkpoint.pt written by torchsaq train (or its output folder)")
+    budget = al.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=float, help="mean weight bits of the allocated layers (weighted by size)")
+    budget.add_argument("--size-mib", type=float, help="model size in MiB, as `torchsaq summary` counts it")
+    budget.add_argument("--bops", type=float, help="GBOPs per sample, as `torchsaq summary` counts them")
+    al.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4, 8], help="bit-widths a layer may get")
+    al.add_argument("--activations", choices=ACTIVATIONS, default="keep",
+                    help="keep: each layer keeps its activation bits; same: activations get the weight bits")
+    al.add_argument("--samples", type=int, default=32, help="Hutchinson vectors of the Hessian trace")
+    al.add_argument("--num-samples", type=int, default=512, help="training samples the Hessian is measured on")
+    al.add_argument("--batch-size", type=int, default=256)
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--device", default="cpu")
+    al.add_argument("--output", default="allocation.yaml",
+                    help="recipe fragment for `torchsaq train --config` (replaces only a file written by allocate)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -414,8 +438,21 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    from .allocate import run_allocate
+
+    budget = ({"avg_bits": args.avg_bits} if args.avg_bits is not None else
+              {"size_bytes": args.size_mib * 2**20} if args.size_mib is not None else {"bops": args.bops * 1e9})
+    result, path = run_allocate(args.checkpoint, args.output, budget, args.choices, activations=args.activations,
+                                samples=args.samples, num_samples=args.num_samples, batch_size=args.batch_size,
+                                seed=args.seed, device=_device(args.device))
+    print(result)
+    print(f"written {path}: torchsaq train --config {path}")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "summary": _cmd_summary,
-             "landscape": _cmd_landscape, "sharpness": _cmd_sharpness}
+             "landscape": _cmd_landscape, "sharpness": _cmd_sharpness, "allocate": _cmd_allocate}
 
 
 def _one_line(e: BaseException) -> str:
