@@ -1,6 +1,7 @@
 """Mixed precision from sharpness (torchsaq.allocate): exact solver, budgets met, optimal by brute force, the CLI."""
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import subprocess
@@ -78,32 +79,39 @@ def test_layer_traces_add_up_to_the_analysis_hessian_trace():
     assert total == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
+_FLOAT = create_model("cnn1d", 10, in_chans=1, channels=CHANNELS)
+
+
 def _independent_cost(kind: str, layer_bits) -> float:
     """The budget an allocation spends, measured on a fresh model quantized with it (summary's own accounting)."""
-    m, data = _model(layer_bits=layer_bits)
+    m = saq.quantize(copy.deepcopy(_FLOAT), saq.QuantConfig(w_bits=3, a_bits=3, layer_bits=layer_bits or {}),
+                     example_inputs=torch.zeros(1, 1, 40))  # traced: roles and MACs known
     if kind == "size_bytes":
         return model_size_bits(m) / 8
     if kind == "bops":
-        return bops(m, data[0][0][:1])
+        return bops(m)
     alloc = {n: layer for n, layer in saq.quant_layers(m) if layer.quant_role is None}
     return sum(la.w_bits * la.weight.numel() for la in alloc.values()) / sum(la.weight.numel() for la in alloc.values())
 
 
-@pytest.mark.parametrize("kind,activations", [("avg_bits", "keep"), ("size_bytes", "keep"), ("bops", "same")])
-def test_allocation_meets_the_budget_and_is_optimal_by_brute_force(kind, activations):
+@pytest.mark.parametrize("kind,activations,choices,first_last", [
+    ("avg_bits", "keep", (2, 3, 4, 8), False), ("size_bytes", "keep", (2, 3, 4, 8), False),
+    ("bops", "same", (2, 3, 4, 8), False), ("size_bytes", "keep", (2, 8), True)])
+def test_allocation_meets_the_budget_and_is_optimal_by_brute_force(kind, activations, choices, first_last):
     m, data = _model()
-    names = [n for n, la in saq.quant_layers(m) if la.quant_role is None]
-    sens = {n: s for n, s in zip(names, (3.0, 0.2, 1.0))}
+    names = [n for n, la in saq.quant_layers(m) if first_last or la.quant_role is None]
+    sens = {n: s for n, s in zip(names, (3.0, 0.2, 1.0, 0.5, 2.0))}
     uniform3 = _independent_cost(kind, None)
     limit = uniform3 * (1.0 if kind == "avg_bits" else 0.97)  # an avg budget met exactly, the others just below
-    a = allocate(m, data, **{kind: limit}, choices=(2, 3, 4, 8), measure=sens, activations=activations)
+    a = allocate(m, data, **{kind: limit}, choices=choices, measure=sens, activations=activations,
+                 first_last=first_last)
     assert set(a.layer_bits) == set(names)
     assert a.used == pytest.approx(_independent_cost(kind, a.layer_bits), rel=1e-12) and a.used <= limit
     # brute force: every assignment, its cost measured on a fresh model, its predicted loss from the noise table
     rows = {r.name: r for r in a.rows}
     best = None
-    for bits in itertools.product((2, 3, 4, 8), repeat=len(names)):
-        lb = {n: (b if activations == "same" else [b, 3]) for n, b in zip(names, bits)}
+    for bits in itertools.product(choices, repeat=len(names)):
+        lb = {n: (b if activations == "same" else [b, 3 if rows[n].role is None else 8]) for n, b in zip(names, bits)}
         if _independent_cost(kind, lb) <= limit:
             v = sum(rows[n].predicted[b] for n, b in zip(names, bits))
             best = v if best is None else min(best, v)

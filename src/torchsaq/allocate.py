@@ -321,7 +321,8 @@ def _sensitivities(model: nn.Module, names: list[str], batches: list[Batch], mea
 def allocate(model: nn.Module, data: Iterable[Batch], avg_bits: Optional[float] = None,
              size_bytes: Optional[float] = None, bops: Optional[float] = None,
              choices: Sequence[int] = (2, 3, 4, 8), measure: Union[str, Mapping[str, float]] = "trace",
-             activations: str = "keep", criterion: Any = None, samples: int = 32, seed: int = 0) -> Allocation:
+             activations: str = "keep", criterion: Any = None, samples: int = 32, seed: int = 0,
+             first_last: bool = False) -> Allocation:
     """Per-layer weight bits of a quantized model (steps initialised) that meet one budget and minimise the
     predicted loss increase; see the module docstring. Returns an :class:`Allocation` (its ``layer_bits``
     is what :func:`allocate_bits` returns).
@@ -329,6 +330,8 @@ def allocate(model: nn.Module, data: Iterable[Batch], avg_bits: Optional[float] 
     ``data``: (x, y) batches the Hessian is measured on (a list or a DataLoader; cross-entropy unless
     ``criterion``); ``measure``: ``"trace"`` (the mean Hessian trace, ``samples`` Hutchinson vectors), ``"none"``
     (sensitivity 1: minimise the quantization noise alone) or a mapping layer name -> sensitivity.
+    ``first_last``: allocate the first and last layers too (their ``layer_bits`` entries then win over
+    ``first_last_bits``); by default they keep their bits.
     """
     kind, limit = _budget(avg_bits, size_bytes, bops)
     bits = _check_options(choices, measure, activations)
@@ -340,9 +343,11 @@ def allocate(model: nn.Module, data: Iterable[Batch], avg_bits: Optional[float] 
         from .summary import _measure_macs
 
         _measure_macs(model, batches[0][0][:1])
-    alloc = [(n, m) for n, m in layers if m.quant_role not in ("first", "last") and m.w_bits != FLOAT_BITS]
+    alloc = [(n, m) for n, m in layers
+             if (first_last or m.quant_role not in ("first", "last")) and m.w_bits != FLOAT_BITS]
     if not alloc:
-        raise ValueError("no layer to allocate: every quantized layer is first, last or kept in float")
+        raise ValueError("no layer to allocate: every quantized layer is " + ("" if first_last else "first, last or ")
+                         + "kept in float")
     names = [n for n, _ in alloc]
     sens, how = _sensitivities(model, names, batches, measure, criterion, samples, seed)
     pred = {n: {b: sens[n] * e for b, e in _layer_noise(m, bits).items()} for n, m in alloc}
