@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,7 +61,7 @@ def solve(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]], bud
     Exact (a multiple-choice knapsack): a dynamic program over the layers that keeps, after each layer, every
     partial assignment not dominated by another (no other has both a cost <= and a value <=) and whose cost
     still leaves room for the cheapest choices of the remaining layers. Costs are integers. Returns
-    (choice indices, minimal value); ties go to the lower cost, then to the earlier choices. A ValueError when
+    (choice indices, minimal value); ties go to the lower cost. A ValueError when
     even the cheapest assignment exceeds the budget.
     """
     if len(costs) != len(values) or any(len(c) != len(v) or not c for c, v in zip(costs, values)):
@@ -70,17 +71,27 @@ def solve(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]], bud
         rest[i] = rest[i + 1] + min(int(c) for c in costs[i])
     if rest[0] > budget:
         raise ValueError(f"the budget is too small: the cheapest allocation costs {rest[0]}, the budget {budget}")
-    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    # one frontier per layer, as arrays: cost, value, index of the parent state in the previous frontier, choice
+    cost, value = np.zeros(1, dtype=np.int64), np.zeros(1)
+    links: list[tuple[np.ndarray, np.ndarray]] = []
     for i, (cs, vs) in enumerate(zip(costs, values)):
-        grown = [(c + int(ck), v + float(vk), ks + (k,)) for c, v, ks in front
-                 for k, (ck, vk) in enumerate(zip(cs, vs)) if c + int(ck) + rest[i + 1] <= budget]
-        grown.sort(key=lambda s: (s[0], s[1], s[2]))
-        front = []
-        for state in grown:  # increasing cost: keep a state only if it is strictly better than every cheaper one
-            if not front or state[1] < front[-1][1]:
-                front.append(state)
-    best = min(front, key=lambda s: (s[1], s[0], s[2]))
-    return list(best[2]), best[1]
+        ck, vk = np.asarray(cs, dtype=np.int64), np.asarray(vs, dtype=np.float64)
+        c, v = (cost[:, None] + ck[None, :]).ravel(), (value[:, None] + vk[None, :]).ravel()
+        parent, choice = np.repeat(np.arange(len(cost)), len(ck)), np.tile(np.arange(len(ck)), len(cost))
+        order = np.lexsort((v, c))  # by cost, then value
+        order = order[c[order] + rest[i + 1] <= budget]
+        c, v, parent, choice = c[order], v[order], parent[order], choice[order]
+        # keep a state only if it is strictly better than every cheaper (or equally cheap, earlier) one
+        keep = v < np.concatenate(([np.inf], np.minimum.accumulate(v)[:-1]))
+        cost, value = c[keep], v[keep]
+        links.append((parent[keep], choice[keep]))
+    at = int(np.lexsort((cost, value))[0])  # the lowest value, then the lowest cost
+    best = float(value[at])
+    picks = []
+    for parent, choice in reversed(links):
+        picks.append(int(choice[at]))
+        at = int(parent[at])
+    return picks[::-1], best
 
 
 # ---------------------------------------------------------------------------------------------------------
