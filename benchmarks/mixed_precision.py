@@ -147,6 +147,14 @@ def _bits_of(layer_bits: dict[str, Any], name: str, default: int) -> int:
     return int(v[0] if isinstance(v, list) else v)
 
 
+def _float_done(config: dict[str, Any]) -> bool:
+    """The float run's checkpoint exists and has all its epochs (a run cut off leaves an earlier epoch's)."""
+    from torchsaq.checkpoint import load_checkpoint
+
+    path = Path(config["output"], "checkpoint.pt")
+    return path.exists() and int(load_checkpoint(path).get("epoch", 0)) >= int(config["epochs"])
+
+
 def _load_allocs(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -197,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
     floats = [fashion.float_config(s, fargs) for s in seeds]
-    runner.run([c for c in floats if not Path(c["output"], "checkpoint.pt").exists()], "float models")
+    runner.run([c for c in floats if not _float_done(c)], "float models")
     alloc_path = Path(args.out) / f"mixed_precision_alloc{args.tag}.json"
     allocs = _load_allocs(alloc_path)
     if args.report_only:
