@@ -205,7 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
     floats = [fashion.float_config(s, fargs) for s in seeds]
-    runner.run([c for c in floats if not _float_done(c)], "float models")
+    # an interrupted float run continues from its last epoch (a new run would be refused in its folder)
+    runner.run([dict(c, resume=Path(c["output"], "checkpoint.pt").exists()) for c in floats if not _float_done(c)],
+               "float models")
     alloc_path = Path(args.out) / f"mixed_precision_alloc{args.tag}.json"
     allocs = _load_allocs(alloc_path)
     if args.report_only:
