@@ -192,6 +192,10 @@ def test_cli_allocate_never_replaces_a_foreign_file(checkpoint, tmp_path, capsys
                  "--output", str(checkpoint)]) == 1
     mine = tmp_path / "mine.yaml"
     for _ in range(2):  # a fragment it wrote is replaced
-        assert main(["allocate", str(checkpoint), "--size-mib", "1", "--samples", "1", "--num-samples", "32",
+        assert main(["allocate", str(checkpoint), "--size-mib", "1", "--measure", "none", "--first-last",
                      "--output", str(mine)]) == 0
+    import yaml
+
     assert mine.read_text().startswith("# torchsaq allocate:")
+    assert set(yaml.safe_load(mine.read_text())["layer_bits"]) == {"features.0", "features.3", "features.6",
+                                                                    "features.9", "fc"}

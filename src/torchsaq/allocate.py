@@ -434,8 +434,9 @@ def check_fragment_path(path: Union[str, os.PathLike]) -> None:
 
 
 def run_allocate(checkpoint: str, output: Optional[str], budget: dict[str, float], choices: Sequence[int],
-                 activations: str = "keep", samples: int = 32, num_samples: int = 512, batch_size: int = 256,
-                 seed: int = 0, device: str = "cpu") -> tuple[Allocation, Optional[Path]]:
+                 activations: str = "keep", measure: str = "trace", first_last: bool = False, samples: int = 32,
+                 num_samples: int = 512, batch_size: int = 256, seed: int = 0,
+                 device: str = "cpu") -> tuple[Allocation, Optional[Path]]:
     """Allocate the bits of a checkpoint's model on a fixed training subset (the one ``torchsaq sharpness`` uses)
     and write the recipe fragment to ``output`` (atomically; only over a fragment written here). ``budget``:
     one of ``{"avg_bits": ..}``, ``{"size_bytes": ..}``, ``{"bops": ..}``. Returns (allocation, written path).
@@ -457,7 +458,8 @@ def run_allocate(checkpoint: str, output: Optional[str], budget: dict[str, float
     model, cfg, info = load_model(checkpoint, device)
     batches = _fixed_batches(cfg, num_samples, batch_size, seed, device)
     result = allocate(model, batches, avg_bits=budget.get("avg_bits"), size_bytes=budget.get("size_bytes"),
-                      bops=budget.get("bops"), choices=choices, activations=activations, samples=samples, seed=seed)
+                      bops=budget.get("bops"), choices=choices, measure=measure, activations=activations,
+                      samples=samples, seed=seed, first_last=first_last)
     if output is None:
         return result, None
     source = Path(checkpoint)
@@ -468,6 +470,7 @@ def run_allocate(checkpoint: str, output: Optional[str], budget: dict[str, float
         recipe["layer_bits"] = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.layer_bits.items()}
     fragment = result.to_yaml(recipe, comment=(
         f"from {source} (epoch {info['epoch']}); sensitivity on {sum(len(x) for x, _ in batches)} training "
-        f"samples, seed {seed}\nlayer_bits: allocated layers only (the first/last keep first_last_bits); "
+        f"samples, seed {seed}\nlayer_bits: the allocated layers"
+        f"{' (the first/last keep first_last_bits)' if not first_last else ''}; "
         f"train with: torchsaq train --config {output}"))
     return result, atomic_write_text(output, fragment)

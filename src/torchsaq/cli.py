@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_allocate(sub: Any) -> None:
     """``torchsaq allocate``: per-layer bits from sharpness under one budget (torchsaq.allocate)."""
-    from .allocate import ACTIVATIONS
+    from .allocate import ACTIVATIONS, MEASURES
 
     al = sub.add_parser("allocate", help="mixed precision: per-layer weight bits under a size/BOPs budget, where "
                                          "the loss is sharp (mean Hessian trace x quantization noise, solved exactly)")
@@ -273,6 +273,10 @@ def _add_allocate(sub: Any) -> None:
     al.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4, 8], help="bit-widths a layer may get")
     al.add_argument("--activations", choices=ACTIVATIONS, default="keep",
                     help="keep: each layer keeps its activation bits; same: activations get the weight bits")
+    al.add_argument("--measure", choices=MEASURES, default="trace",
+                    help="layer sensitivity: trace (mean Hessian trace) or none (1: the quantization noise alone)")
+    al.add_argument("--first-last", action="store_true",
+                    help="also allocate the first and last layers (by default they keep first_last_bits)")
     al.add_argument("--samples", type=int, default=32, help="Hutchinson vectors of the Hessian trace")
     al.add_argument("--num-samples", type=int, default=512, help="training samples the Hessian is measured on")
     al.add_argument("--batch-size", type=int, default=256)
@@ -444,8 +448,9 @@ def _cmd_allocate(args: argparse.Namespace) -> int:
     budget = ({"avg_bits": args.avg_bits} if args.avg_bits is not None else
               {"size_bytes": args.size_mib * 2**20} if args.size_mib is not None else {"bops": args.bops * 1e9})
     result, path = run_allocate(args.checkpoint, args.output, budget, args.choices, activations=args.activations,
-                                samples=args.samples, num_samples=args.num_samples, batch_size=args.batch_size,
-                                seed=args.seed, device=_device(args.device))
+                                measure=args.measure, first_last=args.first_last, samples=args.samples,
+                                num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                                device=_device(args.device))
     print(result)
     print(f"written {path}: torchsaq train --config {path}")
     return 0
