@@ -130,6 +130,16 @@ def test_first_last_keep_their_bits_and_the_result_feeds_quantconfig():
     assert got["features.0"] == [8, 8] and got["fc"] == [8, 8]
 
 
+def test_allocate_leaves_the_model_unchanged():
+    m, data = _model()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    allocate(m, data, bops=1e9, samples=2)
+    assert m.training and all(mod.training for mod in m.modules())
+    after = m.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_one_budget_and_clear_errors():
     m, data = _model()
     with pytest.raises(ValueError, match="exactly one budget"):
