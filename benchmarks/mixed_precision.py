@@ -86,19 +86,45 @@ def _default_bits(role: Optional[str], bits: int) -> int:
     return 8 if role in ("first", "last") else bits  # fashion.qat_config: first/last layer 8-bit
 
 
-def _candidates(model: Any, first_last: bool, band: float) -> list[dict[str, list[int]]]:
-    """Every allocation of CHOICES (activations kept) whose size is within ``band`` below the budget (all fit)."""
+def _candidates(model: Any, first_last: bool, band: float, rng: random.Random,
+                limit: int = 50_000) -> list[dict[str, list[int]]]:
+    """Allocations of CHOICES (activations kept) whose size is within ``band`` below the budget (all fit): every one
+    where there are at most ``limit`` assignments (the CNN), else up to 200 drawn at random (a ViT's many layers)."""
     from torchsaq import quant_layers
     from torchsaq.allocate import _layer_cost
 
-    layers = [(n, m) for n, m in quant_layers(model) if first_last or m.quant_role not in ("first", "last")]
-    base = sum(_layer_cost("size_bytes", m, m.w_bits, m.a_bits) for _, m in layers)
-    out = []
-    for bits in itertools.product(CHOICES, repeat=len(layers)):
-        cost = sum(_layer_cost("size_bytes", m, b, m.a_bits) for (_, m), b in zip(layers, bits))
-        if (1 - band) * base <= cost <= base:
-            out.append({n: [b, m.a_bits] for (n, m), b in zip(layers, bits)})
-    return out
+    layers = [m for _, m in quant_layers(model) if first_last or m.quant_role not in ("first", "last")]
+    names = [m._saq_name for m in layers]
+    cost = [{b: _layer_cost("size_bytes", m, b, m.a_bits) for b in CHOICES} for m in layers]
+    base = sum(c[m.w_bits] for c, m in zip(cost, layers))
+
+    def fits(bits: tuple[int, ...]) -> bool:
+        return (1 - band) * base <= sum(c[b] for c, b in zip(cost, bits)) <= base
+
+    if len(CHOICES) ** len(layers) <= limit:
+        found = [bits for bits in itertools.product(CHOICES, repeat=len(layers)) if fits(bits)]
+    else:
+        found = list({bits for bits in (_draw(cost, base, band, rng) for _ in range(2000)) if bits and fits(bits)})
+        found = sorted(found)[:200]
+    return [{n: [b, m.a_bits] for n, m, b in zip(names, layers, bits)} for bits in found]
+
+
+def _draw(cost: list[dict[int, int]], base: int, band: float, rng: random.Random) -> tuple[int, ...]:
+    """A random assignment moved into the band: lower random layers while over the budget, then raise random
+    layers (staying within it) while under the band; () if it does not get there in a few hundred moves."""
+    bits = [rng.choice(CHOICES) for _ in cost]
+    for _ in range(20 * len(cost)):
+        total = sum(c[b] for c, b in zip(cost, bits))
+        if (1 - band) * base <= total <= base:
+            return tuple(bits)
+        i = rng.randrange(len(bits))
+        k = CHOICES.index(bits[i])
+        if total > base and k > 0:
+            bits[i] = CHOICES[k - 1]
+        elif total < (1 - band) * base and k + 1 < len(CHOICES) and total - cost[i][bits[i]] + \
+                cost[i][CHOICES[k + 1]] <= base:
+            bits[i] = CHOICES[k + 1]
+    return ()
 
 
 def allocations(seed: int, bits: int, args: argparse.Namespace, fargs: argparse.Namespace) -> dict[str, Any]:
@@ -124,10 +150,10 @@ def allocations(seed: int, bits: int, args: argparse.Namespace, fargs: argparse.
         sens = sens or a
         out[name] = {"layer_bits": a.layer_bits, "used_bytes": a.used}
     assert sens is not None
-    cands = _candidates(model, first_last, args.band)
     rng = random.Random(seed)
+    cands = _candidates(model, first_last, args.band, rng)
     out["random"] = {"layer_bits": rng.choice(cands), "note": f"1 of {len(cands)} in the band"}
-    official = cands if not first_last else _candidates(model, False, args.band)  # it never allocates first/last
+    official = cands if not first_last else _candidates(model, False, args.band, rng)  # never first/last
     pool = rng.sample(official, min(args.official_candidates, len(official)))
     crit = torch.nn.CrossEntropyLoss()
     scored = [sam_sharpness(_quantized(cfg_dict, lb, batches), crit, batches, rho=args.rho, steps=1, seed=seed)
