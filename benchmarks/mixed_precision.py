@@ -148,7 +148,7 @@ def allocations(seed: int, bits: int, args: argparse.Namespace, fargs: argparse.
         a = allocate(model, batches, size_bytes=size, choices=CHOICES, measure=measure, samples=args.hutchinson,
                      seed=seed, first_last=first_last)
         sens = sens or a
-        out[name] = {"layer_bits": a.layer_bits, "used_bytes": a.used}
+        out[name] = {"layer_bits": a.layer_bits, "used_bytes": a.used, "table": str(a)}
     assert sens is not None
     rng = random.Random(seed)
     cands = _candidates(model, first_last, args.band, rng)
@@ -309,6 +309,9 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, alloc
                              f"| {len(a)} | {_mean_sd([a[s] for s in sorted(a)])} | "
                              f"{_cell(a, acc.get((b, 'uniform', t)))} | "
                              f"{_cell(a, acc.get((b, al, 'QAT'))) if t == 'SAQ' else '-'} |")
+        if "sharpness" in first:
+            lines += ["", f"`torchsaq.allocate` on seed {seeds[0]} (the sharpness allocation):", "", "```",
+                      first["sharpness"]["table"], "```"]
     text = "\n".join(lines) + "\n"
     name = args.report or f"mixed_precision{args.tag}"
     out = Path(args.out)
