@@ -173,6 +173,18 @@ def _bits_of(layer_bits: dict[str, Any], name: str, default: int) -> int:
     return int(v[0] if isinstance(v, list) else v)
 
 
+def _canonical(alloc: dict[str, Any], name: str, bits: int) -> dict[str, Any]:
+    """``layer_bits`` of allocation ``name`` without the entries that repeat the uniform model's bits, so that an
+    allocation equal to uniform is the uniform run (one cached run, not a second identical one)."""
+    roles = {r["name"]: r["role"] for r in alloc["_layers"]}
+    out = {}
+    for n, v in alloc[name]["layer_bits"].items():
+        default = [_default_bits(roles.get(n), bits)] * 2
+        if (list(v) if isinstance(v, list) else [v, v]) != default:
+            out[n] = v
+    return out
+
+
 def _float_done(config: dict[str, Any]) -> bool:
     """The float run's checkpoint exists and has all its epochs (a run cut off leaves an earlier epoch's)."""
     from torchsaq.checkpoint import load_checkpoint
@@ -249,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for b in args.bits:
             for al in args.allocs:
                 for t in args.training:
-                    lb = allocs[f"{s}/w{b}"][al]["layer_bits"]
+                    lb = _canonical(allocs[f"{s}/w{b}"], al, b)
                     cfgs.append(fashion.qat_config(TRAINING[t], b, s, args.rho, fargs, {"layer_bits": lb}))
                     index.append((b, al, t, s))
     recs = runner.run(cfgs, "fine-tuning (test set)")
