@@ -23,10 +23,11 @@ _LAZY = {
     "export": "export", "load_exported": "export",
     "summary": "summary", "model_size_bits": "summary", "bops": "summary",
     "create_model": "models", "list_models": "models", "register_model": "models",
+    "allocate_bits": "allocate", "Allocation": "allocate",
     "TrainConfig": "config", "SharpnessConfig": "config",
     "list_datasets": "data", "register_dataset": "data",
     "load_trained": "checkpoint",
-    "analysis": None, "vocab": None, "models": None, "data": None, "train": None, "checkpoint": None,
+    "analysis": None, "allocate": None, "vocab": None, "models": None, "data": None, "train": None, "checkpoint": None,
 }
 
 __all__ = [

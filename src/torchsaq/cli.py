@@ -1,4 +1,4 @@
-"""The ``torchsaq`` command line: train, eval, export, summary, landscape, sharpness.
+"""The ``torchsaq`` command line: train, eval, export, summary, landscape, sharpness, allocate.
 
 ``torchsaq train``'s flags are generated from :class:`saq.config.TrainConfig`'s fields (``--field-name``;
 booleans as ``--x/--no-x``), so they never drift from the config. Only flags given explicitly override
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0, help="seed of the sample subset and the random vectors")
     sh.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    _add_allocate(sub)
     summaries = {a.dest: a.help for a in sub._choices_actions}
     for name, sp in sub.choices.items():
         if name != "train":  # train's flags say their defaults already (generated from TrainConfig)
@@ -295,6 +296,33 @@ def _document(sp: argparse.ArgumentParser, summary: Optional[str]) -> None:
         if a.option_strings and a.help and a.help is not argparse.SUPPRESS and not a.help.endswith("]") \
                 and a.default is not None and a.default is not False and a.default is not argparse.SUPPRESS:
             a.help = f"{a.help} [{a.default}]"
+
+
+def _add_allocate(sub: Any) -> None:
+    """``torchsaq allocate``: per-layer bits from sharpness under one budget (torchsaq.allocate)."""
+    from .allocate import ACTIVATIONS, MEASURES
+
+    al = sub.add_parser("allocate", help="mixed precision: per-layer weight bits under a size/BOPs budget, where "
+                                         "the loss is sharp (mean Hessian trace x quantization noise, solved exactly)")
+    al.add_argument("checkpoint", help="a checkpoint.pt written by torchsaq train (or its output folder)")
+    budget = al.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=float, help="mean weight bits of the allocated layers (weighted by size)")
+    budget.add_argument("--size-mib", type=float, help="model size in MiB, as `torchsaq summary` counts it")
+    budget.add_argument("--bops", type=float, help="GBOPs per sample, as `torchsaq summary` counts them")
+    al.add_argument("--choices", type=int, nargs="+", default=[2, 3, 4, 8], help="bit-widths a layer may get")
+    al.add_argument("--activations", choices=ACTIVATIONS, default="keep",
+                    help="keep: each layer keeps its activation bits; same: activations get the weight bits")
+    al.add_argument("--measure", choices=MEASURES, default="trace",
+                    help="layer sensitivity: trace (mean Hessian trace) or none (1: the quantization noise alone)")
+    al.add_argument("--first-last", action="store_true",
+                    help="also allocate the first and last layers (by default they keep first_last_bits)")
+    al.add_argument("--samples", type=int, default=32, help="Hutchinson vectors of the Hessian trace")
+    al.add_argument("--num-samples", type=int, default=512, help="training samples the Hessian is measured on")
+    al.add_argument("--batch-size", type=int, default=256, help="batch size of the Hessian-vector products")
+    al.add_argument("--seed", type=int, default=0, help="seed of the samples and the Hutchinson vectors")
+    al.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    al.add_argument("--output", default="allocation.yaml",
+                    help="recipe fragment for `torchsaq train --config` (replaces only a file written by allocate)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -521,8 +549,22 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    from .allocate import run_allocate
+
+    budget = ({"avg_bits": args.avg_bits} if args.avg_bits is not None else
+              {"size_bytes": args.size_mib * 2**20} if args.size_mib is not None else {"bops": args.bops * 1e9})
+    result, path = run_allocate(args.checkpoint, args.output, budget, args.choices, activations=args.activations,
+                                measure=args.measure, first_last=args.first_last, samples=args.samples,
+                                num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                                device=_device(args.device))
+    print(result)
+    print(f"written {path}: torchsaq train --config {path}")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "summary": _cmd_summary,
-             "landscape": _cmd_landscape, "sharpness": _cmd_sharpness}
+             "landscape": _cmd_landscape, "sharpness": _cmd_sharpness, "allocate": _cmd_allocate}
 
 
 def _one_line(e: BaseException) -> str:
