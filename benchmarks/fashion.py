@@ -131,6 +131,9 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     from torchsaq.config import TrainConfig
     from torchsaq.train import train
 
+    pretrained = job["config"].get("pretrained")
+    if pretrained and not checkpoint_complete(Path(pretrained)):  # never fine-tune a float run that was cut off
+        raise RuntimeError(f"{pretrained} is not a finished float run (fewer epochs than its config's)")
     t0 = time.perf_counter()
     res = train(TrainConfig(**job["config"]), progress=False)
     keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device")
@@ -138,6 +141,22 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
              for r in res.get("history", [])]
     return {"job": job, "result": {k: res.get(k) for k in keep}, "curve": curve,
             "time_s": time.perf_counter() - t0}
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """The checkpoint exists and holds every epoch its run was configured for (a run cut off leaves an earlier
+    epoch's checkpoint behind, which must not pass for the finished float model)."""
+    from torchsaq.checkpoint import load_checkpoint
+
+    if not path.exists():
+        return False
+    state = load_checkpoint(path)
+    return int(state.get("epoch", 0)) >= int(state["config"]["epochs"])
+
+
+def float_done(config: dict[str, Any]) -> bool:
+    """The float run of ``config`` finished: its checkpoint has all its epochs."""
+    return checkpoint_complete(Path(config["output"], "checkpoint.pt"))
 
 
 _FLOAT_PATH = re.compile(r"^.*/(seed\d+)(/checkpoint\.pt)?$")
@@ -255,9 +274,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # 0. float models (the final seeds and the sweep seed)
     floats = [float_config(s, args) for s in ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]]
-    for c in floats:  # a cached float run whose checkpoint is gone is trained again
-        if not args.report_only and not Path(c["output"], "checkpoint.pt").exists():
-            runner.done.pop(runner.key(c), None)
+    if not args.report_only:
+        # a float run cut off (its checkpoint has fewer epochs) continues from its last epoch; one whose checkpoint
+        # is gone is trained again
+        unfinished = [c for c in floats if Path(c["output"], "checkpoint.pt").exists() and not float_done(c)]
+        runner.run([dict(c, resume=True) for c in unfinished], "float models (resumed)")
+        for c in floats:
+            if not float_done(c):
+                runner.done.pop(runner.key(c), None)
     frec = runner.run(floats, "float models")
     if args.stage == "float":
         return 0

@@ -185,14 +185,6 @@ def _canonical(alloc: dict[str, Any], name: str, bits: int) -> dict[str, Any]:
     return out
 
 
-def _float_done(config: dict[str, Any]) -> bool:
-    """The float run's checkpoint exists and has all its epochs (a run cut off leaves an earlier epoch's)."""
-    from torchsaq.checkpoint import load_checkpoint
-
-    path = Path(config["output"], "checkpoint.pt")
-    return path.exists() and int(load_checkpoint(path).get("epoch", 0)) >= int(config["epochs"])
-
-
 def _load_allocs(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -244,8 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
     floats = [fashion.float_config(s, fargs) for s in seeds]
     # an interrupted float run continues from its last epoch (a new run would be refused in its folder)
-    runner.run([dict(c, resume=Path(c["output"], "checkpoint.pt").exists()) for c in floats if not _float_done(c)],
-               "float models")
+    unfinished = [c for c in floats if not fashion.float_done(c)]
+    runner.run([dict(c, resume=Path(c["output"], "checkpoint.pt").exists()) for c in unfinished], "float models")
     alloc_path = Path(args.out) / f"mixed_precision_alloc{args.tag}.json"
     allocs = _load_allocs(alloc_path)
     if args.report_only:
