@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from accuracy import t_interval  # noqa: E402  (the paired 95% interval of the other benchmarks)
 
 # fashion.py method -> cost.py method
 COST_NAME = {
@@ -37,9 +39,23 @@ FULL = "SAQ (case 3)"
 
 
 def load(gain_json: Path, cost_json: Path, cost_model: str) -> list[dict[str, Any]]:
-    """One row per method: its gain [95% CI] over plain QAT, seeds, the share of the full step's gain it keeps,
-    and its cost relative to plain QAT measured in one run."""
-    gains = json.loads(gain_json.read_text())["rows"]
+    """One row per method and bit-width: its gain [95% CI] over plain QAT, seeds, the share of the full step's gain
+    it keeps, its paired difference to the full step, and its cost relative to plain QAT measured in one run."""
+    return [row for bits in sorted({r["bits"] for r in json.loads(gain_json.read_text())["rows"]})
+            for row in _load_bits(gain_json, cost_json, cost_model, bits)]
+
+
+def _vs_full(accs: list[float], full_accs: list[float]) -> Optional[tuple[float, float, int]]:
+    """Paired difference to the full step over the seeds both ran (paired seeds are 0, 1, ... in order)."""
+    n = min(len(accs), len(full_accs))
+    if n < 2:
+        return None
+    mean, half = t_interval([a - b for a, b in zip(accs[:n], full_accs[:n])])
+    return mean, half, n
+
+
+def _load_bits(gain_json: Path, cost_json: Path, cost_model: str, bits: int) -> list[dict[str, Any]]:
+    gains = [r for r in json.loads(gain_json.read_text())["rows"] if r["bits"] == bits]
     costs = {r["method"]: r for r in json.loads(cost_json.read_text()) if cost_model in r["model"]}
     full = next((r for r in gains if r["method"] == FULL and r["gain"]), None)
     rows = []
@@ -47,8 +63,10 @@ def load(gain_json: Path, cost_json: Path, cost_model: str) -> list[dict[str, An
         c = costs.get(COST_NAME.get(r["method"], ""))
         g = r["gain"] or (0.0, 0.0, len(r["accs"]))
         keep = g[0] / full["gain"][0] if full is not None and full["gain"][0] > 0 else None
+        vs_full = None if full is None or r["method"] in (FULL, gains[0]["method"]) or r["gain"] is None \
+            else _vs_full(r["accs"], full["accs"])
         rows.append(dict(method=r["method"], bits=r["bits"], seeds=len(r["accs"]), acc=sum(r["accs"]) / len(r["accs"]),
-                         gain=g[0], half=g[1], base=r["gain"] is None, keep=keep,
+                         gain=g[0], half=g[1], base=r["gain"] is None, keep=keep, vs_full=vs_full,
                          cost=None if c is None else c["ratio"], floor=None if c is None else c["floor"]))
     return rows
 
@@ -56,15 +74,17 @@ def load(gain_json: Path, cost_json: Path, cost_model: str) -> list[dict[str, An
 def markdown(rows: list[dict[str, Any]], gain_json: Path, cost_json: Path) -> str:
     lines = [f"Gain: [{gain_json.name}]({gain_json.name}); cost: [{cost_json.name}]({cost_json.name}) (time per "
              "step relative to plain QAT, every method interleaved in one run). Kept = gain / the full step's gain.",
-             "", "| bits | method | seeds | test acc | gain vs QAT [95% CI] | kept of full | cost x QAT | floor |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| bits | method | seeds | test acc | gain vs QAT [95% CI] | kept of full | vs full (paired) [95% CI] "
+             "| cost x QAT | floor |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = "-" if r["base"] else f"{r['gain']:+.2f} [{r['gain'] - r['half']:+.2f}, {r['gain'] + r['half']:+.2f}]"
         keep = "-" if r["keep"] is None or r["base"] else f"{100 * r['keep']:.0f}%"
+        vf = r["vs_full"]
+        vs_full = "-" if vf is None else f"{vf[0]:+.2f} [{vf[0] - vf[1]:+.2f}, {vf[0] + vf[1]:+.2f}] (n={vf[2]})"
         cost = "-" if r["cost"] is None else f"{r['cost']:.2f}"
         floor = "-" if r["floor"] is None else f"{r['floor']:.2f}"
         lines.append(f"| w{r['bits']}a{r['bits']} | {r['method']} | {r['seeds']} | {r['acc']:.2f} | {gain} | {keep} | "
-                     f"{cost} | {floor} |")
+                     f"{vs_full} | {cost} | {floor} |")
     return "\n".join(lines) + "\n"
 
 
