@@ -97,10 +97,10 @@ def _safetensors_digest(path: Path) -> str:
 
 def compute(names: Any = None) -> dict[str, str]:
     """Run the configurations (all, or ``names``) and return ``{"<config>/<what>": sha256}``."""
-    from torchsaq.checkpoint import load_checkpoint, load_model
-    from torchsaq.config import TrainConfig
+    from torchsaq.train.checkpoint import load_checkpoint, load_model
+    from torchsaq.train.config import TrainConfig
     from torchsaq.export import export
-    from torchsaq.train import train
+    from torchsaq.train.runner import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the export's reductions (LIQ's mean/std) too

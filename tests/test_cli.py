@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import torchsaq as saq
-from torchsaq.checkpoint import load_checkpoint, save_checkpoint
+from torchsaq.train.checkpoint import load_checkpoint, save_checkpoint
 from torchsaq.cli import build_parser, config_from_args, main
-from torchsaq.config import TrainConfig
+from torchsaq.train.config import TrainConfig
 
 FAST = ["--batch-size", "32", "--limit-train-batches", "3", "--limit-eval-batches", "4"]
 
@@ -63,7 +63,7 @@ def test_eval_matches_the_training_metrics(run_dir, capsys):
     assert main(["eval", str(run_dir / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     model, _, _ = saq.checkpoint.load_model(run_dir / "checkpoint.pt")
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     test = build_datasets("mnist1d").test
     x = torch.stack([test[i][0] for i in range(len(test))])
@@ -181,8 +181,8 @@ def test_landscape_and_sharpness_delegate_to_analysis(run_dir, tmp_path, capsys)
 
 def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
     """Mixed precision from the command line and from a recipe: the trained checkpoint has those bits."""
-    from torchsaq.layers import quant_layers
-    from torchsaq.train import build_model
+    from torchsaq.quant.layers import quant_layers
+    from torchsaq.train.runner import build_model
 
     recipe = tmp_path / "mixed.yaml"
     recipe.write_text("w_bits: 2\na_bits: 2\nlayer_bits: {'features.3': [4, 8]}\nexclude: [features.6]\n")
@@ -210,7 +210,7 @@ def _train_parser():
 
 def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_vocab():
     from torchsaq import vocab
-    from torchsaq.data import list_datasets
+    from torchsaq.train.data import list_datasets
 
     parser = _train_parser()
     text = " ".join(parser.format_help().split())
@@ -237,7 +237,9 @@ def test_every_vocabulary_is_defined_once():
     import importlib
     import pkgutil
 
-    from torchsaq import config, convert, quantizer, vocab
+    from torchsaq import vocab
+    from torchsaq.quant import convert, quantizer
+    from torchsaq.train import config
 
     assert vocab.SHARPNESS == ("none", *vocab.MODES)
     assert config.SHARPNESS is vocab.SHARPNESS and config.STRATEGIES is vocab.STRATEGIES

@@ -1,7 +1,7 @@
 """The pure pieces of the sharpness-aware step against hand computations (docs/method.md), not against the code.
 
-torchsaq.functional (the formulas), torchsaq._update (the final update), torchsaq.perturb (the mode table and
-the targets), torchsaq.strategies (their state)."""
+torchsaq.optim.functional (the formulas), torchsaq.optim._update (the final update), torchsaq.optim.perturb (the
+mode table and the targets), torchsaq.optim.strategies (their state)."""
 from __future__ import annotations
 
 import math
@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq import _update, functional as SF, perturb
-from torchsaq.perturb import Direction, Mode, Site, Targets
-from torchsaq.strategies import STRATEGIES, EveryK, make_strategy
+from torchsaq.optim import _update, perturb
+from torchsaq.optim import functional as SF
+from torchsaq.optim.perturb import Direction, Mode, Site, Targets
+from torchsaq.optim.strategies import STRATEGIES, EveryK, make_strategy
 
 
 def t(*v, dtype=torch.float32):
@@ -259,8 +260,8 @@ def test_perturb_cleared_restores_the_layers():
 def test_every_k_state_round_trip():
     p = nn.Parameter(torch.zeros(2))
 
-    class Opt:  # what EveryK reads of the optimizer
-        def _params(self):
+    class Opt:  # what EveryK reads of the passes (torchsaq.optim.passes.Passes)
+        def params(self):
             return [p, p]
 
     ek = EveryK(3, "auto")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.quantizer import LIQActQuantizer, LIQWeightQuantizer
+from torchsaq.quant.quantizer import LIQActQuantizer, LIQWeightQuantizer
 
 f64 = torch.float64
 

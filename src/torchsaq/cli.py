@@ -113,8 +113,8 @@ def _vocabularies() -> dict[str, dict[str, str]]:
 def train_help() -> dict[str, str]:
     """:data:`TRAIN_HELP` with the accepted names appended: every registered data set (with its default model),
     every registered model, and the vocabularies of :mod:`torchsaq.vocab`."""
-    from .data import dataset_info, list_datasets
-    from .models import list_models
+    from .train.data import dataset_info, list_datasets
+    from .train.models import list_models
     from .vocab import describe
 
     out = dict(TRAIN_HELP)
@@ -144,7 +144,7 @@ def _parse_mapping(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
-    from .config import check_size
+    from .train.config import check_size
 
     try:
         check_size(value, "the mapping")
@@ -163,7 +163,7 @@ def _strip_optional(tp: Any) -> Any:
 
 def _field_parser(name: str, item: bool = False) -> Any:
     """argparse ``type=`` for a TrainConfig field: the same parsing as YAML recipes (config.parse_field)."""
-    from .config import parse_field
+    from .train.config import parse_field
 
     def parse(text: str) -> Any:
         try:
@@ -177,7 +177,7 @@ def _field_parser(name: str, item: bool = False) -> Any:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
-    from .config import TrainConfig
+    from .train.config import TrainConfig
 
     choices = {name: tuple(names) for name, names in _vocabularies().items()}
     helps = train_help()
@@ -300,7 +300,7 @@ def _document(sp: argparse.ArgumentParser, summary: Optional[str]) -> None:
 
 def _add_allocate(sub: Any) -> None:
     """``torchsaq allocate``: per-layer bits from sharpness under one budget (torchsaq.allocate)."""
-    from .allocate import ACTIVATIONS, MEASURES
+    from .analysis.allocate import ACTIVATIONS, MEASURES
 
     al = sub.add_parser("allocate", help="mixed precision: per-layer weight bits under a size/BOPs budget, where "
                                          "the loss is sharp (mean Hessian trace x quantization noise, solved exactly)")
@@ -327,15 +327,15 @@ def _add_allocate(sub: Any) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from the recipe (or the resumed run's stored config), then the explicitly given flags."""
-    from .config import TrainConfig, load_recipe
+    from .train.config import TrainConfig, load_recipe
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if args.config:
         return load_recipe(args.config, **overrides)
     if overrides.get("resume"):
-        from .checkpoint import load_checkpoint
-        from .train import CHECKPOINT_NAME
+        from .train.checkpoint import load_checkpoint
+        from .train.runner import CHECKPOINT_NAME
 
         ckpt = Path(overrides.get("output", TrainConfig.output)) / CHECKPOINT_NAME
         if not ckpt.is_file():
@@ -348,7 +348,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _device(name: str) -> str:
-    from .train import resolve_device
+    from .train.runner import resolve_device
 
     return str(resolve_device(name))
 
@@ -361,8 +361,8 @@ def check_train_requirements(cfg: Any) -> None:
     that package -- checked here so that a run does not fail at its end, after the training.
     """
     from ._optional import install_hint, missing
-    from .data import dataset_info
-    from .models import model_info
+    from .train.data import dataset_info
+    from .train.models import model_info
 
     needs: dict[str, list[str]] = {"cli": ["tqdm"]}
     if cfg.save:
@@ -381,7 +381,7 @@ def check_train_requirements(cfg: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingInterrupted, format_result, train
+    from .train.runner import TrainingInterrupted, format_result, train
 
     cfg = config_from_args(args)
     check_train_requirements(cfg)
@@ -403,9 +403,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .checkpoint import load_model
-    from .data import build_datasets
-    from .train import evaluate
+    from .train.checkpoint import load_model
+    from .train.data import build_datasets
+    from .train.runner import evaluate
 
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
@@ -435,11 +435,11 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     """``torchsaq eval model.onnx``: the file in onnxruntime's default session, and the run's PyTorch model."""
     from torch.utils.data import DataLoader
 
-    from .checkpoint import load_model
-    from .config import TrainConfig
-    from .data import build_datasets
-    from .export_onnx import OnnxModel, onnx_metadata
-    from .train import evaluate
+    from .train.checkpoint import load_model
+    from .train.config import TrainConfig
+    from .train.data import build_datasets
+    from .export.onnx import OnnxModel, onnx_metadata
+    from .train.runner import evaluate
 
     if not Path(args.checkpoint).is_file():
         raise ValueError(f"ONNX file not found: {args.checkpoint}")
@@ -477,9 +477,9 @@ def _eval_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .train.checkpoint import load_model
     from .export import export
-    from .train import CHECKPOINT_NAME
+    from .train.runner import CHECKPOINT_NAME
 
     source = Path(args.checkpoint)
     source = source / CHECKPOINT_NAME if source.is_dir() else source
@@ -501,8 +501,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .summary import summary
+    from .train.checkpoint import load_model
+    from .quant.summary import summary
 
     model, cfg, info = load_model(args.checkpoint)
     print(f"{info['path']}: {cfg.model} on {cfg.dataset}, w{cfg.w_bits}a{cfg.a_bits} "
@@ -550,7 +550,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 
 def _cmd_allocate(args: argparse.Namespace) -> int:
-    from .allocate import run_allocate
+    from .analysis.allocate import run_allocate
 
     budget = ({"avg_bits": args.avg_bits} if args.avg_bits is not None else
               {"size_bytes": args.size_mib * 2**20} if args.size_mib is not None else {"bops": args.bops * 1e9})
@@ -581,7 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .quantizer import NotInitializedError
+    from .quant.quantizer import NotInitializedError
 
     try:
         return _COMMANDS[args.command](args)

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..convert import eval_mode
-from ..layers import QuantLayer, quant_layers
-from ..perturb import WHERE, Targets, cleared, site_of
+from ..quant.convert import eval_mode
+from ..quant.layers import QuantLayer, quant_layers
+from ..optim.perturb import WHERE, Targets, cleared, site_of
 
 __all__ = [
     "hessian_top_eigenvalue", "hessian_trace", "sam_sharpness", "random_directions", "loss_landscape",

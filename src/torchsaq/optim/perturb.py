@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _foreach as fe
-from .layers import QuantLayer, quant_layers
-from .quantizer import Quantizer
-from .vocab import MODES, WHERE
+from ..quant.layers import QuantLayer, quant_layers
+from ..quant.quantizer import Quantizer
+from ..vocab import MODES, WHERE
 
 __all__ = ["Site", "Direction", "Mode", "MODES", "WHERE", "site_of", "Targets", "cleared"]
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .convert import is_traced
-from .layers import QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, LIQWeightQuantizer, check_bits, qrange
+from ..quant.convert import is_traced
+from ..quant.layers import QuantLayer, quant_layers
+from ..quant.quantizer import FLOAT_BITS, LIQWeightQuantizer, check_bits, qrange
 
 __all__ = ["allocate_bits", "allocate", "Allocation", "AllocRow", "layer_sensitivities", "quantization_noise",
            "solve", "BUDGETS", "MEASURES", "ACTIVATIONS", "FRAGMENT_MARK"]
@@ -146,7 +146,7 @@ def layer_sensitivities(model: nn.Module, batches: Iterable[Batch], criterion: O
     for a Rademacher v, v_l^T (H v)_l is an unbiased estimate of tr(H_ll), so ``samples`` Hessian-vector products
     give every layer's trace. Eval mode; the model is left unchanged.
     """
-    from .analysis import measures as ms
+    from . import measures as ms
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -291,7 +291,7 @@ def _layer_cost(kind: str, layer: QuantLayer, w: int, a: int) -> int:
 
 
 def _model_total(kind: str, model: nn.Module) -> int:
-    from .summary import bops, model_size_bits
+    from ..quant.summary import bops, model_size_bits
 
     return bops(model) if kind == "bops" else model_size_bits(model)
 
@@ -351,7 +351,7 @@ def allocate(model: nn.Module, data: Iterable[Batch], avg_bits: Optional[float] 
     if not layers:
         raise ValueError("the model has no quantized layer (call saq.quantize first)")
     if batches and (not is_traced(model) or any(m._saq_macs is None for _, m in layers)):
-        from .summary import _measure_macs
+        from ..quant.summary import _measure_macs
 
         _measure_macs(model, batches[0][0][:1])
     alloc = [(n, m) for n, m in layers
@@ -444,10 +444,10 @@ def run_allocate(checkpoint: str, output: Optional[str], budget: dict[str, float
     The fragment holds the checkpoint's data set, model and quantization options, ``pretrained`` (the checkpoint:
     ``torchsaq train --config`` fine-tunes it at the new bits; its steps are re-initialised) and ``layer_bits``.
     """
-    from ._io import atomic_write_text
-    from .analysis.drivers import _fixed_batches
-    from .checkpoint import load_model
-    from .train import CHECKPOINT_NAME
+    from .._io import atomic_write_text
+    from .drivers import _fixed_batches
+    from ..train.checkpoint import load_model
+    from ..train.runner import CHECKPOINT_NAME
 
     unknown = sorted(set(budget) - set(BUDGETS))
     if unknown:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from ._optional import missing, require
+from .._optional import missing, require
 
 if TYPE_CHECKING:  # numpy is imported where it is used (the "data" extra): `import torchsaq.data` needs torch only
     import numpy as np

@@ -21,7 +21,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ._io import atomic_write
+from .._io import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model", "load_trained",
            "model_from_checkpoint", "load_state_dict_checked", "load_pretrained"]
@@ -208,7 +208,7 @@ def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device
     shape (so the first/last layers get their bits before the weights load), then loaded.
     """
     from .config import TrainConfig
-    from .convert import quantize, trace
+    from ..quant.convert import quantize, trace
     from .models import create_model
 
     cfg = TrainConfig.from_dict(dict(state["config"]))

@@ -41,16 +41,17 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
-from .convert import eval_mode
-from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
-from .quantizer import STEP_EPS, LIQWeightQuantizer, LSQQuantizer
+from .._io import atomic_write
+from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
+from ..quant.convert import eval_mode
+from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..quant.quantizer import STEP_EPS, LIQWeightQuantizer, LSQQuantizer
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
            "OnnxModel"]
@@ -64,10 +65,6 @@ CONTAINERS: dict[str, tuple[int, int]] = {
 _TORCHSCRIPT_OPSET = 20  # the highest opset the TorchScript exporter knows; the graph is converted after
 _DOMAIN = "saq"  # custom ops that mark the quantized layers in the exported graph, replaced before saving
 
-if TYPE_CHECKING:
-    from .export import ExportInfo
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _onnx():
@@ -571,7 +568,7 @@ ONNX_MODES = ("compact", "fast")
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
-                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> "ExportInfo":
+                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
@@ -584,8 +581,6 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). The model is left as it was.
     Returns an :class:`saq.export.ExportInfo`.
     """
-    from .export import ExportInfo, _checked_layers, _float_bytes, _quantizer_prefixes, _unwrap
-
     onnx = _onnx()
     if onnx_mode not in ONNX_MODES:
         raise ValueError(f"export: onnx_mode must be one of {', '.join(map(repr, ONNX_MODES))}, got {onnx_mode!r}")
@@ -598,8 +593,8 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
         raise ValueError(f"export: {os.fspath(path)} is a folder; give a file name such as model.onnx")
     if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
         raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
-    model = _unwrap(model)
-    layers = _checked_layers(model)
+    model = unwrap(model)
+    layers = checked_layers(model)
     weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
     traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
     proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
@@ -617,7 +612,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     path = os.fspath(path)
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     info = ExportInfo(path=path, file_bytes=os.path.getsize(path),
-                      float_bytes=_float_bytes(model.state_dict(), _quantizer_prefixes(model)), layers=len(layers))
+                      float_bytes=float_bytes(model.state_dict(), quantizer_prefixes(model)), layers=len(layers))
     if verbose:
         print(info)
     return info

@@ -42,12 +42,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from .checkpoint import load_pretrained, load_state_dict_checked
 from .checkpointer import CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, Checkpointer, set_rng_state  # noqa: F401
 from .config import TrainConfig
-from .convert import calibrate, quantize, trace
+from ..quant.convert import calibrate, quantize, trace
 from .device import SMALL_BATCH_MACS, DistEnv, amp_dtype, auto_threads, init_distributed, resolve_device  # noqa: F401
 from .engine import (DIVERGED_LOSS_FACTOR, LoopState, Run, TrainData, TrainingInterrupted,  # noqa: F401
                      TrainResult, evaluate, fit, fmt_time)
-from .kernels import get_lsq_backend, set_lsq_backend
-from .quantizer import Quantizer
+from ..quant.kernels import get_lsq_backend, set_lsq_backend
+from ..quant.quantizer import Quantizer
 from .runlog import TensorBoard, plot_history
 from .runlog import write_metrics as _write_metrics  # noqa: F401 - the old name
 
@@ -121,7 +121,7 @@ def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConf
     """
     if cfg.sharpness == "none":
         return base
-    from .sam import SAQ
+    from ..optim.saq import SAQ
 
     return SAQ(model, base, grad_scaler=grad_scaler, **cfg.saq_kwargs(steps_per_epoch))
 
@@ -239,7 +239,7 @@ def _pick_threads(cfg: TrainConfig, model: nn.Module, input_shape: list[int], de
     """``cfg.threads``, or for 0 :func:`saq.device.auto_threads` from the model's MACs per batch."""
     if cfg.threads:
         return cfg.threads
-    from .summary import summary as model_summary
+    from ..quant.summary import summary as model_summary
 
     macs = model_summary(model, torch.zeros(1, *input_shape, device=device)).macs  # traces, as a forward would
     return auto_threads(None if macs is None else macs * cfg.batch_size, device, env.local_world)
@@ -394,7 +394,7 @@ def _check_input_rank(cfg: TrainConfig, input_shape: list[int]) -> None:
 
 
 def _result(run: Run, threads: int) -> TrainResult:
-    from .summary import summary as model_summary
+    from ..quant.summary import summary as model_summary
 
     cfg, ckpt, st = run.cfg, run.checkpointer, run.state
     s = model_summary(run.raw_model)

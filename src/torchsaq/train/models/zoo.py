@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .._optional import require
+from ..._optional import require
 from ._registry import register_model
 
 __all__ = ["TORCHVISION_MODELS", "TIMM_MODELS"]

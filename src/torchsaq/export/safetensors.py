@@ -30,52 +30,27 @@ import hashlib
 import json
 import math
 import os
-import sys
-import types
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
-from .convert import _drop_trace_hook, is_traced
-from .layers import QuantLayer, quant_layers
-from .quantizer import FLOAT_BITS, QUANTIZERS, Quantizer, check_bits, make_quantizers, qrange
+from .._io import atomic_write
+from .common import (ExportInfo, PathLike, checked_layers, float_bytes, is_quantizer_flag,
+                     quantizer_prefixes, unwrap)
+from ..quant.convert import _drop_trace_hook
+from ..quant.layers import QuantLayer, quant_layers
+from ..quant.quantizer import FLOAT_BITS, QUANTIZERS, Quantizer, check_bits, make_quantizers, qrange
 
-__all__ = ["export", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
+__all__ = ["export_safetensors", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
 
 FORMAT = "saq-export"
 #: 2: 3-bit codes take 3 bits (eight in three bytes); version 1 packed them as nibbles, and still loads
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
 _CODES = ".weight_codes"
-_QUANT_FLAGS = ("initialized", "is_signed")  # quantizer buffers carried in the JSON metadata instead
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """What :func:`export` wrote: the file and its size against the float32 model's parameters+buffers."""
-
-    path: str
-    file_bytes: int
-    float_bytes: int
-    layers: int
-
-    @property
-    def ratio(self) -> float:
-        """How many times smaller the export is than the float32 model."""
-        return self.float_bytes / self.file_bytes
-
-    def __str__(self) -> str:
-        return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB file for {self.layers} quantized layers, "
-                f"{self.ratio:.2f}x smaller than the float32 state dict ({self.float_bytes / 1024:.1f} KiB of "
-                "parameters and buffers)")
-
 
 # -- packing -------------------------------------------------------------------------------------------
 def _slot(bits: int, version: str = VERSION) -> int:
@@ -153,36 +128,6 @@ def unpack_codes(packed: Tensor, bits: int, signed: bool, numel: int, version: s
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DataParallel/DistributedDataParallel/torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_quantizer_flag(key: str, quantizer_prefixes: set[str]) -> bool:
-    prefix, _, last = key.rpartition(".")
-    return last in _QUANT_FLAGS and prefix in quantizer_prefixes
-
-
-def _quantizer_prefixes(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, Quantizer)}
-
-
-def _float_bytes(state: dict[str, Tensor], quantizer_prefixes: set[str]) -> int:
-    """Bytes of the float model's state_dict with every floating tensor at float32 (quantizer state excluded)."""
-    total = 0
-    for k, v in state.items():
-        if k.rpartition(".")[0] in quantizer_prefixes:
-            continue
-        total += v.numel() * (4 if v.is_floating_point() else v.element_size())
-    return total
-
-
 def _codes_signed(q: Quantizer) -> bool:
     """Whether a quantizer's integer codes need the signed range (LIQ weight codes do not)."""
     return q.code_range()[0] < 0
@@ -228,71 +173,16 @@ def _is_export(path: str) -> bool:
 
 
 # -- export -------------------------------------------------------------------------------------------------
-def _check_not_shared(model: nn.Module, layers: list[tuple[str, QuantLayer]]) -> None:
-    """Tied weights (one weight tensor in two quantized layers) and a layer registered under two names do not
-    round-trip (each place stores its own codes and steps): refused, naming both places."""
-    names: dict[int, str] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, QuantLayer) and id(m) in names:
-            raise ValueError(f"export: layer {names[id(m)]} is registered twice (also as {name}); an export stores "
-                             "each name's codes separately: give each place its own layer")
-        names.setdefault(id(m), name)
-    owners: dict[int, str] = {}
-    for name, layer in layers:
-        other = owners.setdefault(id(layer.weight), name)
-        if other != name:
-            raise ValueError(f"export: layers {other} and {name} share one weight tensor (tied weights), each with "
-                             "its own quantizer steps, which an export cannot store exactly; untie them "
-                             "(copy the weight) before quantizing")
-
-
-def _checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
-    """The quantized layers of an exportable model: traced, scales initialised and finite, no perturbation."""
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("export: the model has no quantized layer (call saq.quantize first)")
-    _check_not_shared(model, layers)
-    low = [(n, m.weight.dtype) for n, m in layers if m.weight.dtype != torch.float32]
-    if low:  # the codes would be computed in float32 while the forward rounds in the layer's own dtype
-        raise ValueError(f"export: layer {low[0][0]} runs in {str(low[0][1]).replace('torch.', '')}, and an export "
-                         "stores the float32 model's codes, which can differ by one step: export model.float() "
-                         "(the float32 model, whose outputs the export reproduces exactly)")
-    if not is_traced(model):
-        raise ValueError("export: the model has not run yet (first/last layers unknown): calibrate or train it first")
-    uninit = [f"{n}.{qn}" for n, m in layers for qn, q in (("weight_quantizer", m.weight_quantizer),
-                                                          ("act_quantizer", m.act_quantizer))
-              if q.enabled and not q.is_initialized]
-    if uninit:
-        raise ValueError(f"export: step sizes not initialised for {', '.join(uninit[:5])}"
-                         f"{' ...' if len(uninit) > 5 else ''}: run saq.calibrate or train the model first")
-    # (a step <= 0 is exported as it is: the forward pass and load_exported both use the smallest step there)
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"export: the model holds non-finite values ({len(bad)}: {', '.join(bad[:3])}): it "
-                         "diverged; export a checkpoint from before that")
-    for n, m in layers:
-        for p in (m.perturb_pre, m.perturb_post):
-            if p is not None and bool(p.detach().ne(0).any()):
-                raise ValueError(f"export: layer {n} carries an active sharpness-aware perturbation; "
-                                 "export between optimizer steps")
-    return layers
-
-
 @torch.no_grad()
-def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
-           **onnx_options: Any) -> ExportInfo:
+def export_safetensors(model: nn.Module, path: PathLike, example_inputs: Any = None, verbose: bool = False,
+                       **onnx_options: Any) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as integers + steps to ``path``.
 
     The file is a safetensors file (no pickle), written atomically. It replaces an earlier torchsaq export at
     ``path`` but never any other file (a checkpoint, say). Returns an :class:`ExportInfo` with the file size
-    and the float32 model size; ``verbose`` also prints it. A ``path`` ending in ``.onnx`` writes an ONNX
-    QDQ graph instead, traced with ``example_inputs`` (see :func:`saq.export_onnx.export_onnx`, which takes
-    ``onnx_options``); safetensors ignores ``example_inputs``.
+    and the float32 model size; ``verbose`` also prints it. ``example_inputs`` is ignored (the ONNX format
+    traces with it); other options are the ONNX format's and refused here.
     """
-    if os.fspath(path).lower().endswith(".onnx"):
-        from .export_onnx import export_onnx
-
-        return export_onnx(model, path, example_inputs, verbose=verbose, **onnx_options)
     if onnx_options:
         raise ValueError(f"export: {', '.join(sorted(onnx_options))} apply to .onnx files only")
     if os.path.isdir(path):
@@ -300,12 +190,12 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inpu
     if os.path.exists(path) and not _is_export(os.fspath(path)):
         raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq export (a checkpoint?); "
                          "refusing to replace it")
-    model = _unwrap(model)
-    layers = _checked_layers(model)
+    model = unwrap(model)
+    layers = checked_layers(model)
 
-    prefixes = _quantizer_prefixes(model)
+    prefixes = quantizer_prefixes(model)
     state = model.state_dict()
-    float_bytes = _float_bytes(state, prefixes)
+    model_bytes = float_bytes(state, prefixes)
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
     for name, layer in layers:
@@ -319,7 +209,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inpu
             info["numel"] = layer.weight.numel()
             info["packing"] = {8: "int8" if signed else "uint8", 4: "nibble", 3: "3-bit", 2: "crumb"}[_slot(wq.bits)]
     for key, value in state.items():
-        if _is_quantizer_flag(key, prefixes):
+        if is_quantizer_flag(key, prefixes):
             continue
         tensors[key] = value.detach().cpu().contiguous()
     metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(meta)}
@@ -330,7 +220,7 @@ def export(model: nn.Module, path: PathLike, verbose: bool = False, example_inpu
     path = os.fspath(path)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     result = ExportInfo(path=path, file_bytes=os.path.getsize(path),
-                        float_bytes=float_bytes, layers=len(layers))
+                        float_bytes=model_bytes, layers=len(layers))
     if verbose:
         print(result)
     return result
@@ -457,7 +347,7 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     within their bit width) before the model is touched, so a failing load leaves ``model`` as it was.
     """
     tensors, meta, version = _read(path)
-    target = _unwrap(model)
+    target = unwrap(model)
     layers = dict(quant_layers(target))
     _check_architecture(meta, layers)
     # the file's quantizer kind wins, as its bits do: new quantizers, attached once the checks pass
@@ -508,14 +398,14 @@ def _float_tensors(target: nn.Module, tensors: dict[str, Tensor],
                    swaps: dict[str, tuple[Quantizer, Quantizer]]) -> dict[str, Tensor]:
     """The file's tensors other than codes and quantizer scales, after checking the key set and the shapes."""
     # every other tensor: exact key set and shapes (quantizer scales are checked against the metadata)
-    prefixes = _quantizer_prefixes(target)
+    prefixes = quantizer_prefixes(target)
     state = target.state_dict()
     for name, pair in swaps.items():
         for role, q in zip(("weight_quantizer", "act_quantizer"), pair):
             old = f"{name}.{role}."
             state = {k: v for k, v in state.items() if not k.startswith(old)}
             state.update({old + k: v for k, v in q.state_dict().items()})
-    expected = {k: v for k, v in state.items() if not _is_quantizer_flag(k, prefixes)}
+    expected = {k: v for k, v in state.items() if not is_quantizer_flag(k, prefixes)}
     provided = {(k[: -len(_CODES)] + ".weight" if k.endswith(_CODES) else k) for k in tensors}
     missing_keys = sorted(set(expected) - provided)
     extra_keys = sorted(provided - set(expected))
@@ -603,14 +493,3 @@ def _apply(target: nn.Module, meta: dict[str, Any], layers: dict[str, QuantLayer
         layer.weight_standardize = False
         layer.weight_quantizer.standardize = False
     _drop_trace_hook(target)  # first/last are known from the file: no trace on the next forward
-
-
-class _CallableModule(types.ModuleType):
-    """Once ``saq.export`` is imported as a submodule, Python binds ``saq.export`` to it; stay callable."""
-
-    def __call__(self, model: nn.Module, path: PathLike, verbose: bool = False, example_inputs: Any = None,
-                 **onnx_options: Any) -> ExportInfo:
-        return export(model, path, verbose, example_inputs, **onnx_options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._update import base_step
+from ..optim._update import base_step
 from .checkpointer import Checkpointer
 from .config import TrainConfig
-from .convert import eval_mode
+from ..quant.convert import eval_mode
 from .device import DistEnv, autocast
-from .quantizer import Quantizer
+from ..quant.quantizer import Quantizer
 from .runlog import TensorBoard, write_metrics
 
 __all__ = ["EpochRecord", "EpochSums", "TrainResult", "TrainData", "LoopState", "Run", "TrainingInterrupted",
@@ -467,7 +467,7 @@ def keep_steps_positive(model: nn.Module) -> None:
     holds). The forward already computes with max(s, STEP_EPS); projecting s there keeps it positive, so the
     clipped weights' gradient pushes it back up at once instead of first climbing back from below zero. A
     step that never goes that low is untouched (the results are unchanged bit for bit)."""
-    from .kernels import STEP_EPS
+    from ..quant.kernels import STEP_EPS
 
     steps: list[torch.Tensor] = [q.scale for q in model.modules()
                                  if isinstance(q, Quantizer) and q.kind == "lsq" and q.enabled]

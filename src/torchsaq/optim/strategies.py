@@ -20,25 +20,20 @@ The state is saved in the ``"saq"`` entry of :meth:`saq.SAQ.state_dict` under th
 from __future__ import annotations
 
 import math
-import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.amp.grad_scaler import OptState
 
 from . import _foreach as fe
-from .functional import add_orthogonal_, orthogonal_component_, sam_perturbation
+from ..integrations.gradscaler import has_unscaled, inverse_scale, stepping_scaler
+from ..vocab import STRATEGIES
+from .functional import add_orthogonal_, orthogonal_component_
+from .passes import Passes, Scaler
 from .perturb import Targets
-from .vocab import STRATEGIES
-
-if TYPE_CHECKING:
-    from .sam import SAQ
 
 __all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "SubBatch", "make_strategy"]
-
-Scaler = Optional[torch.amp.GradScaler]
 
 
 class Strategy:
@@ -48,10 +43,11 @@ class Strategy:
     two_call = True       # first_step() / second_step() allowed
     closure_free = False  # step() without a closure allowed (without first_step())
 
-    def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
-        return opt._two_pass(closure, rho, scaler)
+    def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        return passes.two_pass(closure, rho, scaler)
 
-    def step_without_closure(self, opt: "SAQ") -> Any:  # pragma: no cover - closure_free strategies only
+    def step_without_closure(self, passes: Passes, opt: torch.optim.Optimizer) -> Any:  # pragma: no cover
+        """The step of ``opt.step()`` with no closure after the caller's backward (closure_free strategies only)."""
         raise NotImplementedError
 
     def leave_closure_free(self) -> None:
@@ -60,10 +56,10 @@ class Strategy:
     def on_nonfinite(self) -> None:
         """A step was rejected (non-finite loss or gradient)."""
 
-    def state_dict(self, opt: "SAQ") -> dict[str, Any]:
+    def state_dict(self, passes: Passes) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, saq: dict[str, Any], opt: "SAQ") -> None:
+    def load_state_dict(self, saq: dict[str, Any], passes: Passes) -> None:
         pass
 
     def describe(self) -> str:
@@ -100,12 +96,12 @@ class EveryK(Strategy):
     def describe(self) -> str:
         return f", k={self.k}, alpha={self.alpha}"
 
-    def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+    def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
         self.confirm()
-        params = opt._params()
-        if opt.step_count % self.k == 0 or self.gv is None or len(self.gv) != len(params):
-            return opt._two_pass(closure, rho, scaler, after=lambda g_first: self.update(params, g_first))
-        return opt._one_pass(closure, scaler, lambda: self.add(params), capture=False)
+        params = passes.params()
+        if passes.step_count % self.k == 0 or self.gv is None or len(self.gv) != len(params):
+            return passes.two_pass(closure, rho, scaler, after=lambda g_first: self.update(params, g_first))
+        return passes.one_pass(closure, scaler, lambda: self.add(params), capture=False)
 
     @torch.no_grad()
     def update(self, params: list[Tensor], g_first: list[Optional[Tensor]]) -> None:
@@ -149,14 +145,14 @@ class EveryK(Strategy):
         alpha = self.gv_ratio if self.alpha == "auto" else self.alpha
         add_orthogonal_([g for g, _ in present], [v for _, v in present], self.gv_norm, alpha)  # type: ignore
 
-    def state_dict(self, opt: "SAQ") -> dict[str, Any]:
+    def state_dict(self, passes: Passes) -> dict[str, Any]:
         self.confirm()
         return {"gv": None if self.gv is None else list(self.gv),
                 "gv_norm": 0.0 if self.gv_norm is None else float(self.gv_norm),
                 "gv_ratio": 0.0 if self.gv_ratio is None else float(self.gv_ratio)}
 
-    def load_state_dict(self, saq: dict[str, Any], opt: "SAQ") -> None:
-        params = opt._params()
+    def load_state_dict(self, saq: dict[str, Any], passes: Passes) -> None:
+        params = passes.params()
         gv = saq.get("gv")
         if gv is not None and len(gv) != len(params):
             raise ValueError(f"state_dict g_v has {len(gv)} entries but the optimizer has {len(params)} params")
@@ -213,10 +209,10 @@ class PrevGrad(Strategy):
             self.targets.restore()
         self.closure_free_mode = False
 
-    def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
-        return opt._one_pass(closure, scaler, lambda: self.stage(opt), perturbation=self.e_prev, capture=True)
+    def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        return passes.one_pass(closure, scaler, lambda: self.stage(passes), perturbation=self.e_prev, capture=True)
 
-    def step_without_closure(self, opt: "SAQ") -> Any:
+    def step_without_closure(self, passes: Passes, opt: torch.optim.Optimizer) -> Any:
         """The caller's forward/backward ran at Q(w) + e_prev (applied by the pre-hook): undo it, take the base
         step, and build the next perturbation from this backward's gradients. Equals ``step(closure)``.
 
@@ -226,42 +222,35 @@ class PrevGrad(Strategy):
         self.closure_free_mode = True
         if self.pending:
             self.targets.restore()
-        opt.passes_last_step = 1
-        sc = opt._scaler(None) or stepping_scaler(opt)
+        passes.passes_last_step = 1
+        sc = passes.scaler() or stepping_scaler(opt)
         if sc is not None:
             # AMP: scaler.step(opt) has unscaled the parameters' gradients before calling this step; the captured
             # gradients w.r.t. Q(w) are still scaled: bring them to the same scale (e's direction mixes both)
-            state = sc._per_optimizer_states.get(id(opt), {})
-            if state.get("stage") is not OptState.UNSCALED:
+            if not has_unscaled(sc, opt):
                 raise RuntimeError("saq.SAQ with a grad_scaler and no closure: call scaler.step(opt) (which unscales "
                                    "the gradients and skips overflowing steps), then scaler.update(); not opt.step()")
-            inv = sc._scale.double().reciprocal()  # type: ignore[union-attr]
+            inv = inverse_scale(sc)
             for layer in self.targets.layers:
                 if layer.qweight_grad is not None:
                     layer.qweight_grad.mul_(inv.to(layer.qweight_grad))
-        return opt._finish(None, None, [], False, None, lambda: self.stage(opt))
+        return passes.finish(None, None, [], False, None, lambda: self.stage(passes))
 
     @torch.no_grad()
-    def stage(self, opt: "SAQ") -> None:
+    def stage(self, passes: Passes) -> None:
         """Build the next iteration's perturbation from this pass's (still scaled) gradients.
 
         A non-finite direction gives a zero perturbation (decided on the device).
         """
-        rho = opt._rho_at(opt.step_count + 1)
-        idx, srcs, refs, owned = self.targets.directions(opt.adaptive, clobber=False)  # p.grad: keep it
-        res = None
-        if rho > 0:
-            res = sam_perturbation(srcs, rho, refs=refs, eta=opt.eta, owned=owned, zero_nonfinite=True)
-        self.targets.drop_captures()
-        self.e_prev = None if res is None else self.targets.per_target(idx, res[0])
+        self.e_prev = passes.perturbation(passes.rho_at(passes.step_count + 1))
 
     def on_nonfinite(self) -> None:
         self.e_prev = None
 
-    def state_dict(self, opt: "SAQ") -> dict[str, Any]:
+    def state_dict(self, passes: Passes) -> dict[str, Any]:
         return {"e_prev": None if self.e_prev is None else list(self.e_prev), "closure_free": self.closure_free_mode}
 
-    def load_state_dict(self, saq: dict[str, Any], opt: "SAQ") -> None:
+    def load_state_dict(self, saq: dict[str, Any], passes: Passes) -> None:
         ep = saq.get("e_prev")
         n = len(self.targets)
         if ep is not None and len(ep) != n:
@@ -300,16 +289,16 @@ class SubBatch(Strategy):
             return tensors
         return tuple(t[:max(1, math.ceil(self.fraction * t.shape[0]))] for t in tensors)
 
-    def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+    def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
         calls: list[Any] = []
 
-        def passes() -> Any:
+        def run() -> Any:
             first = not calls
             if first:
-                self.bn_pre.take(opt._bn_buffers())
+                self.bn_pre.take(passes.bn_buffers())
             else:  # the update pass sets the statistics from where they were before the ascent pass
                 self.bn_pre.put_back()
-                opt._bn_mid.active = False
+                passes.bn_mid.active = False
             self.ascent, self.taken = first, False
             try:
                 loss = closure()
@@ -323,7 +312,7 @@ class SubBatch(Strategy):
             calls.append(loss)
             return loss
 
-        opt._two_pass(passes, rho, scaler)
+        passes.two_pass(run, rho, scaler)
         return calls[-1]
 
 
@@ -331,21 +320,6 @@ class SubBatch(Strategy):
 if tuple(c.name for c in (Full, EveryK, PrevGrad, SubBatch)) != STRATEGIES:
     raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad, SubBatch)]} disagree with "
                       f"vocab.STRATEGIES {STRATEGIES}")
-
-
-def stepping_scaler(opt: "SAQ") -> Optional[torch.amp.GradScaler]:
-    """The enabled GradScaler whose ``step(opt)`` is running now, if any: ``scaler.step(opt)`` from a loop that did
-    not pass ``grad_scaler=`` to the optimizer (Lightning's ``precision="16-mixed"``). Read from the few callers'
-    frames (GradScaler.step -> _maybe_opt_step -> the Optimizer.step wrapper -> SAQ.step -> here)."""
-    frame = sys._getframe(1)
-    for _ in range(8):
-        frame = frame.f_back  # type: ignore[assignment]
-        if frame is None:
-            return None
-        s = frame.f_locals.get("self")
-        if isinstance(s, torch.amp.GradScaler) and s.is_enabled() and id(opt) in s._per_optimizer_states:
-            return s
-    return None
 
 
 def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str],

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text
 
 __all__ = ["write_metrics", "plot_history", "TensorBoard"]
 

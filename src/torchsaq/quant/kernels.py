@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .vocab import LSQ_BACKENDS
+from ..vocab import LSQ_BACKENDS
 
 __all__ = ["STEP_EPS", "lsq_forward", "lsq_backward", "set_lsq_backend", "get_lsq_backend", "triton_available"]
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._optional import require
-from .convert import QuantConfig
+from .._optional import require
+from ..quant.convert import QuantConfig
 from .data import dataset_info, default_model
-from .quantizer import check_bits
-from .vocab import ACT_GRAD_SCALES, LSQ_BACKENDS, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
+from ..quant.quantizer import check_bits
+from ..vocab import ACT_GRAD_SCALES, LSQ_BACKENDS, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
 
 __all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES",
            "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES", "LSQ_BACKENDS"]
@@ -267,7 +267,7 @@ class TrainConfig:
         s = self.sharpness_config
         if s.mode is None:
             raise ValueError("sharpness 'none' trains with the base optimizer alone: there are no SAQ arguments")
-        from .sam import rho_warmup
+        from ..optim.saq import rho_warmup
 
         warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
         return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._optional import require
+from ..._optional import require
 from ._registry import register_model
 
 __all__ = ["CNN1d", "CNNDigits", "CNNFashion", "CNNFashionStrided", "cnn1d", "cnn_digits", "cnn_fmnist",

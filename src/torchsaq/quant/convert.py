@@ -14,7 +14,7 @@ from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
 from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits
-from .vocab import ACT_GRAD_SCALES
+from ..vocab import ACT_GRAD_SCALES
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import STEP_EPS, _codes, lsq_backward, lsq_forward, use_op
-from .vocab import QUANTIZERS
+from ..vocab import QUANTIZERS
 
 __all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
            "make_quantizers", "QUANTIZERS", "NotInitializedError"]

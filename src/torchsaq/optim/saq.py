@@ -124,26 +124,21 @@ constructor and use ``first_step``/``second_step`` as above, or do it by hand::
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from . import _foreach as fe
-from ._update import base_step, finite, first_failure
-from .functional import sam_perturbation
-from .layers import quant_layers
+from ..integrations.frameworks import closure_free_hint
+from ..quant.layers import quant_layers
+from .passes import NONFINITE, Passes
 from .perturb import MODES, Mode, Targets
 from .strategies import STRATEGIES, Strategy, make_strategy
 
 __all__ = ["SAQ", "rho_warmup", "MODES", "STRATEGIES"]
-
-NONFINITE = ("raise", "skip")
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, Optional[DistributedDataParallel]]:
@@ -279,6 +274,12 @@ def _check_state_shapes(base: Any, params: list[Tensor], targets: list[Tensor], 
                 check(f"{key}[{i}]", t, ref.shape)
 
 
+def _delegated(name: str, doc: str) -> Any:
+    """An attribute of :class:`SAQ` kept by its :class:`Passes` (what the passes read)."""
+    return property(lambda self: getattr(self._passes, name), lambda self, v: setattr(self._passes, name, v),
+                    doc=doc)
+
+
 class SAQ(torch.optim.Optimizer):
     """Sharpness-aware wrapper around a base optimizer: SAM, SAQ cases 1-3, ASAM, and cheaper strategies.
 
@@ -335,10 +336,7 @@ class SAQ(torch.optim.Optimizer):
         self._initialised = True
 
         self.model, self.module, self._ddp = model, module, ddp
-        self.rho = float(rho)
         self.mode = kind.value
-        self.adaptive = bool(adaptive)
-        self.eta = float(eta)
         self.perturb_unquantized = bool(perturb_unquantized)
         self.perturb_steps = bool(perturb_steps)
         self.perturb_exclude = tuple(perturb_exclude)
@@ -346,24 +344,31 @@ class SAQ(torch.optim.Optimizer):
         self.k = k
         self.alpha: Union[float, str] = alpha if alpha == "auto" else float(alpha)
         self.fraction = float(fraction)
-        self.rho_schedule = rho_schedule
-        self.grad_scaler = grad_scaler
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.nonfinite = nonfinite
-        self.passes_last_step = 0
-
-        self._targets = targets
-        self._quant_layers = [m for _, m in quant_layers(module)]
-        self._norm_modules = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
-        self._need_capture = kind.needs_capture(self.adaptive)  # Q(w) and its gradient, for e or ASAM's T
-        self._set_capture(True)
-        self._step = 0  # saved in state_dict, with the strategy's own state
+        # the pass machinery the strategy drives; it holds the options the passes read (delegated below)
+        self._passes = Passes(module, base_optimizer, targets, ddp=ddp, rho=float(rho), rho_schedule=rho_schedule,
+                              adaptive=bool(adaptive), eta=float(eta), need_capture=kind.needs_capture(bool(adaptive)),
+                              max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+                              nonfinite=nonfinite, grad_scaler=grad_scaler)
+        self._quant_layers = self._passes.quant_layers
         self._strategy: Strategy = make_strategy(strategy, module, targets, k, self.alpha, self.fraction)
-        # transient state (never saved); the snapshots keep their buffers from step to step
-        self._bn_pre = fe.Snapshot()   # BatchNorm statistics before the step (rolled back on a non-finite step)
-        self._bn_mid = fe.Snapshot()   # ... after the first pass (put back after the second)
+        self._passes.on_nonfinite = self._on_nonfinite
+        # transient state of the two-call form (never saved)
         self._first_done = False
         self._skip_pending = False
+
+    rho = _delegated("rho", "perturbation radius (> 0); rho_schedule, when set, replaces it")
+    rho_schedule = _delegated("rho_schedule", "step -> rho, or None")
+    adaptive = _delegated("adaptive", "ASAM form")
+    eta = _delegated("eta", "ASAM's eta")
+    max_grad_norm = _delegated("max_grad_norm", "clip the final gradient to this global norm (None: no clipping)")
+    nonfinite = _delegated("nonfinite", "'raise' or 'skip' on a non-finite loss or gradient")
+    grad_scaler = _delegated("grad_scaler", "the torch.amp.GradScaler of the steps, or None")
+    passes_last_step = _delegated("passes_last_step", "forward/backward passes the last step ran (1 or 2)")
+    _step = _delegated("step_count", "steps taken (or skipped) so far")
+    _targets = _delegated("targets", "what is perturbed and where")
+
+    def _on_nonfinite(self) -> None:
+        self._strategy.on_nonfinite()
 
     # -- torch.optim.Optimizer surface ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -380,9 +385,9 @@ class SAQ(torch.optim.Optimizer):
         except ValueError:
             self.base_optimizer.param_groups.pop()  # all or nothing
             raise
-        self._set_capture(False)
+        self._passes.set_capture(False)
         self._targets = targets
-        self._set_capture(True)
+        self._passes.set_capture(True)
         self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -391,9 +396,7 @@ class SAQ(torch.optim.Optimizer):
         The Q(w) the last forward captured (``qweight``, ASAM's reference) is kept: Lightning's closure zeroes
         the gradients between its forward and its backward. The step drops it after use.
         """
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-        for layer in self._quant_layers:
-            layer.zero_qweight_grad()
+        self._passes.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
         return (f"SAQ(mode={self.mode!r}, rho={self.rho}, adaptive={self.adaptive}, strategy={self.strategy!r}"
@@ -424,19 +427,10 @@ class SAQ(torch.optim.Optimizer):
         return self._rho_at(self._step)
 
     def _rho_at(self, step: int) -> float:
-        if self.rho_schedule is None:
-            return self.rho
-        r = float(self.rho_schedule(step))
-        if not math.isfinite(r) or r < 0:
-            raise ValueError(f"rho_schedule({step}) returned {r}; it must be a finite number >= 0")
-        return r
+        return self._passes.rho_at(step)
 
     def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _scaler(self, grad_scaler: Optional[torch.amp.GradScaler]) -> Optional[torch.amp.GradScaler]:
-        s = grad_scaler if grad_scaler is not None else self.grad_scaler
-        return s if s is not None and s.is_enabled() else None
+        return self._passes.params()
 
     # -- the public steps -------------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], Any]] = None,
@@ -453,7 +447,7 @@ class SAQ(torch.optim.Optimizer):
         """
         if closure is None:
             if self._strategy.closure_free and not self._first_done:
-                return self._strategy.step_without_closure(self)
+                return self._strategy.step_without_closure(self._passes, self)
             if not (self._first_done or self._targets.active):
                 # a loop that calls opt.step() / scaler.step(opt) after its own backward would otherwise
                 # train plain QAT while reporting SAQ: refuse, never step plainly
@@ -462,16 +456,14 @@ class SAQ(torch.optim.Optimizer):
                     f"{self.strategy!r} must run the forward/backward itself (at the perturbed point), so this "
                     "would be a plain, non-sharpness-aware step. Pass opt.step(closure) with a closure that runs "
                     "forward + backward and returns the loss, or use the two-call form first_step() / "
-                    "second_step() (strategy='full'). A GradScaler's scaler.step(opt) after the loop's own "
-                    "backward (Lightning with precision='16-mixed' does this) is such a call: use strategy="
-                    "'prev_grad' there, or bf16 / full precision, where Lightning passes its closure.")
+                    "second_step() (strategy='full'). " + closure_free_hint())
             return self._second_half(scaler=None)
         self._strategy.leave_closure_free()
         if self._targets.active:
             raise RuntimeError("step(closure) called while a first_step() perturbation is applied; "
                                "call second_step() or restore() first")
         closure = torch.enable_grad()(closure)
-        return self._strategy.step(self, closure, self._rho_at(self._step), self._scaler(grad_scaler))
+        return self._strategy.step(self._passes, closure, self._rho_at(self._step), self._passes.scaler(grad_scaler))
 
     def first_step(self, zero_grad: bool = True) -> bool:
         """Two-call form, after the first backward: perturb along the gradients now held.
@@ -484,13 +476,13 @@ class SAQ(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice without second_step() / restore()")
         # the gradients may be used as scratch space only if they are cleared afterwards; a non-finite
         # direction gives a zero perturbation (the second pass may run)
-        ok = bool(self._ascent(self._rho_at(self._step), clobber=zero_grad, safe=True))  # one host-device sync
+        ok = bool(self._passes.ascent(self._rho_at(self._step), clobber=zero_grad, safe=True))  # one host-device sync
         self._first_done = True
-        if not ok and self._scaler(None) is None:
+        if not ok and self._passes.scaler() is None:
             if self.nonfinite == "raise":
                 self.restore()
                 self._first_done = False
-                raise FloatingPointError(self._nonfinite_message("gradient of the first pass"))
+                raise FloatingPointError(self._passes.nonfinite_message("gradient of the first pass"))
             self._skip_pending = True
         if zero_grad:
             self.zero_grad()
@@ -499,7 +491,7 @@ class SAQ(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Two-call form, after the second backward: restore the weights, (unscale, clip,) base step."""
         self._check_two_call()
-        self._second_half(scaler=self._scaler(None))
+        self._second_half(scaler=self._passes.scaler())
         if zero_grad:
             self.zero_grad()
 
@@ -511,16 +503,14 @@ class SAQ(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the perturbation (weights bit-exact) and put BatchNorm statistics back to their first-pass values."""
-        self._targets.restore()
-        self._bn_mid.put_back()
-        self._set_capture(True)
+        self._passes.restore()
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Base optimizer state + strategy state (step counter, every_k's g_v, prev_grad's e_prev)."""
         saq: dict[str, Any] = {"step": self._step, "mode": self.mode, "strategy": self.strategy,
                                "num_targets": len(self._targets)}
-        saq.update(self._strategy.state_dict(self))
+        saq.update(self._strategy.state_dict(self._passes))
         out: dict[str, Any] = {"base": self.base_optimizer.state_dict(), "saq": saq}
         if self.grad_scaler is not None:
             out["grad_scaler"] = self.grad_scaler.state_dict()
@@ -543,68 +533,12 @@ class SAQ(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._step = int(saq["step"])
-        self._strategy.load_state_dict(saq, self)
+        self._strategy.load_state_dict(saq, self._passes)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self._first_done = self._skip_pending = False
 
-    # -- the passes (the strategies call these) ----------------------------------------------------------------
-    # Finiteness (without a grad scaler) is checked once, at the end of the step, with one host-device sync:
-    # a non-finite first pass still runs the second one (at a garbage point; the weights are restored anyway)
-    # and the step is then rejected. With a grad scaler the scaler checks, and a non-finite direction gives a
-    # zero perturbation (computed on the device).
-    def _two_pass(self, closure: Callable[[], Any], rho: float, scaler: Optional[torch.amp.GradScaler],
-                  after: Optional[Callable[[list[Optional[Tensor]]], None]] = None) -> Any:
-        """First pass, perturb, second pass at the perturbed point, restore, base step.
-
-        ``after(g_first)`` runs with a copy of the first pass's gradients before the base step (every_k). That
-        gradient must then be the same on every replica, so the first backward is synchronised under DDP.
-        """
-        rollback = scaler is None
-        if rollback:
-            self._bn_pre.take(self._bn_buffers())
-        sync = contextlib.nullcontext() if (after is not None or self._ddp is None) else self._ddp.no_sync()
-        with self._replayed_rng(), sync:  # the second pass draws the same dropout masks
-            loss = closure()
-        self.passes_last_step = 1
-        g_first = None
-        if after is not None:
-            with torch.no_grad():
-                grads = [p.grad for p in self._params()]
-                copies = iter(fe.clone([g for g in grads if g is not None]))
-                g_first = [None if g is None else next(copies) for g in grads]
-        ok = self._ascent(rho, safe=scaler is not None)
-        checks = [("loss of the first pass", finite(loss)), ("gradient of the first pass", ok)] if rollback else []
-        self.zero_grad()
-        try:
-            loss2 = closure()
-        finally:
-            self.restore()
-        self.passes_last_step = 2
-        hook = (lambda: after(g_first)) if after is not None else None  # type: ignore[arg-type]
-        return self._finish(loss, loss2, checks, rollback, scaler, hook)
-
-    def _one_pass(self, closure: Callable[[], Any], scaler: Optional[torch.amp.GradScaler],
-                  hook: Callable[[], None], perturbation: Optional[list[Optional[Tensor]]] = None,
-                  capture: bool = True) -> Any:
-        """One forward/backward (at the point ``perturbation`` gives, if any), then the base step.
-
-        ``capture=False``: the pass needs no Q(w) gradient (every_k's plain iterations).
-        """
-        rollback = scaler is None
-        if rollback:
-            self._bn_pre.take(self._bn_buffers())
-        if perturbation is not None:
-            self._targets.apply(perturbation)
-        if not capture:
-            self._set_capture(False)
-        try:
-            loss = closure()
-        finally:
-            self.restore()
-        self.passes_last_step = 1
-        return self._finish(loss, loss, [], rollback, scaler, hook)
-
+    # -- the two-call form's second half -------------------------------------------------------------------
     def _second_half(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         self.restore()
         self.passes_last_step = 2 if self._first_done else 1
@@ -613,69 +547,5 @@ class SAQ(torch.optim.Optimizer):
             self._skip_pending = False
             self._step += 1
             return None
-        self._finish(None, None, [], False, scaler, None)
+        self._passes.finish(None, None, [], False, scaler, None)
         return None
-
-    def _finish(self, loss: Any, loss_check: Any, checks: list[tuple[str, Tensor | bool]], rollback: bool,
-                scaler: Optional[torch.amp.GradScaler], hook: Optional[Callable[[], None]]) -> Any:
-        """Non-finite check (the step's one host-device sync), strategy hook, (unscale,) clip, base step, counter."""
-        params = [p for p in self._params() if p.grad is not None]
-        total = None
-        if scaler is None:
-            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # (all of them)
-            what = "loss or gradient of the pass at the perturbed point"
-            failed = first_failure(checks + [(what, finite(loss_check)), (what, torch.isfinite(total))])
-            if failed is not None:
-                return self._nonfinite(failed, rollback, loss)
-        if hook is not None:
-            hook()
-            total = None  # the hook may have changed the gradients
-        base_step(self.base_optimizer, params, grad_scaler=scaler, max_grad_norm=self.max_grad_norm, grad_norm=total)
-        self._step += 1
-        return loss
-
-    def _nonfinite_message(self, what: str) -> str:
-        return (f"saq.SAQ: non-finite {what}; the step was not taken and the weights are unchanged. "
-                "Pass nonfinite='skip' to skip such steps, or use a torch.amp.GradScaler with AMP.")
-
-    def _nonfinite(self, what: str, rollback: bool, loss: Any) -> Any:
-        if rollback:
-            self._bn_pre.put_back()
-        if self.nonfinite == "raise":
-            raise FloatingPointError(self._nonfinite_message(what))
-        self._strategy.on_nonfinite()
-        self._step += 1
-        return loss
-
-    @torch.no_grad()
-    def _ascent(self, rho: float, clobber: bool = True, safe: bool = False) -> Tensor | bool:
-        """Build e from the gradients of the first pass and apply it; snapshot BatchNorm statistics.
-
-        Returns whether the direction was finite (a device bool; True if there was none). ``safe``: make a
-        non-finite direction a zero perturbation (otherwise e is garbage and the caller rejects the step).
-        """
-        self._bn_mid.take(self._bn_buffers())
-        idx, srcs, refs, owned = self._targets.directions(self.adaptive, clobber)
-        res = sam_perturbation(srcs, rho, refs=refs, eta=self.eta, owned=owned, zero_nonfinite=safe) if srcs else None
-        self._targets.drop_captures()
-        self._set_capture(False)  # the second pass needs no Q(w) gradient
-        if res is None:
-            return True
-        es, ok = res
-        self._targets.apply(self._targets.per_target(idx, es))
-        return ok
-
-    # -- small utilities ------------------------------------------------------------------------------------
-    def _set_capture(self, on: bool) -> None:
-        if self._need_capture:
-            self._targets.capture(on)
-
-    def _bn_buffers(self) -> list[Tensor]:
-        return [b for m in self._norm_modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                if b is not None]
-
-    def _replayed_rng(self) -> contextlib.AbstractContextManager:
-        """A block whose random draws are replayed after it: the CPU RNG and that of each CUDA device holding
-        a parameter are put back as they were before it."""
-        devices = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
-        return torch.random.fork_rng(devices=devices, device_type="cuda")
