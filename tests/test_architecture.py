@@ -15,13 +15,13 @@ SRC = Path(torchsaq.__file__).resolve().parent
 
 #: the layers, lowest first: a module may import its own layer or a lower one, never a higher one
 LAYERS = [
-    ("registry", "_io", "_optional", "vocab"),
+    ("registry", "_io", "_optional"),
     ("quant",),
     ("integrations",),
     ("optim", "export"),
     ("train",),
     ("analysis",),
-    ("cli", "__main__", "__init__"),
+    ("cli", "__main__", "__init__", "vocab"),  # vocab: a view of the registries, for code written against 0.1
 ]
 
 

@@ -158,11 +158,12 @@ def test_finite_and_first_failure():
 
 # ------------------------------------------------------------------------------------------ the mode table
 def test_mode_table_is_docs_method():
-    assert perturb.MODES == ("sam", "case1", "case2", "case3")
-    assert STRATEGIES == ("full", "every_k", "prev_grad", "sub_batch")
+    assert perturb.MODES.names() == ("sam", "case1", "case2", "case3")
+    assert [perturb.MODES.get(m).value for m in perturb.MODES] == list(perturb.MODES)
+    assert STRATEGIES.names() == ("full", "every_k", "prev_grad", "sub_batch")
     documented = (Path(__file__).parents[1] / "docs" / "method.md").read_text().split("## Efficient strategies")[1]
     assert [s for s in STRATEGIES if f"`{s}`" not in documented] == []
-    assert perturb.WHERE == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE
+    assert perturb.WHERE.names() == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE
     assert (Mode.SAM.direction, Mode.SAM.site) == (None, None)
     assert (Mode.CASE1.direction, Mode.CASE1.site) == (Direction.WEIGHT_GRAD, Site.AFTER)
     assert (Mode.CASE2.direction, Mode.CASE2.site) == (Direction.WEIGHT_GRAD, Site.BEFORE)

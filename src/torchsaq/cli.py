@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
 
 #: extra help for the generated `torchsaq train` flags (a field without an entry still gets its flag); the
-#: lists of names (data sets, models, modes, strategies, ...) are appended from their registries and
-#: :mod:`torchsaq.vocab` by :func:`train_help`
+#: lists of names (data sets, models, modes, strategies, ...) are appended from their registries by
+#: :func:`train_help`
 TRAIN_HELP = {
     "dataset": "data set (torchsaq.data.list_datasets())",
     "data_dir": "folder of the data set (never downloaded; fashion_mnist: its four IDX files, default "
@@ -101,28 +101,27 @@ TRAIN_HELP = {
 _PATH_FIELDS = {"data_dir", "pretrained", "output"}
 
 
-def _vocabularies() -> dict[str, dict[str, str]]:
-    """TrainConfig field -> {accepted name: description}: the ``choices`` of its flag (torchsaq.vocab)."""
-    from . import vocab
+def _registries() -> dict[str, Any]:
+    """TrainConfig field -> the registry of the names it accepts: the ``choices`` and help of its flag."""
+    from .train import config
 
-    return {"sharpness": vocab.SHARPNESS_HELP, "strategy": vocab.STRATEGY_HELP, "quantizer": vocab.QUANTIZER_HELP,
-            "act_grad_scale": vocab.ACT_GRAD_SCALE_HELP, "optimizer": vocab.OPTIMIZER_HELP,
-            "lr_schedule": vocab.SCHEDULE_HELP, "lsq_backend": vocab.LSQ_BACKEND_HELP}
+    return {"sharpness": config.SHARPNESS, "strategy": config.STRATEGIES, "quantizer": config.QUANTIZERS,
+            "act_grad_scale": config.ACT_GRAD_SCALES, "optimizer": config.OPTIMIZERS,
+            "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
 
 
 def train_help() -> dict[str, str]:
     """:data:`TRAIN_HELP` with the accepted names appended: every registered data set (with its default model),
-    every registered model, and the vocabularies of :mod:`torchsaq.vocab`."""
+    every registered model, and the names of each registry (:func:`_registries`)."""
     from .train.data import dataset_info, list_datasets
     from .train.models import list_models
-    from .vocab import describe
 
     out = dict(TRAIN_HELP)
     out["dataset"] += ": " + "; ".join(f"{d} (model {dataset_info(d).default_model}): {dataset_info(d).description}"
                                        for d in list_datasets())
     out["model"] += ": " + ", ".join(list_models()) + "; default: the data set's (see --dataset)"
-    for name, names in _vocabularies().items():
-        out[name] += ": " + describe(names)
+    for name, registry in _registries().items():
+        out[name] += ": " + registry.describe()
     return out
 
 
@@ -179,7 +178,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
     from .train.config import TrainConfig
 
-    choices = {name: tuple(names) for name, names in _vocabularies().items()}
+    choices = {name: registry.names() for name, registry in _registries().items()}
     helps = train_help()
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (TrainConfig fields; default in brackets)")
@@ -206,15 +205,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _where(text: str) -> str:
-    """``--where``: a name of :data:`torchsaq.vocab.WHERE`; "float" (the flag's earlier spelling) means latent."""
+    """``--where``: a name of :data:`torchsaq.optim.perturb.WHERE`; "float" (the flag's earlier spelling) means
+    latent."""
     return "latent" if text == "float" else text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
-    from .vocab import WHERE, WHERE_HELP, describe
-
     from . import __version__
+    from .optim.perturb import WHERE
 
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
     p.add_argument("--version", action="version", version=f"torchsaq {__version__}")
@@ -264,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
     ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
     ls.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    ls.add_argument("--where", type=_where, choices=WHERE, default="quantized",
-                    help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
+    ls.add_argument("--where", type=_where, choices=WHERE.names(), default="quantized",
+                    help=f"which weights to perturb: {WHERE.describe()} ('float' is read as latent)")
     ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
     ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     ls.add_argument("--output", default="runs/landscape", help="output folder")

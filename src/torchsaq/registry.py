@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, overload
+from typing import Any, Callable, Generic, Iterator, TypeVar, overload
 
 __all__ = ["Entry", "Registry"]
 
 T = TypeVar("T")
+_DECORATE: Any = object()  # register() without a value: a decorator
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,9 @@ class Registry(Generic[T]):
     def register(self, name: str, value: T, *, description: str, replace: bool = False) -> T: ...
 
     @overload
-    def register(self, name: str, value: None = None, *, description: str,
-                 replace: bool = False) -> Callable[[T], T]: ...
+    def register(self, name: str, *, description: str, replace: bool = False) -> Callable[[T], T]: ...
 
-    def register(self, name: str, value: Optional[T] = None, *, description: str,
-                 replace: bool = False) -> Any:
+    def register(self, name: str, value: Any = _DECORATE, *, description: str, replace: bool = False) -> Any:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.what} name must be a non-empty string, got {name!r}")
 
@@ -57,7 +56,7 @@ class Registry(Generic[T]):
             self._entries[name] = Entry(name, v, description)
             return v
 
-        return add if value is None else add(value)
+        return add if value is _DECORATE else add(value)
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)

@@ -51,7 +51,7 @@ from .._io import atomic_write
 from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
 from ..quant.convert import eval_mode
 from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
-from ..quant.quantizer import STEP_EPS, LIQWeightQuantizer, LSQQuantizer
+from ..quant.quantizer import STEP_EPS
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
            "OnnxModel"]
@@ -119,23 +119,14 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
         return None
     w = layer.standardized_weight(layer.weight.detach().float())  # LSQ's weight_standardize, if on
     codes = wq.integer(w).to(torch.int64)  # LIQ standardises inside integer()
-    container = "INT4" if wq.bits <= 4 else "INT8"
-    zero_point, shift = 0, None
-    if isinstance(wq, LIQWeightQuantizer):
-        n = 2**wq.bits - 1
-        clip = wq._abs_clip().detach().float()
-        ints, scale, axis = 2 * codes - n, (clip / n).reshape(()), None  # odd integers -n..n
-        if n > CONTAINERS[container][1]:  # k = 4, 8: the codes, zero point 2^(k-1)-1, then a half step down
-            container = "UINT4" if wq.bits <= 4 else "UINT8"
-            ints, scale, zero_point, shift = codes, (2 * clip / n).reshape(()), (n - 1) // 2, (-clip / n).reshape(())
-    elif isinstance(wq, LSQQuantizer):
-        ints, scale, axis = codes, wq.step.detach().float().clamp_min(STEP_EPS), wq.channel_dim
-        if axis is None:
-            scale = scale.reshape(())
-        if not wq.signed:
-            container = "U" + container
+    width = 4 if wq.bits <= 4 else 8
+    for form in wq.affine(codes):  # the first form whose integers fit the narrowest container of their sign
+        container = f"{'INT' if form.lo < 0 else 'UINT'}{width}"
+        if CONTAINERS[container][0] <= form.lo and form.hi <= CONTAINERS[container][1]:
+            break
     else:
         raise ValueError(f"ONNX export: no QDQ form for the {type(wq).__name__} weight quantizer")
+    ints, scale, axis, zero_point, shift = form.ints, form.scale, form.axis, form.zero_point, form.shift
     if isinstance(layer, nn.Linear):  # MatMul(x, W^T): store (in, out), per-channel along the columns
         ints = ints.t().contiguous()
         axis = None if axis is None else 1 - axis

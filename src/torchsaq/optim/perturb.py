@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import _foreach as fe
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.quantizer import Quantizer
-from ..vocab import MODES, WHERE
+from ..registry import Registry
 
 __all__ = ["Site", "Direction", "Mode", "MODES", "WHERE", "site_of", "Targets", "cleared"]
 
@@ -83,8 +83,8 @@ class Direction(Enum):
 
 
 class Mode(Enum):
-    """The four perturbation modes (see the module docstring); the values are :data:`torchsaq.vocab.MODES`
-    (checked below), the members name them for the rule table."""
+    """The four perturbation modes (see the module docstring), registered by name in :data:`MODES` with their
+    descriptions; the members name them for the rule table."""
 
     SAM = "sam"
     CASE1 = "case1"
@@ -120,22 +120,27 @@ _RULES: dict[Mode, tuple[Optional[Direction], Optional[Site]]] = {
     Mode.CASE3: (Direction.QWEIGHT_GRAD, Site.AFTER),
 }
 
-# MODES (``saq.SAQ(mode=...)``, ``--sharpness`` with "none") and WHERE (the analysis' ``where`` / ``wrt``) are
-# vocab's names; the enum and the site table below must cover exactly those names, in vocab's order.
-if tuple(m.value for m in Mode) != MODES:
-    raise ImportError(f"perturb.Mode {[m.value for m in Mode]} disagrees with vocab.MODES {MODES}")
+#: the sharpness-aware modes (``saq.SAQ(mode=...)``, ``--sharpness`` beside "none"): name -> :class:`Mode`
+MODES: Registry[Mode] = Registry("mode")
+MODES.register("sam", Mode.SAM, description="SAM: perturb the float weights (and steps) along their gradient")
+MODES.register("case1", Mode.CASE1,
+               description="case 1 (mismatch): gradient w.r.t. w through the STE, added after quantizing")
+MODES.register("case2", Mode.CASE2,
+               description="case 2 (diminishment): gradient w.r.t. w through the STE, added before quantizing")
+MODES.register("case3", Mode.CASE3, description="case 3, SAQ: gradient w.r.t. Q(w), added after quantizing")
 
-#: where each ``where`` perturbs: Q(w) ("quantized", as case 3) or w before quantizing ("latent", as case 2)
-_WHERE_SITE = {"quantized": Site.AFTER, "latent": Site.BEFORE}
-if tuple(_WHERE_SITE) != WHERE:
-    raise ImportError(f"perturb._WHERE_SITE {list(_WHERE_SITE)} disagrees with vocab.WHERE {WHERE}")
+#: which weights the sharpness measures and loss landscapes perturb (``torchsaq.analysis``: ``wrt``/``where``):
+#: name -> the :class:`Site` (Q(w) as case 3, or w before quantizing as case 2)
+WHERE: Registry[Site] = Registry("where")
+WHERE.register("quantized", Site.AFTER, description="the quantized weights Q(w)")
+WHERE.register("latent", Site.BEFORE, description="the float (latent) weights w, before quantization")
 
 
 def site_of(where: str, what: str = "where") -> Site:
     """The :class:`Site` a ``where`` of :data:`WHERE` names; ValueError (naming ``what``) for anything else."""
-    if where not in _WHERE_SITE:
+    if where not in WHERE:
         raise ValueError(f"{what} must be one of {', '.join(WHERE)}, got {where!r}")
-    return _WHERE_SITE[where]
+    return WHERE.get(where)
 
 
 _WEIGHT_LAYERS = (QuantLayer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

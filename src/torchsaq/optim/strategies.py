@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import _foreach as fe
 from ..integrations.gradscaler import has_unscaled, inverse_scale, stepping_scaler
-from ..vocab import STRATEGIES
+from ..registry import Registry
 from .functional import add_orthogonal_, orthogonal_component_
 from .passes import Passes, Scaler
 from .perturb import Targets
@@ -316,20 +316,20 @@ class SubBatch(Strategy):
         return calls[-1]
 
 
-# the classes' names are vocab.STRATEGIES, in its order
-if tuple(c.name for c in (Full, EveryK, PrevGrad, SubBatch)) != STRATEGIES:
-    raise ImportError(f"strategies' names {[c.name for c in (Full, EveryK, PrevGrad, SubBatch)]} disagree with "
-                      f"vocab.STRATEGIES {STRATEGIES}")
+#: the strategies (``SAQ(strategy=...)``, ``--strategy``): name -> a factory ``(module, targets, k, alpha, fraction)``
+STRATEGIES: Registry[Callable[..., Strategy]] = Registry("strategy")
+STRATEGIES.register("full", lambda module, targets, k, alpha, fraction: Full(),
+                    description="two passes every step (the paper)")
+STRATEGIES.register("every_k", lambda module, targets, k, alpha, fraction: EveryK(k, alpha),
+                    description="LookSAM: a full step every k iterations, the stored sharp component reused in "
+                                "between")
+STRATEGIES.register("prev_grad", lambda module, targets, k, alpha, fraction: PrevGrad(module, targets),
+                    description="one pass at the point perturbed by the previous step's gradient")
+STRATEGIES.register("sub_batch", lambda module, targets, k, alpha, fraction: SubBatch(fraction),
+                    description="the ascent pass on a fraction of the batch (m-sharpness), the update pass on all "
+                                "of it: 1 + fraction passes")
 
 
 def make_strategy(name: str, module: nn.Module, targets: Targets, k: int, alpha: Union[float, str],
                   fraction: float = 0.25) -> Strategy:
-    if name == "full":
-        return Full()
-    if name == "every_k":
-        return EveryK(k, alpha)
-    if name == "prev_grad":
-        return PrevGrad(module, targets)
-    if name == "sub_batch":
-        return SubBatch(fraction)
-    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES.get(name)(module, targets, k, alpha, fraction)

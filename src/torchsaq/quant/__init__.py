@@ -11,6 +11,8 @@ from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, quant_lay
 from .quantizer import (LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotInitializedError, Quantizer, lsq,
                         qrange)
 
+from . import dorefa, pact  # noqa: E402,F401  (register the "dorefa" and "pact" quantizers)
+
 __all__ = ["QuantConfig", "quantize", "calibrate", "lsq", "qrange", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer",
            "LIQActQuantizer", "NotInitializedError", "set_lsq_backend", "get_lsq_backend", "QuantLayer", "QuantConv1d",
            "QuantConv2d", "QuantLinear", "quant_layers"]

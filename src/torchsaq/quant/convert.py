@@ -14,11 +14,16 @@ from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
 from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits
-from ..vocab import ACT_GRAD_SCALES
+from ..registry import Registry
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
 
 Bits = Union[int, tuple[int, int], list]
+
+#: what N counts in the LSQ activation step-gradient scale 1/sqrt(N*Qp) (``QuantConfig(act_grad_scale=...)``)
+ACT_GRAD_SCALES: Registry[None] = Registry("act_grad_scale")
+ACT_GRAD_SCALES.register("per_sample", None, description="one sample's elements (the LSQ paper)")
+ACT_GRAD_SCALES.register("batch", None, description="the whole batch's elements (saq 0.1.0)")
 
 
 @dataclass
@@ -61,7 +66,7 @@ class QuantConfig:
         if self.act_grad_scale not in ACT_GRAD_SCALES:
             raise ValueError(f"unknown act_grad_scale {self.act_grad_scale!r}; choose one of "
                              f"{', '.join(ACT_GRAD_SCALES)}")
-        if self.quantizer == "liq" and self.weight_standardize:
+        if self.quantizer != "lsq" and self.weight_standardize:
             raise ValueError("weight_standardize is an LSQ option (per-channel statistics in the graph); "
                              "quantizer='liq' already standardises each weight tensor (detached statistics)")
         if not isinstance(self.layer_bits, dict):

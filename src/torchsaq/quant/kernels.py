@@ -20,9 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..vocab import LSQ_BACKENDS
+from ..registry import Registry
 
-__all__ = ["STEP_EPS", "lsq_forward", "lsq_backward", "set_lsq_backend", "get_lsq_backend", "triton_available"]
+__all__ = ["LSQ_BACKENDS", "STEP_EPS", "lsq_forward", "lsq_backward", "set_lsq_backend", "get_lsq_backend",
+           "triton_available"]
+
+#: implementations of the LSQ fake-quantizer (:func:`set_lsq_backend`, ``torchsaq train --lsq-backend``)
+LSQ_BACKENDS: Registry[None] = Registry("LSQ backend")
+LSQ_BACKENDS.register("autograd", None, description="an autograd Function over torch ops (what torch.compile fuses)")
+LSQ_BACKENDS.register("triton", None,
+                      description="the custom op torchsaq::lsq: one fused Triton kernel each way, CUDA only")
 
 #: smallest step the forward pass will use; keeps a step that an optimizer pushed to <= 0 valid
 STEP_EPS = 1e-8

@@ -9,16 +9,17 @@ layer, :func:`saq.calibrate`, export, summary and the sharpness-aware optimizer 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import STEP_EPS, _codes, lsq_backward, lsq_forward, use_op
-from ..vocab import QUANTIZERS
+from ..registry import Registry
 
 __all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
-           "make_quantizers", "QUANTIZERS", "NotInitializedError"]
+           "make_quantizers", "QUANTIZERS", "NotInitializedError", "AffineCodes", "register_quantizer"]
 
 #: bits meaning "not quantized"
 FLOAT_BITS = 32
@@ -118,6 +119,21 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad
+
+
+@dataclass
+class AffineCodes:
+    """Integer weight codes as a format without the quantizer's own op stores them (ONNX DequantizeLinear):
+    ``value = (ints - zero_point) * scale (+ shift)``, ``ints`` in ``[lo, hi]``, ``scale`` per tensor (0-d) or
+    per channel along ``axis``."""
+
+    ints: Tensor
+    scale: Tensor
+    axis: Optional[int]
+    lo: int
+    hi: int
+    zero_point: int = 0
+    shift: Optional[Tensor] = None
 
 
 class Quantizer(nn.Module):
@@ -291,6 +307,11 @@ class Quantizer(nn.Module):
         """The spacing between adjacent levels (per channel where the scale is), detached."""
         raise NotImplementedError
 
+    def affine(self, codes: Tensor) -> list[AffineCodes]:
+        """The weight ``codes`` (of :meth:`integer`) as affine integer forms, the preferred first (an export format
+        takes the first its integer containers hold). Empty: no affine form."""
+        return []
+
     # -- state: a float state_dict (no scale / flags) loads into a converted model ------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -355,6 +376,12 @@ class LSQQuantizer(Quantizer):
 
     def step_size(self) -> Tensor:
         return self.step.detach()
+
+    def affine(self, codes: Tensor) -> list[AffineCodes]:
+        """``codes * step``: the codes themselves, the step as the scale."""
+        scale = self.step.detach().float().clamp_min(STEP_EPS)
+        qn, qp = self.code_range()
+        return [AffineCodes(codes, scale.reshape(()) if self.channel_dim is None else scale, self.channel_dim, qn, qp)]
 
 
 class _LIQ(Quantizer):
@@ -439,6 +466,9 @@ class LIQWeightQuantizer(_LIQ):
     def step_size(self) -> Tensor:
         return (2.0 * self._abs_clip() / (2**self.bits - 1)).detach().reshape(1)
 
+    def affine(self, codes: Tensor) -> list[AffineCodes]:
+        return symmetric_grid_forms(codes, self.bits, self._abs_clip().detach().float())
+
 
 class LIQActQuantizer(_LIQ):
     """The official SAQ code's activation quantizer (LIQ), for ``bits`` = k.
@@ -480,20 +510,51 @@ class LIQActQuantizer(_LIQ):
         return self._step().detach().reshape(1)
 
 
+def symmetric_grid_forms(codes: Tensor, bits: int, clip: Tensor) -> list[AffineCodes]:
+    """The 2^k levels ``(2c/n - 1) * clip`` (``n = 2^k - 1``, codes ``c = 0..n``, no zero level) as affine forms:
+    the odd integers ``2c - n`` with scale ``clip / n``; else (8-bit containers cannot hold them at k = 4, 8) the
+    codes with zero point ``(n - 1) / 2`` and scale ``2 clip / n``, shifted down half a step."""
+    n = 2**bits - 1
+    return [AffineCodes(2 * codes - n, (clip / n).reshape(()), None, -n, n),
+            AffineCodes(codes, (2 * clip / n).reshape(()), None, 0, n, zero_point=(n - 1) // 2,
+                        shift=(-clip / n).reshape(()))]
+
+
+#: the quantizer kinds (``QuantConfig(quantizer=...)``, ``--quantizer``): name -> a factory of one layer's
+#: (weight, input-activation) quantizers, called as ``make(w_bits, a_bits, num_channels=, per_channel=,
+#: a_signed=, per_sample_grad_scale=, linear=)`` (each kind uses the options that apply to it)
+QUANTIZERS: Registry[Callable[..., tuple[Quantizer, Quantizer]]] = Registry("quantizer")
+
+
+def register_quantizer(name: str, *, description: str) -> Callable[[Any], Any]:
+    """Decorator registering a factory of (weight, activation) quantizers under ``name`` (see :data:`QUANTIZERS`)."""
+    return QUANTIZERS.register(name, description=description)
+
+
+@register_quantizer("lsq", description="LSQ: learned step size")
+def _make_lsq(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True, a_signed: Optional[bool] = None,
+              per_sample_grad_scale: bool = True, linear: bool = False) -> tuple[Quantizer, Quantizer]:
+    return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None, num_channels=num_channels),
+            LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=per_sample_grad_scale))
+
+
+@register_quantizer("liq", description="the official SAQ code's LIQ_wn: learned clip, weights standardised per "
+                                       "tensor (detached mean/std)")
+def _make_liq(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True, a_signed: Optional[bool] = None,
+              per_sample_grad_scale: bool = True, linear: bool = False) -> tuple[Quantizer, Quantizer]:
+    return (LIQWeightQuantizer(w_bits, standardize=not linear),
+            LIQActQuantizer(a_bits, signed=a_signed, init_fraction=0.8 if linear else None))
+
+
 def make_quantizers(kind: str, w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
                     a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
                     linear: bool = False) -> tuple[Quantizer, Quantizer]:
-    """The (weight, input-activation) quantizers of one layer of the given kind ("lsq" or "liq").
+    """The (weight, input-activation) quantizers of one layer of the given kind (:data:`QUANTIZERS`).
 
     LSQ: signed weight steps (per output channel if ``per_channel``); the activation step's gradient
     scale counts one sample if ``per_sample_grad_scale``. LIQ: one clip per tensor (``per_channel`` and
     the gradient scale do not apply); a convolution gets LIQ_wn (standardised weights, clips from 1.0),
     a ``linear`` layer the official code's QLinear (no standardisation, clips from 0.8 * max|x|).
     """
-    if kind == "lsq":
-        return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None, num_channels=num_channels),
-                LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=per_sample_grad_scale))
-    if kind == "liq":
-        return (LIQWeightQuantizer(w_bits, standardize=not linear),
-                LIQActQuantizer(a_bits, signed=a_signed, init_fraction=0.8 if linear else None))
-    raise ValueError(f"unknown quantizer {kind!r}; choose one of {', '.join(QUANTIZERS)}")
+    return QUANTIZERS.get(kind)(w_bits, a_bits, num_channels, per_channel=per_channel, a_signed=a_signed,
+                                per_sample_grad_scale=per_sample_grad_scale, linear=linear)

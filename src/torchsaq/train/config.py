@@ -13,7 +13,19 @@ from .._optional import require
 from ..quant.convert import QuantConfig
 from .data import dataset_info, default_model
 from ..quant.quantizer import check_bits
-from ..vocab import ACT_GRAD_SCALES, LSQ_BACKENDS, OPTIMIZERS, QUANTIZERS, SCHEDULES, SHARPNESS, STRATEGIES
+from ..optim.perturb import MODES
+from ..optim.strategies import STRATEGIES
+from ..quant.convert import ACT_GRAD_SCALES
+from ..quant.kernels import LSQ_BACKENDS
+from ..quant.quantizer import QUANTIZERS
+from ..registry import Registry
+from .optimizers import OPTIMIZERS, SCHEDULES
+
+#: ``TrainConfig.sharpness`` / ``torchsaq train --sharpness``: a mode of :data:`MODES`, or "none" for plain QAT
+SHARPNESS: Registry[None] = Registry("sharpness")
+SHARPNESS.register("none", None, description="plain quantization-aware training (no sharpness-aware step)")
+for _mode in MODES:
+    SHARPNESS.register(_mode, None, description=MODES.entry(_mode).description)
 
 __all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES",
            "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES", "LSQ_BACKENDS"]
@@ -23,7 +35,7 @@ __all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHAR
 class SharpnessConfig:
     """The sharpness-aware part of a :class:`TrainConfig` in :class:`torchsaq.SAQ`'s terms (``cfg.sharpness_config``).
 
-    ``mode``: a name of :data:`torchsaq.vocab.MODES`, or ``None`` for plain quantization-aware training
+    ``mode``: a name of :data:`torchsaq.optim.perturb.MODES`, or ``None`` for plain quantization-aware training
     (``sharpness: none``); ``k`` / ``alpha``: the every_k strategy's period and weight (``"auto"``: measured).
     ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs. ``perturb_unquantized``: also
     perturb what is not a quantized layer's weight (norm affine, biases, float layers), as SAQ does by default.

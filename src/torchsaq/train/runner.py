@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import sys
 from pathlib import Path
@@ -105,12 +104,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The base optimizer: SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`."""
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    from .optimizers import OPTIMIZERS
+
+    return OPTIMIZERS.get(cfg.optimizer)(param_groups(model, cfg.weight_decay), cfg)
 
 
 def wrap_sharpness(model: nn.Module, base: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
@@ -134,18 +130,14 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     # state_dict differs from LambdaLR's (checkpoints)
     total = max(cfg.epochs * steps_per_epoch, 1)
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    milestones = sorted(int(m) for m in cfg.step_milestones)
+    from .optimizers import SCHEDULES
+
+    schedule = SCHEDULES.get(cfg.lr_schedule)
 
     def factor(it: int) -> float:
         if it < warm:
             return (it + 1) / warm
-        if cfg.lr_schedule == "cosine":
-            t = min((it - warm) / max(total - warm, 1), 1.0)
-            return 0.5 * (1.0 + math.cos(math.pi * t))
-        if cfg.lr_schedule == "step":
-            epoch = it // max(steps_per_epoch, 1)
-            return cfg.step_gamma ** sum(epoch >= m for m in milestones)
-        return 1.0
+        return schedule(it, warm, total, steps_per_epoch, cfg)
 
     return factor
 
