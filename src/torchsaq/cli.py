@@ -213,6 +213,7 @@ def _where(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
     from . import __version__
+    from .optim.functional import DEFAULT_RHO
     from .optim.perturb import WHERE
 
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
-    sh.add_argument("--rho", type=float, default=0.05, help="radius of the SAM sharpness (worst loss within rho)")
+    sh.add_argument("--rho", type=float, default=DEFAULT_RHO,
+                    help="radius of the SAM sharpness (worst loss within rho)")
     sh.add_argument("--m", type=int, default=None, help="m-sharpness: batch size of the adversarial step")
     sh.add_argument("--iters", type=int, default=20, help="power iterations for the top eigenvalue")
     sh.add_argument("--num-samples", type=int, default=512, help="training samples the measures use")

@@ -121,9 +121,9 @@ def _layer_input(layer: QuantLayer) -> tuple[Tensor, bool, bool]:
     """(the tensor the weight quantizer rounds, LIQ grid?, per output channel?) of a layer."""
     wq = layer.weight_quantizer
     with torch.no_grad():
-        u = layer.standardized_weight(layer.weight.detach())
+        u = wq.standardized(layer.weight.detach())
         if isinstance(wq, LIQWeightQuantizer):
-            return wq._standardized(u), True, False
+            return u, True, False
         return u, False, wq.channel_dim is not None
 
 

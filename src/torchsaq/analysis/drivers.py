@@ -10,7 +10,7 @@ from torch import nn
 
 from .files import plot_landscapes, save_landscape
 from .measures import Batch, Landscape, _generator, evaluate, hessian_top_eigenvalue, hessian_trace, loss_landscape
-from .measures import sam_sharpness
+from .measures import DEFAULT_RHO, sam_sharpness
 
 __all__ = ["run_landscape", "run_sharpness"]
 
@@ -100,7 +100,7 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     return written
 
 
-def run_sharpness(checkpoint: str, num_samples: int = 512, batch_size: int = 256, rho: float = 0.05,
+def run_sharpness(checkpoint: str, num_samples: int = 512, batch_size: int = 256, rho: float = DEFAULT_RHO,
                   m: Optional[int] = None, iters: int = 20, samples: int = 64, steps: int = 5, seed: int = 0,
                   wrt: str = "quantized", device: str = "cpu") -> dict[str, Any]:
     """All sharpness measures of one checkpoint on a fixed training subset (cross-entropy, eval mode).

@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from ..quant.convert import eval_mode
 from ..quant.layers import QuantLayer, quant_layers
+from ..optim.functional import DEFAULT_RHO
 from ..optim.perturb import WHERE, Targets, cleared, site_of
 
 __all__ = [
@@ -240,7 +241,7 @@ def _sharpness_on(space: _Space, criterion: Criterion, data, rho: float, steps: 
     return best
 
 
-def sam_sharpness(model: nn.Module, criterion: Criterion, batches: Iterable[Batch], rho: float = 0.05,
+def sam_sharpness(model: nn.Module, criterion: Criterion, batches: Iterable[Batch], rho: float = DEFAULT_RHO,
                   m: Optional[int] = None, steps: int = 5, wrt: str = "quantized", include_float: bool = True,
                   seed: int = 0) -> float:
     """SAM sharpness max_{||e||<=rho} L(w+e) - L(w), estimated by projected gradient ascent.

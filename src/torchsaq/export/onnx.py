@@ -117,7 +117,7 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
     wq = layer.weight_quantizer
     if not wq.enabled:
         return None
-    w = layer.standardized_weight(layer.weight.detach().float())  # LSQ's weight_standardize, if on
+    w = layer.weight.detach().float()
     codes = wq.integer(w).to(torch.int64)  # LIQ standardises inside integer()
     width = 4 if wq.bits <= 4 else 8
     for form in wq.affine(codes):  # the first form whose integers fit the narrowest container of their sign
@@ -235,7 +235,7 @@ class _OnnxLayer:
             a = self._onnx_act
             x = _ActQDQ.apply(x, a.scale, a.lo, a.hi, self._onnx_name)
         if self._onnx_weight is None:
-            return layer._float_forward(x, layer.weight_quantizer(layer.standardized_weight(layer.weight)))
+            return layer._float_forward(x, layer.weight_quantizer(layer.weight))
         w = _WeightDQ.apply(self._onnx_weight.values(), self._onnx_name)
         if isinstance(self, nn.Linear):  # w is (in, out): MatMul without a Transpose in the graph
             out = torch.matmul(x, w)

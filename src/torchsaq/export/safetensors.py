@@ -142,11 +142,11 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
         "w_bits": wq.bits, "w_signed": wq.signed, "w_channel_dim": wq.channel_dim,
         "a_bits": aq.bits, "a_signed": aq.signed, "a_channel_dim": aq.channel_dim,
         "w_initialized": wq.is_initialized, "a_initialized": aq.is_initialized,
-        "weight_standardized": bool((layer.weight_standardize or wq.standardize) and wq.enabled),
+        "weight_standardized": bool(wq.standardize and wq.enabled),
         "role": layer.quant_role,
         "macs": getattr(layer, "_saq_macs", None),
     }
-    if wq.standardize and wq.enabled:
+    if wq.standardize and wq.enabled and not layer.weight_standardize:  # (LSQ's per-channel statistics: none)
         w = layer.weight.detach().float()
         meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
     return meta
@@ -202,7 +202,7 @@ def export_safetensors(model: nn.Module, path: PathLike, example_inputs: Any = N
         meta[name] = info = _layer_meta(name, layer)
         wq = layer.weight_quantizer
         if wq.enabled:
-            codes = wq.integer(layer.standardized_weight(layer.weight.detach().float()))
+            codes = wq.integer(layer.weight.detach().float())  # (standardised inside, where it is on)
             signed = _codes_signed(wq)
             tensors[name + _CODES] = pack_codes(codes, wq.bits, signed)
             state.pop(name + ".weight")

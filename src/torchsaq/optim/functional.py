@@ -18,10 +18,12 @@ from torch import Tensor
 
 from . import _foreach as fe
 
-__all__ = ["EPS", "sam_perturbation", "orthogonal_component_", "add_orthogonal_"]
+__all__ = ["EPS", "DEFAULT_RHO", "sam_perturbation", "orthogonal_component_", "add_orthogonal_"]
 
 #: added to the norm in the denominator of the perturbation scale
 EPS = 1e-12
+#: the perturbation radius rho everywhere one is not given (SAQ, TrainConfig, the sharpness measures, the CLI)
+DEFAULT_RHO = 0.05
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _foreach as fe
 from ._update import base_step, finite, first_failure
-from .functional import sam_perturbation
+from .functional import DEFAULT_RHO, sam_perturbation
 from .perturb import Targets
 from ..quant.layers import quant_layers
 
@@ -50,7 +50,7 @@ class Passes:
     """
 
     def __init__(self, module: nn.Module, base_optimizer: torch.optim.Optimizer, targets: Targets, *,
-                 ddp: Optional[DistributedDataParallel] = None, rho: float = 0.05,
+                 ddp: Optional[DistributedDataParallel] = None, rho: float = DEFAULT_RHO,
                  rho_schedule: Optional[Callable[[int], float]] = None, adaptive: bool = False, eta: float = 0.01,
                  need_capture: bool = True, max_grad_norm: Optional[float] = None, nonfinite: str = "raise",
                  grad_scaler: Scaler = None) -> None:

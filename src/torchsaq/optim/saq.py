@@ -134,6 +134,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..integrations.frameworks import closure_free_hint
 from ..quant.layers import quant_layers
+from .functional import DEFAULT_RHO
 from .passes import NONFINITE, Passes
 from .perturb import MODES, Mode, Targets
 from .strategies import STRATEGIES, Strategy, make_strategy
@@ -309,7 +310,7 @@ class SAQ(torch.optim.Optimizer):
     strategy: :mod:`saq.strategies`; the final update: :mod:`saq._update`. This class runs the passes.
     """
 
-    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = DEFAULT_RHO,
                  mode: str = "case3", *, adaptive: bool = False, eta: float = 0.01,
                  perturb_unquantized: bool = True, perturb_steps: Optional[bool] = None,
                  perturb_exclude: Sequence[str] = (),

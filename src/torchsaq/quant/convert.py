@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
-from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits
+from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
 from ..registry import Registry
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
@@ -75,6 +75,11 @@ class QuantConfig:
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(self.exclude)
+
+    def quantizer_options(self) -> Any:
+        """The options dataclass of :attr:`quantizer` (:data:`torchsaq.quant.quantizer.QUANTIZERS`), from the fields
+        of the same names (``per_channel``, ``weight_standardize``, ``act_grad_scale`` for LSQ)."""
+        return options_of(self.quantizer, self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,8 +154,7 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
         for name, m in targets:
             bits = _override(name, config) or (config.w_bits, config.a_bits)
             m.__class__ = QUANT_CLASSES[type(m)]
-            m._init_quant(bits[0], bits[1], config.per_channel, config.weight_standardize, config.a_signed,
-                          config.quantizer, config.act_grad_scale)
+            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
             m._saq_name = name
         # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
         model._saq_config = config  # type: ignore[assignment]

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .quantizer import (AffineCodes, LIQActQuantizer, Quantizer, _RoundSTE, check_bits,
-                        register_quantizer, symmetric_grid_forms)
+                        NoOptions, register_quantizer,
+                        symmetric_grid_forms)
 
 __all__ = ["DoReFaWeightQuantizer", "DoReFaActQuantizer"]
 
@@ -99,8 +100,7 @@ class DoReFaActQuantizer(_Fixed, LIQActQuantizer):
 
 @register_quantizer("dorefa", description="DoReFa: tanh-normalised weights on 2^k levels in [-1, 1], "
                                           "activations clipped to [0, 1]; nothing learned")
-def make_dorefa(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
-                a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
-                linear: bool = False) -> tuple[Quantizer, Quantizer]:
+def make_dorefa(w_bits: int, a_bits: int, num_channels: int, options: NoOptions,
+                a_signed: Optional[bool] = None, linear: bool = False) -> tuple[Quantizer, Quantizer]:
     return DoReFaWeightQuantizer(w_bits), DoReFaActQuantizer(a_bits, signed=a_signed)
 

@@ -20,18 +20,16 @@ all the same.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizer import FLOAT_BITS, Quantizer, make_quantizers
+from .quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer
 
 __all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers", "num_samples",
            "macs_per_sample", "float_class"]
-
-_STD_EPS = 1e-5
 
 
 if TYPE_CHECKING:
@@ -48,7 +46,6 @@ class QuantLayer(_Module):
     weight: Tensor  # the float layer's Parameter
     weight_quantizer: Quantizer
     act_quantizer: Quantizer
-    weight_standardize: bool
     quant_role: Optional[str]
     perturb_pre: Optional[Tensor]
     perturb_post: Optional[Tensor]
@@ -57,16 +54,14 @@ class QuantLayer(_Module):
     _saq_macs: Optional[int]
     _saq_name: str  # the layer's qualified name in the model, set by saq.quantize
 
-    def _init_quant(self, w_bits: int, a_bits: int, per_channel: bool, weight_standardize: bool,
-                    a_signed: Optional[bool], quantizer: str = "lsq", act_grad_scale: str = "per_sample") -> None:
-        """Attach the quantizers (kind ``quantizer``) and the hooks; see :class:`saq.QuantConfig`."""
-        wq, aq = make_quantizers(quantizer, w_bits, a_bits, num_channels=self.weight.shape[0],
-                                 per_channel=per_channel, a_signed=a_signed,
-                                 per_sample_grad_scale=act_grad_scale == "per_sample",
-                                 linear=isinstance(self, nn.Linear))
+    def _init_quant(self, w_bits: int, a_bits: int, quantizer: str, options: Any,
+                    a_signed: Optional[bool] = None) -> None:
+        """Attach the quantizers (kind ``quantizer`` with its ``options`` dataclass, see
+        :data:`torchsaq.quant.quantizer.QUANTIZERS`) and the hooks."""
+        wq, aq = QUANTIZERS.get(quantizer).make(w_bits, a_bits, self.weight.shape[0], options, a_signed=a_signed,
+                                                linear=isinstance(self, nn.Linear))
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
-        self.weight_standardize = weight_standardize
         self.quant_role = None  # "first" / "last" once the execution order is known
         self.perturb_pre = None
         self.perturb_post = None
@@ -91,25 +86,29 @@ class QuantLayer(_Module):
         self.act_quantizer.bits = a_bits
 
     # -- the quantized weight and the perturbation hook ------------------------------------------------
-    def standardized_weight(self, w: Tensor) -> Tensor:
-        """(w - mean) / (std + eps) per output channel, statistics kept in the graph, if ``weight_standardize``.
+    @property
+    def weight_standardize(self) -> bool:
+        """LSQ's ``weight_standardize`` option, which its weight quantizer applies (False for the other kinds)."""
+        wq = self.weight_quantizer
+        return isinstance(wq, LSQQuantizer) and wq.standardize
 
-        Not the official code's standardisation (whole tensor, statistics detached), which the LIQ weight
-        quantizer does by construction.
-        """
-        if not self.weight_standardize:
-            return w
-        dims = list(range(1, w.dim()))
-        mean = w.mean(dim=dims, keepdim=True)
-        std = w.std(dim=dims, keepdim=True)
-        return (w - mean) / (std + _STD_EPS)
+    @weight_standardize.setter
+    def weight_standardize(self, on: bool) -> None:
+        if isinstance(self.weight_quantizer, LSQQuantizer):
+            self.weight_quantizer.standardize = bool(on)
+        elif on:
+            raise ValueError("weight_standardize is an LSQ option")
+
+    def standardized_weight(self, w: Tensor) -> Tensor:
+        """The tensor the weight quantizer rounds for ``w`` (:meth:`Quantizer.standardized`)."""
+        return self.weight_quantizer.standardized(w)
 
     def quantized_weight(self) -> Tensor:
         """Q(w [+ perturb_pre]) [+ perturb_post]: the weight tensor this layer computes with."""
         w = self.weight
         if self.perturb_pre is not None:
             w = w + self.perturb_pre
-        wq = self.weight_quantizer(self.standardized_weight(w))
+        wq = self.weight_quantizer(w)  # (LSQ's weight_standardize and LIQ_wn's standardisation happen inside)
         if self.capture_qweight and torch.is_grad_enabled():
             self.qweight = wq.detach()
             if not torch.compiler.is_compiling():

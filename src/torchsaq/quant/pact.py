@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .dorefa import DoReFaWeightQuantizer
 from .kernels import _codes
-from .quantizer import LIQActQuantizer, Quantizer, register_quantizer
+from .quantizer import LIQActQuantizer, NoOptions, Quantizer, register_quantizer
 
 __all__ = ["PACTActQuantizer", "PACTWeightQuantizer", "pact"]
 
@@ -71,7 +71,6 @@ class PACTWeightQuantizer(DoReFaWeightQuantizer):
 
 
 @register_quantizer("pact", description="PACT: activations clipped to a learned [0, alpha]; weights as DoReFa")
-def make_pact(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
-              a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
-              linear: bool = False) -> tuple[Quantizer, Quantizer]:
+def make_pact(w_bits: int, a_bits: int, num_channels: int, options: NoOptions,
+              a_signed: Optional[bool] = None, linear: bool = False) -> tuple[Quantizer, Quantizer]:
     return PACTWeightQuantizer(w_bits), PACTActQuantizer(a_bits, signed=a_signed)

@@ -9,7 +9,7 @@ layer, :func:`saq.calibrate`, export, summary and the sharpness-aware optimizer 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -19,10 +19,12 @@ from .kernels import STEP_EPS, _codes, lsq_backward, lsq_forward, use_op
 from ..registry import Registry
 
 __all__ = ["lsq", "qrange", "check_bits", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer", "LIQActQuantizer",
-           "make_quantizers", "QUANTIZERS", "NotInitializedError", "AffineCodes", "register_quantizer"]
+           "make_quantizers", "QUANTIZERS", "NotInitializedError", "AffineCodes", "register_quantizer", "QuantizerKind",
+           "LSQOptions", "NoOptions", "options_of"]
 
 #: bits meaning "not quantized"
 FLOAT_BITS = 32
+_STD_EPS = 1e-5  # LSQ's weight_standardize: (w - mean) / (std + eps)
 
 
 class NotInitializedError(RuntimeError):
@@ -312,6 +314,11 @@ class Quantizer(nn.Module):
         takes the first its integer containers hold). Empty: no affine form."""
         return []
 
+    def standardized(self, w: Tensor) -> Tensor:
+        """The tensor this quantizer rounds for the input ``w``: ``w`` itself, or its standardisation where the
+        quantizer standardises (``standardize``: LSQ's ``weight_standardize``, LIQ_wn's weights)."""
+        return w
+
     # -- state: a float state_dict (no scale / flags) loads into a converted model ------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -339,10 +346,26 @@ class LSQQuantizer(Quantizer):
     step: nn.Parameter
 
     def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
-                 num_channels: int = 1, grad_scale: Optional[float] = None, per_sample_grad_scale: bool = False):
+                 num_channels: int = 1, grad_scale: Optional[float] = None, per_sample_grad_scale: bool = False,
+                 standardize: bool = False):
         super().__init__(bits, signed, channel_dim, num_channels)
         self.grad_scale = grad_scale
         self.per_sample_grad_scale = per_sample_grad_scale
+        self.standardize = standardize
+
+    def standardized(self, w: Tensor) -> Tensor:
+        """``weight_standardize``: (w - mean) / (std + eps) per slice along dim 0 (a weight's output channels),
+        the statistics kept in the graph (not the official code's detached whole-tensor standardisation, which
+        the LIQ weight quantizer does). Applied at every bit-width, 32 included."""
+        if not self.standardize:
+            return w
+        dims = list(range(1, w.dim()))
+        mean = w.mean(dim=dims, keepdim=True)
+        std = w.std(dim=dims, keepdim=True)
+        return (w - mean) / (std + _STD_EPS)
+
+    def forward(self, x: Tensor, samples: int = 1) -> Tensor:
+        return super().forward(self.standardized(x), samples)
 
     def extra_repr(self) -> str:
         g = "per-sample" if self.per_sample_grad_scale else "all elements"
@@ -369,6 +392,7 @@ class LSQQuantizer(Quantizer):
     def integer(self, x: Tensor) -> Tensor:
         """The integer codes round(clamp(x/s)) that the forward pass multiplies by s (for export)."""
         qn, qp = self.code_range()
+        x = self.standardized(x)
         return _codes(x, self._scale_view(x).detach().clamp_min(STEP_EPS), qn, qp)
 
     def dequantize(self, codes: Tensor) -> Tensor:
@@ -433,7 +457,7 @@ class LIQWeightQuantizer(_LIQ):
         super().__init__(bits, signed=True, init_fraction=None if standardize else 0.8)
         self.standardize = standardize
 
-    def _standardized(self, w: Tensor) -> Tensor:
+    def standardized(self, w: Tensor) -> Tensor:
         if not self.standardize:
             return w
         with torch.no_grad():
@@ -443,7 +467,7 @@ class LIQWeightQuantizer(_LIQ):
 
     def _unit(self, w: Tensor) -> Tensor:
         """(clamp(w_std / c, -1, 1) + 1) / 2 * (2^k - 1): the codes before rounding."""
-        x = torch.clamp(self._standardized(w) / self._abs_clip(), -1.0, 1.0)
+        x = torch.clamp(self.standardized(w) / self._abs_clip(), -1.0, 1.0)
         return (x + 1.0) / 2.0 * (2**self.bits - 1)
 
     def _values(self, codes: Tensor, c: Tensor) -> Tensor:
@@ -520,41 +544,85 @@ def symmetric_grid_forms(codes: Tensor, bits: int, clip: Tensor) -> list[AffineC
                         shift=(-clip / n).reshape(()))]
 
 
-#: the quantizer kinds (``QuantConfig(quantizer=...)``, ``--quantizer``): name -> a factory of one layer's
-#: (weight, input-activation) quantizers, called as ``make(w_bits, a_bits, num_channels=, per_channel=,
-#: a_signed=, per_sample_grad_scale=, linear=)`` (each kind uses the options that apply to it)
-QUANTIZERS: Registry[Callable[..., tuple[Quantizer, Quantizer]]] = Registry("quantizer")
+@dataclass(frozen=True)
+class NoOptions:
+    """A quantizer kind without options of its own."""
 
 
-def register_quantizer(name: str, *, description: str) -> Callable[[Any], Any]:
-    """Decorator registering a factory of (weight, activation) quantizers under ``name`` (see :data:`QUANTIZERS`)."""
-    return QUANTIZERS.register(name, description=description)
+@dataclass(frozen=True)
+class LSQOptions:
+    """LSQ's options (``QuantConfig`` fields of the same names; ``torchsaq train --per-channel`` ...)."""
+
+    per_channel: bool = field(default=True, metadata={"help": "one weight step per output channel"})
+    weight_standardize: bool = field(default=False, metadata={
+        "help": "quantize (w-mean)/(std+eps) with per-output-channel statistics kept in the graph (where a "
+                "normalisation layer follows)"})
+    act_grad_scale: str = field(default="per_sample", metadata={
+        "help": "what N counts in the activation step-gradient scale 1/sqrt(N*Qp): 'per_sample' (the LSQ paper) "
+                "or 'batch'"})
 
 
-@register_quantizer("lsq", description="LSQ: learned step size")
-def _make_lsq(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True, a_signed: Optional[bool] = None,
-              per_sample_grad_scale: bool = True, linear: bool = False) -> tuple[Quantizer, Quantizer]:
-    return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if per_channel else None, num_channels=num_channels),
-            LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=per_sample_grad_scale))
+@dataclass(frozen=True)
+class QuantizerKind:
+    """A registered quantizer kind: ``make(w_bits, a_bits, num_channels, options, a_signed=, linear=)`` builds one
+    layer's (weight, input-activation) quantizers; ``options``: the dataclass of its options (QuantConfig carries
+    them in fields of the same names)."""
+
+    make: Callable[..., tuple[Quantizer, Quantizer]]
+    options: type = NoOptions
+
+
+#: the quantizer kinds (``QuantConfig(quantizer=...)``, ``--quantizer``)
+QUANTIZERS: Registry[QuantizerKind] = Registry("quantizer")
+
+
+def register_quantizer(name: str, *, description: str, options: type = NoOptions) -> Callable[[Any], Any]:
+    """Decorator registering ``make(w_bits, a_bits, num_channels, options, a_signed=, linear=)`` as the quantizer
+    kind ``name`` with its options dataclass (see :class:`QuantizerKind`)."""
+    def add(make: Callable[..., tuple[Quantizer, Quantizer]]) -> Callable[..., tuple[Quantizer, Quantizer]]:
+        QUANTIZERS.register(name, QuantizerKind(make, options), description=description)
+        return make
+
+    return add
+
+
+@register_quantizer("lsq", description="LSQ: learned step size", options=LSQOptions)
+def _make_lsq(w_bits: int, a_bits: int, num_channels: int, options: LSQOptions, a_signed: Optional[bool] = None,
+              linear: bool = False) -> tuple[Quantizer, Quantizer]:
+    return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if options.per_channel else None,
+                         num_channels=num_channels, standardize=options.weight_standardize),
+            LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=options.act_grad_scale == "per_sample"))
 
 
 @register_quantizer("liq", description="the official SAQ code's LIQ_wn: learned clip, weights standardised per "
                                        "tensor (detached mean/std)")
-def _make_liq(w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True, a_signed: Optional[bool] = None,
-              per_sample_grad_scale: bool = True, linear: bool = False) -> tuple[Quantizer, Quantizer]:
+def _make_liq(w_bits: int, a_bits: int, num_channels: int, options: NoOptions, a_signed: Optional[bool] = None,
+              linear: bool = False) -> tuple[Quantizer, Quantizer]:
     return (LIQWeightQuantizer(w_bits, standardize=not linear),
             LIQActQuantizer(a_bits, signed=a_signed, init_fraction=0.8 if linear else None))
 
 
+def options_of(kind: str, values: Any) -> Any:
+    """The options dataclass of quantizer ``kind`` filled from ``values`` (an object with attributes of the same
+    names, such as a QuantConfig; missing ones keep their defaults)."""
+    cls = QUANTIZERS.get(kind).options
+    return cls(**{f.name: getattr(values, f.name) for f in fields(cls) if hasattr(values, f.name)})
+
+
 def make_quantizers(kind: str, w_bits: int, a_bits: int, num_channels: int, per_channel: bool = True,
                     a_signed: Optional[bool] = None, per_sample_grad_scale: bool = True,
-                    linear: bool = False) -> tuple[Quantizer, Quantizer]:
-    """The (weight, input-activation) quantizers of one layer of the given kind (:data:`QUANTIZERS`).
+                    linear: bool = False, options: Any = None) -> tuple[Quantizer, Quantizer]:
+    """The (weight, input-activation) quantizers of one layer of the given kind (:data:`QUANTIZERS`), with
+    ``options`` (the kind's options dataclass; None: built from ``per_channel`` and ``per_sample_grad_scale``).
 
     LSQ: signed weight steps (per output channel if ``per_channel``); the activation step's gradient
     scale counts one sample if ``per_sample_grad_scale``. LIQ: one clip per tensor (``per_channel`` and
     the gradient scale do not apply); a convolution gets LIQ_wn (standardised weights, clips from 1.0),
     a ``linear`` layer the official code's QLinear (no standardisation, clips from 0.8 * max|x|).
     """
-    return QUANTIZERS.get(kind)(w_bits, a_bits, num_channels, per_channel=per_channel, a_signed=a_signed,
-                                per_sample_grad_scale=per_sample_grad_scale, linear=linear)
+    entry = QUANTIZERS.get(kind)
+    if options is None:
+        legacy = type("_Legacy", (), {"per_channel": per_channel,
+                                      "act_grad_scale": "per_sample" if per_sample_grad_scale else "batch"})
+        options = options_of(kind, legacy)
+    return entry.make(w_bits, a_bits, num_channels, options, a_signed=a_signed, linear=linear)

@@ -13,6 +13,7 @@ from .._optional import require
 from ..quant.convert import QuantConfig
 from .data import dataset_info, default_model
 from ..quant.quantizer import check_bits
+from ..optim.functional import DEFAULT_RHO
 from ..optim.perturb import MODES
 from ..optim.strategies import STRATEGIES
 from ..quant.convert import ACT_GRAD_SCALES
@@ -43,7 +44,7 @@ class SharpnessConfig:
     """
 
     mode: Optional[str] = "case3"
-    rho: float = 0.05
+    rho: float = DEFAULT_RHO
     adaptive: bool = False
     strategy: str = "prev_grad"
     k: int = 5
@@ -116,7 +117,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     # sharpness-aware minimisation
     sharpness: str = "case3"
-    rho: float = 0.05
+    rho: float = DEFAULT_RHO
     adaptive: bool = False
     strategy: str = "prev_grad"     # default chosen by benchmarks (README): ~1 pass, keeps full SAQ accuracy
     strategy_k: int = 5             # every_k: a full step every k iterations
