@@ -707,7 +707,7 @@ def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
 @pytest.fixture
 def own_registry(monkeypatch):
     """Registrations made by a test are dropped afterwards (the module's registry attributes are restored)."""
-    monkeypatch.setattr(sdata, "_REGISTRY", dict(sdata._REGISTRY))
+    monkeypatch.setattr(sdata, "_REGISTRY", sdata._REGISTRY.copy())
     monkeypatch.setattr(sdata, "DATASETS", sdata.DATASETS)
     monkeypatch.setattr(sdata, "DEFAULT_MODELS", dict(sdata.DEFAULT_MODELS))
 

@@ -82,8 +82,8 @@ def test_register_model_bare_and_with_metadata():
         with pytest.raises(ValueError, match="already registered"):
             register_model(_test_bare)
     finally:
-        _registry._REGISTRY.pop("_test_bare", None)
-        _registry._REGISTRY.pop("_test_meta", None)
+        _registry._REGISTRY.unregister("_test_bare")
+        _registry._REGISTRY.unregister("_test_meta")
 
 
 @pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "preresnet20",

@@ -37,10 +37,6 @@ TRAIN_HELP = {
     "a_bits": "activation bits (2..8, 32 = float)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
     "quantizer": "weight and activation quantizer",
-    "per_channel": "one LSQ weight step per output channel (LIQ: one clip per tensor)",
-    "weight_standardize": "LSQ: quantize (w-mean)/std with per-output-channel statistics kept in the graph "
-                          "(not the official code's per-tensor detached one: that is --quantizer liq)",
-    "act_grad_scale": "what N counts in the LSQ activation step-gradient scale 1/sqrt(N*Qp)",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
@@ -110,6 +106,20 @@ def _registries() -> dict[str, Any]:
             "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
 
 
+def _quantizer_option_help() -> dict[str, str]:
+    """The help of each quantizer option, from its kind's options dataclass (field metadata): ``"LSQ: ..."``."""
+    import dataclasses
+
+    from .quant.quantizer import QUANTIZERS
+
+    out: dict[str, str] = {}
+    for kind in QUANTIZERS:
+        for f in dataclasses.fields(QUANTIZERS.get(kind).options):
+            if "help" in f.metadata:
+                out[f.name] = f"{kind.upper()}: {f.metadata['help']}"
+    return out
+
+
 def train_help() -> dict[str, str]:
     """:data:`TRAIN_HELP` with the accepted names appended: every registered data set (with its default model),
     every registered model, and the names of each registry (:func:`_registries`)."""
@@ -120,6 +130,7 @@ def train_help() -> dict[str, str]:
     out["dataset"] += ": " + "; ".join(f"{d} (model {dataset_info(d).default_model}): {dataset_info(d).description}"
                                        for d in list_datasets())
     out["model"] += ": " + ", ".join(list_models()) + "; default: the data set's (see --dataset)"
+    out.update(_quantizer_option_help())
     for name, registry in _registries().items():
         out[name] += ": " + registry.describe()
     return out

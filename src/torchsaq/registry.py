@@ -61,6 +61,15 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
 
+    def copy(self) -> "Registry[T]":
+        """A new registry with the same entries (registering in one does not change the other)."""
+        out: Registry[T] = Registry(self.what)
+        out._entries = dict(self._entries)
+        return out
+
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name].value
+
     def entry(self, name: str) -> Entry[T]:
         try:
             return self._entries[name]

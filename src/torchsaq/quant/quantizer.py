@@ -558,8 +558,7 @@ class LSQOptions:
         "help": "quantize (w-mean)/(std+eps) with per-output-channel statistics kept in the graph (where a "
                 "normalisation layer follows)"})
     act_grad_scale: str = field(default="per_sample", metadata={
-        "help": "what N counts in the activation step-gradient scale 1/sqrt(N*Qp): 'per_sample' (the LSQ paper) "
-                "or 'batch'"})
+        "help": "what N counts in the activation step-gradient scale 1/sqrt(N*Qp)"})
 
 
 @dataclass(frozen=True)

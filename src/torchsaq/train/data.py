@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from .._optional import missing, require
+from ..registry import Registry
 
 if TYPE_CHECKING:  # numpy is imported where it is used (the "data" extra): `import torchsaq.data` needs torch only
     import numpy as np
@@ -518,7 +519,8 @@ class DatasetInfo:
 #: ``build(data_dir=, img_size=, val_split=, seed=, augment=) -> DataBundle``
 Builder = Callable[..., DataBundle]
 B = TypeVar("B", bound=Builder)
-_REGISTRY: dict[str, tuple[Builder, DatasetInfo]] = {}
+#: the data sets: name -> (builder, DatasetInfo)
+_REGISTRY: Registry[tuple[Builder, DatasetInfo]] = Registry("data set")
 #: the registered data set names (kept up to date by :func:`register_dataset`; :func:`list_datasets` is the same)
 DATASETS: tuple[str, ...] = ()
 #: data set -> the model ``torchsaq train --dataset NAME`` trains when no ``--model`` is given (updated in place)
@@ -545,7 +547,8 @@ def register_dataset(fn: Optional[B] = None, *, name: Optional[str] = None, defa
         if not isinstance(default_model, str) or not default_model:
             raise ValueError(f"data set {key!r}: default_model must be a model name, got {default_model!r}")
         global DATASETS
-        _REGISTRY[key] = (f, DatasetInfo(key, default_model, description, needs_data_dir, tuple(requires), extra))
+        _REGISTRY.register(key, (f, DatasetInfo(key, default_model, description, needs_data_dir, tuple(requires),
+                                                 extra)), description=description)
         DATASETS = tuple(_REGISTRY)
         DEFAULT_MODELS[key] = default_model
         return f

@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional, TypeVar, Union, overload
 
 from torch import nn
 
+from ...registry import Registry
+
 __all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info", "check_model_options"]
 
 Builder = Callable[..., nn.Module]
@@ -33,7 +35,8 @@ class ModelInfo:
     description: str = ""
 
 
-_REGISTRY: dict[str, tuple[Builder, ModelInfo]] = {}
+#: the models: name -> (builder, ModelInfo)
+_REGISTRY: Registry[tuple[Builder, ModelInfo]] = Registry("model")
 
 
 @overload
@@ -60,8 +63,9 @@ def register_model(fn: Optional[F] = None, *, name: Optional[str] = None, family
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is already registered")
         doc = (inspect.getdoc(f) or "").split("\n")[0]
-        _REGISTRY[key] = (f, ModelInfo(key, family, dataset, tuple(input_shape) if input_shape else None,
-                                       num_classes, source, description or doc))
+        info = ModelInfo(key, family, dataset, tuple(input_shape) if input_shape else None, num_classes, source,
+                         description or doc)
+        _REGISTRY.register(key, (f, info), description=info.description)
         return f
 
     return wrap(fn) if fn is not None else wrap
