@@ -63,8 +63,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import train
 
     cfg = TrainConfig(**job["config"])
     t0 = time.perf_counter()

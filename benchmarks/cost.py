@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import torchsaq as saq
-from torchsaq.models import create_model
+from torchsaq.train.models import create_model
 
 HERE = Path(__file__).resolve().parent
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 import torchsaq as saq  # noqa: E402
-import torchsaq.data  # noqa: E402,F401  (binds saq.data)
-import torchsaq.train  # noqa: E402,F401  (binds saq.train)
-from torchsaq.config import TrainConfig  # noqa: E402
+import torchsaq.train.data  # noqa: E402,F401  (binds saq.data)
+import torchsaq.train.runner  # noqa: E402,F401  (binds saq.train)
+from torchsaq.train.config import TrainConfig  # noqa: E402
 
 FETCH = {"s": 0.0, "n": 0}
 

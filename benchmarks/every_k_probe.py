@@ -22,11 +22,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-import torchsaq.sam
-import torchsaq.strategies
-from torchsaq.config import TrainConfig
-from torchsaq.quantizer import Quantizer
-from torchsaq.train import train
+import torchsaq.optim.saq
+import torchsaq.optim.strategies
+from torchsaq.train.config import TrainConfig
+from torchsaq.quant.quantizer import Quantizer
+from torchsaq.train.runner import train
 
 STATS: list[dict[str, float]] = []
 
@@ -40,7 +40,7 @@ def _cos(a: Sequence[Optional[torch.Tensor]], b: Sequence[Optional[torch.Tensor]
     return dot / (_norm(a) * _norm(b) + 1e-30)
 
 
-class ProbedEveryK(torchsaq.strategies.EveryK):
+class ProbedEveryK(torchsaq.optim.strategies.EveryK):
     """every_k that records its quantities at each full step (nothing else changes)."""
 
     kind_idx: dict[str, list[int]] = {}
@@ -61,7 +61,7 @@ class ProbedEveryK(torchsaq.strategies.EveryK):
         STATS.append(rec)
 
 
-class ProbedSAQ(torchsaq.sam.SAQ):
+class ProbedSAQ(torchsaq.optim.saq.SAQ):
     """torchsaq.SAQ whose every_k strategy records its quantities (nothing else changes)."""
 
     def __init__(self, model: torch.nn.Module, base: torch.optim.Optimizer, *args: Any, **kwargs: Any):
@@ -75,7 +75,7 @@ class ProbedSAQ(torchsaq.sam.SAQ):
         kind_idx: dict[str, list[int]] = {}
         for i, p in enumerate(self._params()):
             kind_idx.setdefault(kind.get(id(p), "other"), []).append(i)
-        if isinstance(self._strategy, torchsaq.strategies.EveryK):
+        if isinstance(self._strategy, torchsaq.optim.strategies.EveryK):
             self._strategy.__class__ = ProbedEveryK
             self._strategy.kind_idx = kind_idx  # type: ignore[attr-defined]
 
@@ -92,7 +92,7 @@ def main() -> None:
     if args.alpha is not None:
         PROBE_ALPHA = "auto" if args.alpha == "auto" else float(args.alpha)
     torch.set_num_threads(1)
-    torchsaq.sam.SAQ = ProbedSAQ  # type: ignore[misc]  # what torchsaq.train builds
+    torchsaq.optim.saq.SAQ = ProbedSAQ  # type: ignore[misc]  # what torchsaq.train builds
     over = json.loads(args.overrides)
     cfg = dict(dataset="mnist1d", model="cnn1d", epochs=10, batch_size=128, lr=0.05, weight_decay=5e-4, save=False,
                w_bits=2, a_bits=2, first_last_bits=8, sharpness="case3", strategy="every_k", rho=0.05)

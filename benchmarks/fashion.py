@@ -128,8 +128,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import train
 
     pretrained = job["config"].get("pretrained")
     if pretrained and not checkpoint_complete(Path(pretrained)):  # never fine-tune a float run that was cut off
@@ -146,7 +146,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_complete(path: Path) -> bool:
     """The checkpoint exists and holds every epoch its run was configured for (a run cut off leaves an earlier
     epoch's checkpoint behind, which must not pass for the finished float model)."""
-    from torchsaq.checkpoint import load_checkpoint
+    from torchsaq.train.checkpoint import load_checkpoint
 
     if not path.exists():
         return False

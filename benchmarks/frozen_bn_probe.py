@@ -11,9 +11,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from torchsaq.checkpoint import load_checkpoint
-from torchsaq.data import build_datasets
-from torchsaq.models import create_model
+from torchsaq.train.checkpoint import load_checkpoint
+from torchsaq.train.data import build_datasets
+from torchsaq.train.models import create_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ def _one(args: tuple[str, str, int, int, str]) -> float:
     import torch
 
     torch.set_num_threads(1)
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import train
 
     cfg = TrainConfig(dataset="fashion_mnist", data_dir=data_dir, model="resnet20", model_kwargs={"in_chans": 1},
                       epochs=1, batch_size=batch_size, save=False, limit_train_batches=batches, limit_eval_batches=1,

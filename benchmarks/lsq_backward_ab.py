@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost  # noqa: E402
 import lsq_speed  # noqa: E402
 
-from torchsaq import quantizer  # noqa: E402
+from torchsaq.quant import quantizer  # noqa: E402
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -72,13 +72,13 @@ class _BoolMaskLSQ(torch.autograd.Function):
     def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
         ctx.save_for_backward(x, step)
         ctx.args = (qn, qp, g)
-        return saq.kernels.lsq_forward(x, step, qn, qp)
+        return saq.quant.kernels.lsq_forward(x, step, qn, qp)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, step = ctx.saved_tensors
         qn, qp, g = ctx.args
-        s = step.clamp_min(saq.kernels.STEP_EPS)
+        s = step.clamp_min(saq.quant.kernels.STEP_EPS)
         v = torch.div(x, s)
         r = v.clamp(qn, qp)
         inside = r == v
@@ -180,7 +180,7 @@ def run(device: str = "cpu", batch: Optional[int] = None, bits: int = 4, reps: i
     if quick:
         cases = cases[:1] + cases[len(WEIGHTS):len(WEIGHTS) + 1]
     timed = _timer(dev)
-    variants = VARIANTS + (("triton",) if dev.type == "cuda" and saq.kernels.triton_available() else ())
+    variants = VARIANTS + (("triton",) if dev.type == "cuda" and saq.quant.kernels.triton_available() else ())
     rng = random.Random(0)
     rows = []
     for name, shape, per_channel, signed in cases:

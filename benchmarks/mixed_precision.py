@@ -5,8 +5,8 @@ Protocol (per seed, the over-fitting preset ``cpu_gap`` of benchmarks/fashion.py
 the float model of that seed is quantized at uniform wBaB (first/last layer 8-bit) and calibrated; on it
 
 * ``uniform``: every layer at B bits (the budget: that model's size as ``torchsaq summary`` counts it);
-* ``sharpness``: :func:`torchsaq.allocate.allocate` -- mean Hessian trace of each layer's quantized weights x its
-  quantization noise, solved exactly under that size (activations stay at B bits);
+* ``sharpness``: :func:`torchsaq.analysis.allocate.allocate` -- mean Hessian trace of each layer's quantized
+  weights x its quantization noise, solved exactly under that size (activations stay at B bits);
 * ``noise only``: the same solver with sensitivity 1 (is the Hessian doing anything beyond the noise?);
 * ``random``: an allocation drawn uniformly (seeded) among those of size within ``--band`` of the budget;
 * ``official rule``: the official SAQ generator's selection step (c_engine.derive_arch) -- among candidate
@@ -60,7 +60,7 @@ def _measure_batches(cfg: Any, num: int, seed: int) -> list:
     import torch
 
     from torchsaq.analysis.drivers import _eval_transform_view
-    from torchsaq.data import build_datasets, subset_train
+    from torchsaq.train.data import build_datasets, subset_train
 
     bundle = subset_train(build_datasets(cfg.dataset, cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
                                          seed=cfg.seed, augment=False), cfg.train_subset)
@@ -73,8 +73,8 @@ def _measure_batches(cfg: Any, num: int, seed: int) -> list:
 def _quantized(cfg_dict: dict[str, Any], layer_bits: dict[str, Any], batches: list) -> Any:
     """The float model of the run quantized with ``layer_bits``, calibrated on the first batch, in eval mode."""
     import torchsaq as saq
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import build_model
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import build_model
 
     cfg = TrainConfig(**dict(cfg_dict, layer_bits=layer_bits))
     model = build_model(cfg, 10, 1)
@@ -91,7 +91,7 @@ def _candidates(model: Any, first_last: bool, band: float, rng: random.Random,
     """Allocations of CHOICES (activations kept) whose size is within ``band`` below the budget (all fit): every one
     where there are at most ``limit`` assignments (the CNN), else up to 200 drawn at random (a ViT's many layers)."""
     from torchsaq import quant_layers
-    from torchsaq.allocate import _layer_cost
+    from torchsaq.analysis.allocate import _layer_cost
 
     layers = [m for _, m in quant_layers(model) if first_last or m.quant_role not in ("first", "last")]
     names = [m._saq_name for m in layers]
@@ -131,10 +131,10 @@ def allocations(seed: int, bits: int, args: argparse.Namespace, fargs: argparse.
     """{allocation name: {"layer_bits", "predicted", ...}} for one seed and bit-width (not cached here)."""
     import torch
 
-    from torchsaq.allocate import allocate
+    from torchsaq.analysis.allocate import allocate
     from torchsaq.analysis import sam_sharpness
-    from torchsaq.config import TrainConfig
-    from torchsaq.summary import model_size_bits
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.quant.summary import model_size_bits
 
     torch.set_num_threads(1)
     cfg_dict = fashion.qat_config(fashion.BASE, bits, seed, None, fargs)

@@ -81,7 +81,7 @@ def export_models(folder: Path, name: str, img: int, batch: int):
     import torchvision
 
     import torchsaq as saq
-    from torchsaq.export_onnx import export_onnx
+    from torchsaq.export.onnx import export_onnx
 
     torch.manual_seed(0)
     model = saq.quantize(getattr(torchvision.models, name)(), saq.QuantConfig(w_bits=4, a_bits=4))

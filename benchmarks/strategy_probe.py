@@ -35,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fashion  # noqa: E402  (the study's configurations)
 
-from torchsaq import engine  # noqa: E402
-from torchsaq.config import TrainConfig  # noqa: E402
-from torchsaq.perturb import Mode, Targets  # noqa: E402
-from torchsaq.train import train  # noqa: E402
+from torchsaq.train import engine  # noqa: E402
+from torchsaq.train.config import TrainConfig  # noqa: E402
+from torchsaq.optim.perturb import Mode, Targets  # noqa: E402
+from torchsaq.train.runner import train  # noqa: E402
 
 
 class Probe:

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.checkpoint import load_checkpoint
+from torchsaq.train.checkpoint import load_checkpoint
 from torchsaq.cli import main
-from torchsaq.config import TrainConfig
-from torchsaq.engine import train_step
-from torchsaq.sam import SAQ
-from torchsaq.train import TrainingInterrupted, train
+from torchsaq.train.config import TrainConfig
+from torchsaq.train.engine import train_step
+from torchsaq.optim.saq import SAQ
+from torchsaq.train.runner import TrainingInterrupted, train
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -46,7 +46,7 @@ def _split(x, y, sizes):
 
 
 def _run(model: nn.Module, opt: torch.optim.Optimizer, sharpness: str):
-    """What :func:`torchsaq.engine.train_step` reads of a Run."""
+    """What :func:`torchsaq.train.engine.train_step` reads of a Run."""
     base = opt.base_optimizer if isinstance(opt, SAQ) else opt
     return types.SimpleNamespace(
         device=torch.device("cpu"), model=model, raw_model=model, amp_dtype=None, scaler=None,

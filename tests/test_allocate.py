@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.allocate import allocate, layer_sensitivities, quantization_noise, solve
+from torchsaq.analysis.allocate import allocate, layer_sensitivities, quantization_noise, solve
 from torchsaq.analysis import hessian_trace
 from torchsaq.cli import main
-from torchsaq.models import create_model
-from torchsaq.summary import bops, model_size_bits
+from torchsaq.train.models import create_model
+from torchsaq.quant.summary import bops, model_size_bits
 
 CHANNELS = [8, 12, 16, 16]  # cnn1d: first conv, three allocated convs of different sizes, last linear
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-import torchsaq.checkpoint
-import torchsaq.data
+import torchsaq.train.checkpoint
+import torchsaq.train.data
 from torchsaq import analysis as A
 
 f64 = torch.float64
@@ -343,7 +343,8 @@ class _TfDataset(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_ckpt(monkeypatch):
-    """torchsaq.checkpoint.load_model / torchsaq.data.build_datasets stand-ins: a conv model and a tensor data set."""
+    """torchsaq.train.checkpoint.load_model / torchsaq.train.data.build_datasets stand-ins: a conv model and a tensor
+    data set."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 2, 5, 5, generator=g)
     y = torch.randint(0, 3, (40,), generator=g)

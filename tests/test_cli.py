@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import torchsaq as saq
-from torchsaq.checkpoint import load_checkpoint, save_checkpoint
+from torchsaq.train.checkpoint import load_checkpoint, save_checkpoint
 from torchsaq.cli import build_parser, config_from_args, main
-from torchsaq.config import TrainConfig
+from torchsaq.train.config import TrainConfig
 
 FAST = ["--batch-size", "32", "--limit-train-batches", "3", "--limit-eval-batches", "4"]
 
@@ -63,7 +63,7 @@ def test_eval_matches_the_training_metrics(run_dir, capsys):
     assert main(["eval", str(run_dir / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     model, _, _ = saq.checkpoint.load_model(run_dir / "checkpoint.pt")
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     test = build_datasets("mnist1d").test
     x = torch.stack([test[i][0] for i in range(len(test))])
@@ -181,8 +181,8 @@ def test_landscape_and_sharpness_delegate_to_analysis(run_dir, tmp_path, capsys)
 
 def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
     """Mixed precision from the command line and from a recipe: the trained checkpoint has those bits."""
-    from torchsaq.layers import quant_layers
-    from torchsaq.train import build_model
+    from torchsaq.quant.layers import quant_layers
+    from torchsaq.train.runner import build_model
 
     recipe = tmp_path / "mixed.yaml"
     recipe.write_text("w_bits: 2\na_bits: 2\nlayer_bits: {'features.3': [4, 8]}\nexclude: [features.6]\n")
@@ -203,14 +203,15 @@ def test_layer_bits_and_exclude_from_flags_and_yaml(tmp_path, capsys):
     _fails(capsys, ["train", "--exclude", "nothing.here", "--output", str(tmp_path / "bad"), *FAST], "exclude")
 
 
-# -- choices and help come from the registries and torchsaq.vocab -------------------------------------------
+# -- choices and help come from the registries (torchsaq.registry) ------------------------------------------
 def _train_parser():
     return build_parser()._subparsers._group_actions[0].choices["train"]
 
 
-def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_vocab():
-    from torchsaq import vocab
-    from torchsaq.data import list_datasets
+def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_the_registries():
+    from torchsaq.optim.perturb import WHERE
+    from torchsaq.train import config
+    from torchsaq.train.data import list_datasets
 
     parser = _train_parser()
     text = " ".join(parser.format_help().split())
@@ -220,34 +221,41 @@ def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_vo
     for name in list_datasets():
         assert f"{name} (model " in text, name
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
-    assert choices == {"sharpness": vocab.SHARPNESS, "strategy": vocab.STRATEGIES, "quantizer": vocab.QUANTIZERS,
-                       "act_grad_scale": vocab.ACT_GRAD_SCALES, "optimizer": vocab.OPTIMIZERS,
-                       "lr_schedule": vocab.SCHEDULES, "lsq_backend": vocab.LSQ_BACKENDS}
-    for names in (vocab.SHARPNESS_HELP, vocab.STRATEGY_HELP, vocab.QUANTIZER_HELP):
-        for name, description in names.items():
+    registries = {"sharpness": config.SHARPNESS, "strategy": config.STRATEGIES, "quantizer": config.QUANTIZERS,
+                  "act_grad_scale": config.ACT_GRAD_SCALES, "optimizer": config.OPTIMIZERS,
+                  "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
+    assert choices == {dest: reg.names() for dest, reg in registries.items()}
+    assert {"pact", "dorefa"} <= set(choices["quantizer"])
+    for registry in registries.values():
+        for name, description in registry.help().items():
             assert f"{name}: {description}" in text, name
     landscape = build_parser()._subparsers._group_actions[0].choices["landscape"]
     where = next(a for a in landscape._actions if a.dest == "where")
-    assert tuple(where.choices) == vocab.WHERE
+    assert tuple(where.choices) == WHERE.names()
     assert build_parser().parse_args(["landscape", "x.pt", "--where", "float"]).where == "latent"
 
 
 def test_every_vocabulary_is_defined_once():
-    """The names each option accepts: vocab's tuples; modules that keep their own copy must agree with it."""
+    """The names each option accepts: one Registry each; a module that exposes one under the same name exposes the
+    same object (no copy), and torchsaq.vocab's tuples are views of them."""
     import importlib
     import pkgutil
 
-    from torchsaq import config, convert, quantizer, vocab
+    from torchsaq import vocab
+    from torchsaq.registry import Registry
+    from torchsaq.train import config
 
-    assert vocab.SHARPNESS == ("none", *vocab.MODES)
-    assert config.SHARPNESS is vocab.SHARPNESS and config.STRATEGIES is vocab.STRATEGIES
-    assert quantizer.QUANTIZERS is vocab.QUANTIZERS and convert.ACT_GRAD_SCALES is vocab.ACT_GRAD_SCALES
-    same = {"MODES": vocab.MODES, "STRATEGIES": vocab.STRATEGIES, "WHERE": vocab.WHERE, "_WHERE": vocab.WHERE,
-            "QUANTIZERS": vocab.QUANTIZERS, "ACT_GRAD_SCALES": vocab.ACT_GRAD_SCALES, "SHARPNESS": vocab.SHARPNESS,
-            "OPTIMIZERS": vocab.OPTIMIZERS, "SCHEDULES": vocab.SCHEDULES}
+    assert config.SHARPNESS.names() == ("none", *config.MODES.names())
+    same = {"MODES": config.MODES, "STRATEGIES": config.STRATEGIES, "QUANTIZERS": config.QUANTIZERS,
+            "ACT_GRAD_SCALES": config.ACT_GRAD_SCALES, "SHARPNESS": config.SHARPNESS, "OPTIMIZERS": config.OPTIMIZERS,
+            "SCHEDULES": config.SCHEDULES, "LSQ_BACKENDS": config.LSQ_BACKENDS, "WHERE": saq.analysis.WHERE}
+    for name, registry in same.items():
+        assert getattr(vocab, name) == registry.names(), name
     for info in pkgutil.walk_packages(saq.__path__, "torchsaq."):
+        if info.name.endswith(("_triton_lsq", ".vocab")):
+            continue
         module = importlib.import_module(info.name)
         for name, expected in same.items():
             value = getattr(module, name, None)
-            if isinstance(value, (tuple, list)):
-                assert tuple(value) == expected, f"{info.name}.{name}"
+            if isinstance(value, (tuple, list, Registry)):
+                assert value is expected, f"{info.name}.{name}"

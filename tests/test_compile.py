@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.sam import SAQ
+from torchsaq.optim.saq import SAQ
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
@@ -83,8 +83,8 @@ def test_training_forward_compiles_without_graph_breaks_and_matches_eager(sharpn
 @pytest.mark.parametrize("sharpness,strategy", [("none", "full"), ("case3", "prev_grad"), ("case3", "full")])
 def test_train_compile_flag_compiles_the_forward_and_changes_no_number(tmp_path, monkeypatch, sharpness, strategy):
     # the wiring of --compile (the inductor backend itself is PyTorch's): same run, eager vs dynamo-captured
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import format_result, train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import format_result, train
 
     dynamo.reset()
     counters.clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchsaq as saq
-from torchsaq.config import SharpnessConfig, TrainConfig, load_recipe
+from torchsaq.train.config import SharpnessConfig, TrainConfig, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -42,8 +42,8 @@ def test_sharpness_config_maps_the_flat_fields():
 
 def test_saq_kwargs_are_what_the_training_loop_passes(monkeypatch):
     """train.wrap_sharpness and TrainConfig.saq_kwargs map a config onto SAQ the same way."""
-    import torchsaq.sam
-    from torchsaq.train import wrap_sharpness
+    import torchsaq.optim.saq
+    from torchsaq.train.runner import wrap_sharpness
 
     seen = {}
 
@@ -51,7 +51,7 @@ def test_saq_kwargs_are_what_the_training_loop_passes(monkeypatch):
         def __init__(self, model, base, **kwargs):
             seen.update(kwargs)
 
-    monkeypatch.setattr(torchsaq.sam, "SAQ", Recorder)
+    monkeypatch.setattr(torchsaq.optim.saq, "SAQ", Recorder)
     model = torch.nn.Linear(3, 2)
     for cfg in (TrainConfig(), TrainConfig(sharpness="sam", rho=0.1, adaptive=True, strategy="every_k", strategy_k=2,
                                            strategy_alpha=0.5, rho_warmup_epochs=2.0, max_grad_norm=1.0)):
@@ -91,7 +91,7 @@ def test_from_parts_refuses_what_it_cannot_say():
 
 def test_perturb_unquantized_reaches_the_optimizer():
     """--no-perturb-unquantized: SAQ perturbs the quantized layers' weights only (no BatchNorm affine, no bias)."""
-    from torchsaq.train import wrap_sharpness
+    from torchsaq.train.runner import wrap_sharpness
 
     def build(flag: bool):
         model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),

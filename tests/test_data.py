@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from torchsaq import data as sdata
-from torchsaq.data import (DATASETS, DEFAULT_MODELS, AugmentedTensorDataset, DataBundle, DeviceLoader, TensorAugment,
-                      TransformSubset, build_datasets, read_idx)
+from torchsaq.train import data as sdata
+from torchsaq.train.data import (DATASETS, DEFAULT_MODELS, AugmentedTensorDataset, DataBundle, DeviceLoader,
+                                 TensorAugment, TransformSubset, build_datasets, read_idx)
 
 
 def _rows(t: torch.Tensor) -> set[bytes]:
@@ -468,8 +468,8 @@ def test_fashion_mnist_bad_files_name_the_file(tmp_path, no_system_fmnist, case)
 # -- default model per data set, models on 28x28 grey-scale ------------------------------------------------
 
 def test_every_data_set_has_a_registered_default_model():
-    from torchsaq.config import TrainConfig
-    from torchsaq.models import list_models
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.models import list_models
 
     assert set(DEFAULT_MODELS) == set(DATASETS) and set(DEFAULT_MODELS.values()) <= set(list_models())
     assert {d: TrainConfig(dataset=d).model for d in ("mnist1d", "digits", "fashion_mnist", "cifar100", "imagenet")} \
@@ -496,7 +496,7 @@ def test_models_take_28x28_grey_scale(name):
     import torch.nn.functional as F
 
     import torchsaq as saq
-    from torchsaq.models import create_model
+    from torchsaq.train.models import create_model
 
     model = create_model(name, 10, in_chans=1)
     seen = {}
@@ -600,7 +600,7 @@ def test_device_loader_matches_the_sampler_order_of_saq_train():
     """For data without augmentation the batches are the DataLoader + sampler ones train.py used before."""
     from torch.utils.data import DataLoader
 
-    from torchsaq.train import _ResumableSampler
+    from torchsaq.train.runner import _ResumableSampler
 
     ds = _labelled(45)
     ds = torch.utils.data.TensorDataset(torch.randn(45, 1, 40), ds.tensors[1])
@@ -633,7 +633,7 @@ def test_device_loader_for_evaluation_is_in_order_and_unaugmented():
 
 @pytest.mark.slow
 def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
-    from torchsaq.checkpoint import load_checkpoint
+    from torchsaq.train.checkpoint import load_checkpoint
     from torchsaq.cli import main
 
     _write_fmnist(tmp_path / "fm", n_train=300, n_test=40)
@@ -658,9 +658,9 @@ def test_saq_train_fashion_mnist_end_to_end(tmp_path, no_system_fmnist, capsys):
 @pytest.mark.slow
 def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_system_fmnist):
     """Data order and augmentation on the device depend on (seed, epoch) only: an interrupted run resumes exactly."""
-    from torchsaq.checkpoint import load_checkpoint
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import TrainingInterrupted, train
+    from torchsaq.train.checkpoint import load_checkpoint
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import TrainingInterrupted, train
 
     _write_fmnist(tmp_path / "fm", n_train=96, n_test=16)
     common = dict(dataset="fashion_mnist", data_dir=str(tmp_path / "fm"), model_kwargs={"width": 4}, epochs=2,
@@ -682,7 +682,7 @@ def test_fashion_mnist_resume_with_augmentation_is_bit_for_bit(tmp_path, no_syst
 
 
 def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
-    from torchsaq.data import build_datasets, subset_train
+    from torchsaq.train.data import build_datasets, subset_train
 
     full = build_datasets("digits", val_split=0.1, seed=3)
     a = subset_train(full, 100)
@@ -707,7 +707,7 @@ def test_train_subset_is_fixed_and_leaves_eval_sets_alone():
 @pytest.fixture
 def own_registry(monkeypatch):
     """Registrations made by a test are dropped afterwards (the module's registry attributes are restored)."""
-    monkeypatch.setattr(sdata, "_REGISTRY", dict(sdata._REGISTRY))
+    monkeypatch.setattr(sdata, "_REGISTRY", sdata._REGISTRY.copy())
     monkeypatch.setattr(sdata, "DATASETS", sdata.DATASETS)
     monkeypatch.setattr(sdata, "DEFAULT_MODELS", dict(sdata.DEFAULT_MODELS))
 
@@ -726,7 +726,7 @@ def test_registry_lists_the_built_in_data_sets_with_default_models():
 
 def test_a_registered_data_set_builds_trains_and_shows_in_the_cli(own_registry, tmp_path, capsys):
     from torchsaq.cli import build_parser, check_train_requirements, main
-    from torchsaq.config import TrainConfig
+    from torchsaq.train.config import TrainConfig
 
     calls = []
 

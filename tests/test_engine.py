@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from torchsaq.checkpoint import load_checkpoint
-from torchsaq.checkpointer import Checkpointer
-from torchsaq.config import TrainConfig
-from torchsaq._update import base_step
-from torchsaq.engine import EpochRecord, EpochSums, LoopState, evaluate
+from torchsaq.train.checkpoint import load_checkpoint
+from torchsaq.train.checkpointer import Checkpointer
+from torchsaq.train.config import TrainConfig
+from torchsaq.optim._update import base_step
+from torchsaq.train.engine import EpochRecord, EpochSums, LoopState, evaluate
 
 
 class _Fixed(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.export import pack_codes, unpack_codes
+from torchsaq.export.safetensors import pack_codes, unpack_codes
 
 
 def cnn(width=8):
@@ -104,7 +104,7 @@ def test_round_trip_outputs_equal(tmp_path, name, bits, per_channel, ws):
         torch.testing.assert_close(b.weight_quantizer.step, a.weight_quantizer.step, rtol=0, atol=0)
         # the loaded weight is already on the grid: Q(w) = w
         torch.testing.assert_close(b.quantized_weight(), b.weight, rtol=0, atol=0)
-    assert saq.convert.is_traced(loaded)
+    assert saq.quant.convert.is_traced(loaded)
     # the model really is low-bit: the layers at `bits` carry at most 2^bits distinct weight values
     mid = [m for _, m in saq.quant_layers(loaded) if m.quant_role is None]
     assert mid and all(m.weight.unique().numel() <= (2**bits) * m.weight.shape[0] for m in mid)
@@ -178,7 +178,7 @@ def test_three_bit_codes_take_three_bits(tmp_path):
 
 def _as_version_1(path, out):
     """Rewrite a version-2 export as the first format: 3-bit codes in nibbles, version "1", re-hashed."""
-    from torchsaq.export import _digest, _pack
+    from torchsaq.export.safetensors import _digest, _pack
 
     tensors = safetensors.torch.load_file(str(path))
     with safetensors.safe_open(str(path), framework="pt") as f:
@@ -209,7 +209,7 @@ def test_version_1_files_still_load_and_newer_ones_are_refused(tmp_path):
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
     tensors = safetensors.torch.load_file(str(old))
     meta = {**read_header(old)[0]["__metadata__"], "version": "3"}
-    from torchsaq.export import _digest
+    from torchsaq.export.safetensors import _digest
 
     meta["sha256"] = _digest(tensors, meta)
     safetensors.torch.save_file(tensors, str(tmp_path / "v3.safetensors"), metadata=meta)
@@ -267,7 +267,7 @@ def test_errors_on_unready_model(tmp_path):
     model = saq.quantize(cnn())
     with pytest.raises(ValueError, match="not run"):
         saq.export(model, tmp_path / "a.safetensors")
-    saq.convert.trace(model, torch.randn(1, 3, 8, 8))
+    saq.quant.convert.trace(model, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="not initialised"):
         saq.export(model, tmp_path / "a.safetensors")
     assert not any(tmp_path.iterdir())

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from torchsaq.checkpoint import load_checkpoint
+from torchsaq.train.checkpoint import load_checkpoint
 from torchsaq.cli import main
-from torchsaq.config import TrainConfig, load_recipe
-from torchsaq.train import train
+from torchsaq.train.config import TrainConfig, load_recipe
+from torchsaq.train.runner import train
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
         "--sharpness", "none"]
@@ -199,7 +199,7 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
 def _poison_optimizer(monkeypatch, at_step: int, **group):
     """Set ``group`` (e.g. weight_decay=nan) on the base optimizer's decayed group after global step ``at_step``:
     a real fault inside the real loop, which config validation would otherwise refuse up front."""
-    import torchsaq.train as T
+    import torchsaq.train.runner as T
 
     box = {}
     real = T.build_optimizer
@@ -219,7 +219,7 @@ def _poison_optimizer(monkeypatch, at_step: int, **group):
 
 def test_nan_from_the_last_step_of_an_epoch_is_not_saved(tmp_path, monkeypatch, capsys):
     # the probe: --weight-decay nan --limit-train-batches 1 (the only step's loss is finite, its update is not)
-    import torchsaq.train as T
+    import torchsaq.train.runner as T
 
     real = T.build_optimizer
     monkeypatch.setattr(T, "build_optimizer", lambda m, c: _with(real(m, c), weight_decay=math.nan))
@@ -288,7 +288,7 @@ def test_export_refuses_non_finite_weights_and_dead_steps(tmp_path):
 
 
 def test_metrics_jsonl_is_valid_json_with_non_finite_values(tmp_path):
-    from torchsaq.runlog import write_metrics as _write_metrics
+    from torchsaq.train.runlog import write_metrics as _write_metrics
 
     _write_metrics([{"epoch": 1, "train_loss": 0.5, "val_acc": math.nan, "val_loss": math.inf}],
                    tmp_path / "m.jsonl", tmp_path / "m.csv")
@@ -362,7 +362,7 @@ def _write(path, tensors, metadata, resign):
     """Write an edited export; ``resign`` recomputes the content hash (a careful editor, or a bug)."""
     import safetensors.torch
 
-    from torchsaq.export import _digest
+    from torchsaq.export.safetensors import _digest
 
     if resign:
         metadata = {**metadata, "sha256": _digest(tensors, metadata)}
@@ -554,7 +554,7 @@ def test_sharpness_output_folder_and_landscape_of_two_data_sets(tmp_path, capsys
 # -- threads -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_threads_auto_is_one_for_small_models_and_can_be_set(tmp_path, capsys, monkeypatch):
-    from torchsaq.train import SMALL_BATCH_MACS, auto_threads
+    from torchsaq.train.runner import SMALL_BATCH_MACS, auto_threads
 
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (issue 21: load counts)
     cpu = torch.device("cpu")
@@ -643,7 +643,7 @@ def test_a_step_pushed_below_zero_is_kept_positive_not_a_warning(tmp_path, monke
     """An 8-bit first layer's per-channel step can reach <= 0 at ordinary learning rates (seen in the MNIST-1D
     benchmark and a fresh clone's default run): the next optimizer step projects it back to the smallest step
     (issue 21: the run does not warn); the run goes on and saves."""
-    import torchsaq.train as T
+    import torchsaq.train.runner as T
 
     box = {}
     real = T.build_optimizer

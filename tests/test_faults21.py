@@ -108,7 +108,7 @@ def test_threads_beyond_the_machine_are_refused_before_anything_runs(tmp_path, c
 def test_auto_threads_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
     import os
 
-    from torchsaq.device import SMALL_BATCH_MACS, auto_threads
+    from torchsaq.train.device import SMALL_BATCH_MACS, auto_threads
 
     cpu, big = torch.device("cpu"), SMALL_BATCH_MACS * 10
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -184,7 +184,7 @@ def test_a_full_disk_during_a_safetensors_export_is_one_line(run_dir, tmp_path, 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "file"])
 def test_an_explicit_data_dir_without_the_data_is_an_error_naming_it(tmp_path, capsys, kind):
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     d = tmp_path / "fm"
     if kind == "empty":
@@ -252,7 +252,7 @@ def test_evaluation_of_inputs_holding_nan_is_an_error_not_an_accuracy():
     import torchsaq as saq
     from torch import nn
 
-    from torchsaq.train import evaluate
+    from torchsaq.train.runner import evaluate
 
     model = saq.calibrate(saq.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
                                        saq.QuantConfig(4, 4)), [(torch.randn(16, 8), None)])
@@ -354,7 +354,7 @@ def test_every_command_help_describes_its_options_with_defaults(command):
 
 
 def test_one_epoch_is_singular_and_the_bar_shows_one_time_left(capsys):
-    from torchsaq.train import format_result
+    from torchsaq.train.runner import format_result
 
     r = {"model": "cnn1d", "dataset": "mnist1d", "w_bits": 4, "a_bits": 4, "sharpness": "none", "epochs": 1,
          "time_s": 3.0, "device": "cpu", "threads": 1, "test_acc": 50.0, "test_top5": 90.0, "test_loss": 1.0,
@@ -372,8 +372,8 @@ def test_the_progress_bar_shows_one_time_left(capsys):
 def test_the_interrupt_message_names_torchsaq(tmp_path, capsys):
     import signal
 
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import TrainingInterrupted, train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import TrainingInterrupted, train
 
     def ctrl_c(step):
         if step == 1:
@@ -403,7 +403,7 @@ def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, recipe, fl
         (tmp_path / "r.yaml").write_text(recipe)
         argv += ["--config", str(tmp_path / "r.yaml")]
     _fails(capsys, argv, *needles)
-    from torchsaq.checkpointer import RUN_FILES
+    from torchsaq.train.checkpointer import RUN_FILES
 
     assert not [p for p in (tmp_path / "o").glob("*") if p.name in RUN_FILES]  # nothing written
 

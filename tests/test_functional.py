@@ -1,7 +1,7 @@
 """The pure pieces of the sharpness-aware step against hand computations (docs/method.md), not against the code.
 
-torchsaq.functional (the formulas), torchsaq._update (the final update), torchsaq.perturb (the mode table and
-the targets), torchsaq.strategies (their state)."""
+torchsaq.optim.functional (the formulas), torchsaq.optim._update (the final update), torchsaq.optim.perturb (the
+mode table and the targets), torchsaq.optim.strategies (their state)."""
 from __future__ import annotations
 
 import math
@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq import _update, functional as SF, perturb
-from torchsaq.perturb import Direction, Mode, Site, Targets
-from torchsaq.strategies import STRATEGIES, EveryK, make_strategy
+from torchsaq.optim import _update, perturb
+from torchsaq.optim import functional as SF
+from torchsaq.optim.perturb import Direction, Mode, Site, Targets
+from torchsaq.optim.strategies import STRATEGIES, EveryK, make_strategy
 
 
 def t(*v, dtype=torch.float32):
@@ -157,11 +158,12 @@ def test_finite_and_first_failure():
 
 # ------------------------------------------------------------------------------------------ the mode table
 def test_mode_table_is_docs_method():
-    assert perturb.MODES == ("sam", "case1", "case2", "case3")
-    assert STRATEGIES == ("full", "every_k", "prev_grad", "sub_batch")
+    assert perturb.MODES.names() == ("sam", "case1", "case2", "case3")
+    assert [perturb.MODES.get(m).value for m in perturb.MODES] == list(perturb.MODES)
+    assert STRATEGIES.names() == ("full", "every_k", "prev_grad", "sub_batch")
     documented = (Path(__file__).parents[1] / "docs" / "method.md").read_text().split("## Efficient strategies")[1]
     assert [s for s in STRATEGIES if f"`{s}`" not in documented] == []
-    assert perturb.WHERE == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE
+    assert perturb.WHERE.names() == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE
     assert (Mode.SAM.direction, Mode.SAM.site) == (None, None)
     assert (Mode.CASE1.direction, Mode.CASE1.site) == (Direction.WEIGHT_GRAD, Site.AFTER)
     assert (Mode.CASE2.direction, Mode.CASE2.site) == (Direction.WEIGHT_GRAD, Site.BEFORE)
@@ -259,8 +261,8 @@ def test_perturb_cleared_restores_the_layers():
 def test_every_k_state_round_trip():
     p = nn.Parameter(torch.zeros(2))
 
-    class Opt:  # what EveryK reads of the optimizer
-        def _params(self):
+    class Opt:  # what EveryK reads of the passes (torchsaq.optim.passes.Passes)
+        def params(self):
             return [p, p]
 
     ek = EveryK(3, "auto")

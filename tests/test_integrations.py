@@ -141,3 +141,32 @@ def test_accelerate_gradient_accumulation_is_saq_over_the_whole_batch():
     got = accelerator.unwrap_model(model)
     for (k, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), k
+
+
+# -- what torchsaq relies on of torch.amp.GradScaler's private state (torchsaq.integrations.gradscaler) -------
+def test_gradscaler_private_state_torchsaq_reads_is_still_there():
+    """Fails loudly the day torch renames or changes GradScaler._per_optimizer_states / _scale or the call chain
+    of GradScaler.step: the closure-free prev_grad step under Lightning's 16-mixed depends on them."""
+    from torchsaq.integrations import gradscaler as gs
+
+    w = torch.nn.Parameter(torch.ones(3))
+    seen = {}
+
+    class Probe(torch.optim.SGD):
+        def step(self, closure=None):
+            seen["scaler"] = gs.stepping_scaler(self)
+            seen["unscaled"] = seen["scaler"] is not None and gs.has_unscaled(seen["scaler"], self)
+            return super().step(closure)
+
+    opt = Probe([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for name in gs.PRIVATE:
+        assert hasattr(scaler, name), f"torch.amp.GradScaler lost {name}: update torchsaq/integrations/gradscaler.py"
+    scaler.scale((w * 2).sum()).backward()
+    assert not gs.has_unscaled(scaler, opt)
+    scaler.step(opt)
+    assert seen["scaler"] is scaler, "GradScaler.step(opt) is no longer found from the optimizer's step frames"
+    assert seen["unscaled"], "GradScaler's per-optimizer stage no longer reads OptState.UNSCALED inside step(opt)"
+    assert float(gs.inverse_scale(scaler)) == 1 / 1024.0 and gs.inverse_scale(scaler).dtype == torch.float64
+    assert gs.stepping_scaler(opt) is None  # outside scaler.step
+    scaler.update()

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq import kernels
-from torchsaq.quantizer import lsq, qrange
+from torchsaq.quant import kernels
+from torchsaq.quant.quantizer import lsq, qrange
 
 from test_quantizer import ref_lsq
 
@@ -76,7 +76,7 @@ def _run(fn, x, s, up, qn, qp, gs):
 
 
 def _torch_path(x, s, qn, qp, gs):
-    return saq.quantizer._LSQFunction.apply(x, s, qn, qp, gs)
+    return saq.quant.quantizer._LSQFunction.apply(x, s, qn, qp, gs)
 
 
 def _op(x, s, qn, qp, gs):
@@ -229,12 +229,12 @@ def test_triton_backend_on_cpu_without_interpreter_is_the_torch_maths(tri, trito
     s = torch.rand(4, 1, 1) + 0.1
     _, _, rgs = _run(_torch_path, x, s, torch.ones_like(x), 0, 7, 0.3)
     y, gx, gs = _run(_op, x, s, torch.ones_like(x), 0, 7, 0.3)
-    assert torch.equal(y, saq.quantizer._LSQFunction.apply(x, s, 0, 7, 0.3)) and torch.equal(gs, rgs)
+    assert torch.equal(y, saq.quant.quantizer._LSQFunction.apply(x, s, 0, 7, 0.3)) and torch.equal(gs, rgs)
 
 
 def test_train_refuses_the_triton_backend_off_cuda(tmp_path):
-    from torchsaq.config import TrainConfig
-    from torchsaq.train import train
+    from torchsaq.train.config import TrainConfig
+    from torchsaq.train.runner import train
     with pytest.raises(ValueError, match="unknown lsq backend 'fast'; choose one of autograd, triton"):
         TrainConfig(lsq_backend="fast")
     cfg = TrainConfig(lsq_backend="triton", device="cpu", epochs=1, output=str(tmp_path / "run"))
@@ -245,8 +245,8 @@ def test_train_refuses_the_triton_backend_off_cuda(tmp_path):
 
 def test_train_restores_the_backend(monkeypatch, tmp_path):
     """train() sets the backend it was given for its run and puts the caller's back, also after a failure."""
-    from torchsaq import train as train_mod
-    from torchsaq.config import TrainConfig
+    from torchsaq.train import runner as train_mod
+    from torchsaq.train.config import TrainConfig
 
     seen = []
 

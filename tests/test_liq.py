@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.quantizer import LIQActQuantizer, LIQWeightQuantizer
+from torchsaq.quant.quantizer import LIQActQuantizer, LIQWeightQuantizer
 
 f64 = torch.float64
 
@@ -277,7 +277,7 @@ def test_config_options():
     with pytest.raises(ValueError, match="weight_standardize"):
         saq.QuantConfig(quantizer="liq", weight_standardize=True)
     with pytest.raises(ValueError, match="quantizer"):
-        saq.QuantConfig(quantizer="pact")
+        saq.QuantConfig(quantizer="apot")
     cfg = saq.TrainConfig(quantizer="liq")
     assert cfg.quant_config().quantizer == "liq"
     with pytest.raises(ValueError, match="weight_standardize"):
@@ -289,7 +289,7 @@ def test_config_options():
     qc = config_from_args(args).quant_config()
     assert (qc.quantizer, qc.act_grad_scale) == ("liq", "batch")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--quantizer", "pact"])
+        build_parser().parse_args(["train", "--quantizer", "apot"])
 
 
 # -- SAQ ------------------------------------------------------------------------------------------------

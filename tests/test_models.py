@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.models import ModelInfo, create_model, list_models, model_info, register_model
-from torchsaq.models import _registry
+from torchsaq.train.models import ModelInfo, create_model, list_models, model_info, register_model
+from torchsaq.train.models import _registry
 
 SMALL = ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "resnet32", "resnet56", "preresnet20",
          "preresnet32", "preresnet56", "mobilenetv2_cifar"]
@@ -82,8 +82,8 @@ def test_register_model_bare_and_with_metadata():
         with pytest.raises(ValueError, match="already registered"):
             register_model(_test_bare)
     finally:
-        _registry._REGISTRY.pop("_test_bare", None)
-        _registry._REGISTRY.pop("_test_meta", None)
+        _registry._REGISTRY.unregister("_test_bare")
+        _registry._REGISTRY.unregister("_test_meta")
 
 
 @pytest.mark.parametrize("name", ["cnn1d", "cnn_digits", "vit_tiny_digits", "cnn_fmnist", "resnet20", "preresnet20",
@@ -256,7 +256,7 @@ def test_quantized_vit_tiny_digits_fits_a_batch():
 @pytest.mark.slow
 def test_cnn1d_float_accuracy_on_mnist1d():
     """The benchmark model is a strong baseline: >= 90% test accuracy after 8 epochs (a few CPU seconds)."""
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     b = build_datasets("mnist1d")
     (x, y), (xt, yt) = b.train.tensors, b.test.tensors

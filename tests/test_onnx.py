@@ -24,7 +24,7 @@ onnx = pytest.importorskip("onnx")
 
 import torchsaq as saq  # noqa: E402
 from torchsaq.cli import main  # noqa: E402
-from torchsaq.export_onnx import CONTAINERS, export_onnx, onnx_layers  # noqa: E402
+from torchsaq.export.onnx import CONTAINERS, export_onnx, onnx_layers  # noqa: E402
 
 TP = onnx.TensorProto
 INT_TYPES = {TP.INT4: "INT4", TP.UINT4: "UINT4", TP.INT8: "INT8", TP.UINT8: "UINT8"}

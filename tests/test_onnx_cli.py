@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 
 import torchsaq as saq  # noqa: E402
 from torchsaq.cli import main  # noqa: E402
-from torchsaq.export_onnx import onnx_layers, onnx_metadata  # noqa: E402
+from torchsaq.export.onnx import onnx_layers, onnx_metadata  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_export_fast_then_eval_the_file(run, tmp_path):
     assert result["onnx_top1"] == result["pytorch_top1"] and result["onnx_top5"] == result["pytorch_top5"]
     assert abs(result["onnx_loss"] - result["pytorch_loss"]) < 1e-4
     # independently: the file in a default session against the model on the test split's first batch
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     x = torch.stack([build_datasets("mnist1d").test[i][0] for i in range(64)])
     with torch.no_grad():

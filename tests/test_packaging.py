@@ -111,7 +111,7 @@ def test_core_install_imports_and_runs_without_any_extra(tmp_path):
             "data": lambda: saq.data.build_datasets("mnist1d"),
             "vision": lambda: saq.create_model("resnet18", 10),
             "timm": lambda: saq.create_model("vit_tiny_digits", 10),
-            "recipe": lambda: saq.config.load_recipe("recipes/imagenet_resnet18_w4a4.yaml"),
+            "recipe": lambda: saq.train.config.load_recipe("recipes/imagenet_resnet18_w4a4.yaml"),
         }}
         for name, fn in checks.items():
             try:
@@ -173,7 +173,7 @@ def test_extras_named_in_errors_exist_and_test_installs_everything():
         text = path.read_text()
         named |= set(re.findall(r"torchsaq\[([a-z_]+)\]", text))
         named |= set(re.findall(r'require\("[\w.]+", "(\w+)"', text))
-    named |= {torchsaq.data.dataset_info(d).extra for d in torchsaq.data.list_datasets()}
+    named |= {torchsaq.train.data.dataset_info(d).extra for d in torchsaq.train.data.list_datasets()}
     assert named and named <= set(extras), sorted(named - set(extras))
 
     def expand(extra: str) -> set[str]:

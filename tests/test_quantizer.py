@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.quantizer import LSQQuantizer, NotInitializedError, lsq
+from torchsaq.quant.quantizer import LSQQuantizer, NotInitializedError, lsq
 
 
 def ref_range(bits, signed):

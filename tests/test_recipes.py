@@ -8,9 +8,9 @@ import torch
 import yaml
 
 import torchsaq as saq
-from torchsaq.config import TrainConfig, load_recipe
-from torchsaq.data import DATASETS
-from torchsaq.models import create_model, model_info
+from torchsaq.train.config import TrainConfig, load_recipe
+from torchsaq.train.data import DATASETS
+from torchsaq.train.models import create_model, model_info
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPES]
@@ -91,7 +91,7 @@ def test_recipe_model_builds_and_quantizes(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=NAMES)
 def test_recipe_optimizer_builds(path):
-    from torchsaq.train import build_optimizer
+    from torchsaq.train.runner import build_optimizer
 
     cfg = load_recipe(path)
     model, _ = _build(cfg)

@@ -14,7 +14,7 @@ from torch import nn
 
 import torchsaq as saq
 from torchsaq import QuantConfig, QuantLayer
-from torchsaq.sam import SAQ, rho_warmup
+from torchsaq.optim.saq import SAQ, rho_warmup
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 ETA = 0.01
@@ -850,7 +850,7 @@ def test_one_host_device_sync_per_step(monkeypatch, strategy, kw, scaled):
 
 
 def test_device_side_select_is_bit_exact_with_nan_and_inf():
-    from torchsaq._foreach import select_ as _select_, zero_unless as _zero_unless
+    from torchsaq.optim._foreach import select_ as _select_, zero_unless as _zero_unless
     vals = torch.tensor([1.5, -0.0, float("nan"), float("inf"), -float("inf"), 3e-39])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = vals.to(dtype)
@@ -921,7 +921,8 @@ def test_snapshot_buffers_are_reused_across_steps():
     for it in range(3):
         opt.step(Recorder(model, *batch(it)))
         opt.zero_grad()
-        ptrs.append([t.data_ptr() for snap in (opt._bn_pre, opt._bn_mid, opt._targets._saved) for t in snap.copies])
+        snaps = (opt._passes.bn_pre, opt._passes.bn_mid, opt._targets._saved)
+        ptrs.append([t.data_ptr() for snap in snaps for t in snap.copies])
     assert ptrs[0] and ptrs[0] == ptrs[1] == ptrs[2]
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import torchsaq as saq
 from torchsaq import QuantConfig
-from torchsaq.sam import SAQ
+from torchsaq.optim.saq import SAQ
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 RHO = 0.3

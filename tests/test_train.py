@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.checkpoint import load_checkpoint, load_model, save_checkpoint
-from torchsaq.config import TrainConfig
-from torchsaq.train import (TrainingInterrupted, build_model, build_optimizer, load_pretrained, lr_lambda,
+from torchsaq.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from torchsaq.train.config import TrainConfig
+from torchsaq.train.runner import (TrainingInterrupted, build_model, build_optimizer, load_pretrained, lr_lambda,
                        param_groups, train)
 
 # tiny, fast runs: 4 steps of 32 samples per epoch, evaluation on 4 batches
@@ -30,7 +30,7 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
 
 
 def _mnist1d_test():
-    from torchsaq.data import build_datasets
+    from torchsaq.train.data import build_datasets
 
     b = build_datasets("mnist1d")
     x = torch.stack([b.test[i][0] for i in range(len(b.test))])
@@ -295,7 +295,7 @@ def test_pretrained_float_weights_load_strictly(tmp_path):
 
 # -- AMP on CPU --------------------------------------------------------------------------------------------
 def test_amp_on_cpu_runs_in_bfloat16(tmp_path, monkeypatch):
-    import torchsaq.train as T
+    import torchsaq.train.runner as T
 
     seen = set()
     real = T.build_model

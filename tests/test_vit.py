@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import torchsaq as saq
-from torchsaq.checkpoint import load_checkpoint, load_model
+from torchsaq.train.checkpoint import load_checkpoint, load_model
 from torchsaq.cli import main
-from torchsaq.models import create_model, model_info
+from torchsaq.train.models import create_model, model_info
 
 pytest.importorskip("timm")
 

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "config_from_args", "TRAIN_HELP"]
 
 #: extra help for the generated `torchsaq train` flags (a field without an entry still gets its flag); the
-#: lists of names (data sets, models, modes, strategies, ...) are appended from their registries and
-#: :mod:`torchsaq.vocab` by :func:`train_help`
+#: lists of names (data sets, models, modes, strategies, ...) are appended from their registries by
+#: :func:`train_help`
 TRAIN_HELP = {
     "dataset": "data set (torchsaq.data.list_datasets())",
     "data_dir": "folder of the data set (never downloaded; fashion_mnist: its four IDX files, default "
@@ -37,10 +37,6 @@ TRAIN_HELP = {
     "a_bits": "activation bits (2..8, 32 = float)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
     "quantizer": "weight and activation quantizer",
-    "per_channel": "one LSQ weight step per output channel (LIQ: one clip per tensor)",
-    "weight_standardize": "LSQ: quantize (w-mean)/std with per-output-channel statistics kept in the graph "
-                          "(not the official code's per-tensor detached one: that is --quantizer liq)",
-    "act_grad_scale": "what N counts in the LSQ activation step-gradient scale 1/sqrt(N*Qp)",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
@@ -101,28 +97,42 @@ TRAIN_HELP = {
 _PATH_FIELDS = {"data_dir", "pretrained", "output"}
 
 
-def _vocabularies() -> dict[str, dict[str, str]]:
-    """TrainConfig field -> {accepted name: description}: the ``choices`` of its flag (torchsaq.vocab)."""
-    from . import vocab
+def _registries() -> dict[str, Any]:
+    """TrainConfig field -> the registry of the names it accepts: the ``choices`` and help of its flag."""
+    from .train import config
 
-    return {"sharpness": vocab.SHARPNESS_HELP, "strategy": vocab.STRATEGY_HELP, "quantizer": vocab.QUANTIZER_HELP,
-            "act_grad_scale": vocab.ACT_GRAD_SCALE_HELP, "optimizer": vocab.OPTIMIZER_HELP,
-            "lr_schedule": vocab.SCHEDULE_HELP, "lsq_backend": vocab.LSQ_BACKEND_HELP}
+    return {"sharpness": config.SHARPNESS, "strategy": config.STRATEGIES, "quantizer": config.QUANTIZERS,
+            "act_grad_scale": config.ACT_GRAD_SCALES, "optimizer": config.OPTIMIZERS,
+            "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
+
+
+def _quantizer_option_help() -> dict[str, str]:
+    """The help of each quantizer option, from its kind's options dataclass (field metadata): ``"LSQ: ..."``."""
+    import dataclasses
+
+    from .quant.quantizer import QUANTIZERS
+
+    out: dict[str, str] = {}
+    for kind in QUANTIZERS:
+        for f in dataclasses.fields(QUANTIZERS.get(kind).options):
+            if "help" in f.metadata:
+                out[f.name] = f"{kind.upper()}: {f.metadata['help']}"
+    return out
 
 
 def train_help() -> dict[str, str]:
     """:data:`TRAIN_HELP` with the accepted names appended: every registered data set (with its default model),
-    every registered model, and the vocabularies of :mod:`torchsaq.vocab`."""
-    from .data import dataset_info, list_datasets
-    from .models import list_models
-    from .vocab import describe
+    every registered model, and the names of each registry (:func:`_registries`)."""
+    from .train.data import dataset_info, list_datasets
+    from .train.models import list_models
 
     out = dict(TRAIN_HELP)
     out["dataset"] += ": " + "; ".join(f"{d} (model {dataset_info(d).default_model}): {dataset_info(d).description}"
                                        for d in list_datasets())
     out["model"] += ": " + ", ".join(list_models()) + "; default: the data set's (see --dataset)"
-    for name, names in _vocabularies().items():
-        out[name] += ": " + describe(names)
+    out.update(_quantizer_option_help())
+    for name, registry in _registries().items():
+        out[name] += ": " + registry.describe()
     return out
 
 
@@ -144,7 +154,7 @@ def _parse_mapping(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
-    from .config import check_size
+    from .train.config import check_size
 
     try:
         check_size(value, "the mapping")
@@ -163,7 +173,7 @@ def _strip_optional(tp: Any) -> Any:
 
 def _field_parser(name: str, item: bool = False) -> Any:
     """argparse ``type=`` for a TrainConfig field: the same parsing as YAML recipes (config.parse_field)."""
-    from .config import parse_field
+    from .train.config import parse_field
 
     def parse(text: str) -> Any:
         try:
@@ -177,9 +187,9 @@ def _field_parser(name: str, item: bool = False) -> Any:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; default SUPPRESS so only explicit flags reach the namespace."""
-    from .config import TrainConfig
+    from .train.config import TrainConfig
 
-    choices = {name: tuple(names) for name, names in _vocabularies().items()}
+    choices = {name: registry.names() for name, registry in _registries().items()}
     helps = train_help()
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("training options (TrainConfig fields; default in brackets)")
@@ -206,15 +216,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _where(text: str) -> str:
-    """``--where``: a name of :data:`torchsaq.vocab.WHERE`; "float" (the flag's earlier spelling) means latent."""
+    """``--where``: a name of :data:`torchsaq.optim.perturb.WHERE`; "float" (the flag's earlier spelling) means
+    latent."""
     return "latent" if text == "float" else text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``torchsaq`` argument parser with its sub-commands."""
-    from .vocab import WHERE, WHERE_HELP, describe
-
     from . import __version__
+    from .optim.functional import DEFAULT_RHO
+    from .optim.perturb import WHERE
 
     p = _Parser(prog="torchsaq", description="Sharpness-Aware Quantization: quantization-aware training with SAQ.")
     p.add_argument("--version", action="version", version=f"torchsaq {__version__}")
@@ -264,15 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--span", type=float, default=1.0, help="grid covers [-span, span] (filter-normalised)")
     ls.add_argument("--num-samples", type=int, default=512, help="training samples the loss is measured on")
     ls.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    ls.add_argument("--where", type=_where, choices=WHERE, default="quantized",
-                    help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
+    ls.add_argument("--where", type=_where, choices=WHERE.names(), default="quantized",
+                    help=f"which weights to perturb: {WHERE.describe()} ('float' is read as latent)")
     ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
     ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     ls.add_argument("--output", default="runs/landscape", help="output folder")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
-    sh.add_argument("--rho", type=float, default=0.05, help="radius of the SAM sharpness (worst loss within rho)")
+    sh.add_argument("--rho", type=float, default=DEFAULT_RHO,
+                    help="radius of the SAM sharpness (worst loss within rho)")
     sh.add_argument("--m", type=int, default=None, help="m-sharpness: batch size of the adversarial step")
     sh.add_argument("--iters", type=int, default=20, help="power iterations for the top eigenvalue")
     sh.add_argument("--num-samples", type=int, default=512, help="training samples the measures use")
@@ -300,7 +312,7 @@ def _document(sp: argparse.ArgumentParser, summary: Optional[str]) -> None:
 
 def _add_allocate(sub: Any) -> None:
     """``torchsaq allocate``: per-layer bits from sharpness under one budget (torchsaq.allocate)."""
-    from .allocate import ACTIVATIONS, MEASURES
+    from .analysis.allocate import ACTIVATIONS, MEASURES
 
     al = sub.add_parser("allocate", help="mixed precision: per-layer weight bits under a size/BOPs budget, where "
                                          "the loss is sharp (mean Hessian trace x quantization noise, solved exactly)")
@@ -327,15 +339,15 @@ def _add_allocate(sub: Any) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from the recipe (or the resumed run's stored config), then the explicitly given flags."""
-    from .config import TrainConfig, load_recipe
+    from .train.config import TrainConfig, load_recipe
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if args.config:
         return load_recipe(args.config, **overrides)
     if overrides.get("resume"):
-        from .checkpoint import load_checkpoint
-        from .train import CHECKPOINT_NAME
+        from .train.checkpoint import load_checkpoint
+        from .train.runner import CHECKPOINT_NAME
 
         ckpt = Path(overrides.get("output", TrainConfig.output)) / CHECKPOINT_NAME
         if not ckpt.is_file():
@@ -348,7 +360,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _device(name: str) -> str:
-    from .train import resolve_device
+    from .train.runner import resolve_device
 
     return str(resolve_device(name))
 
@@ -361,8 +373,8 @@ def check_train_requirements(cfg: Any) -> None:
     that package -- checked here so that a run does not fail at its end, after the training.
     """
     from ._optional import install_hint, missing
-    from .data import dataset_info
-    from .models import model_info
+    from .train.data import dataset_info
+    from .train.models import model_info
 
     needs: dict[str, list[str]] = {"cli": ["tqdm"]}
     if cfg.save:
@@ -381,7 +393,7 @@ def check_train_requirements(cfg: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingInterrupted, format_result, train
+    from .train.runner import TrainingInterrupted, format_result, train
 
     cfg = config_from_args(args)
     check_train_requirements(cfg)
@@ -403,9 +415,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .checkpoint import load_model
-    from .data import build_datasets
-    from .train import evaluate
+    from .train.checkpoint import load_model
+    from .train.data import build_datasets
+    from .train.runner import evaluate
 
     if args.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
@@ -435,11 +447,11 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     """``torchsaq eval model.onnx``: the file in onnxruntime's default session, and the run's PyTorch model."""
     from torch.utils.data import DataLoader
 
-    from .checkpoint import load_model
-    from .config import TrainConfig
-    from .data import build_datasets
-    from .export_onnx import OnnxModel, onnx_metadata
-    from .train import evaluate
+    from .train.checkpoint import load_model
+    from .train.config import TrainConfig
+    from .train.data import build_datasets
+    from .export.onnx import OnnxModel, onnx_metadata
+    from .train.runner import evaluate
 
     if not Path(args.checkpoint).is_file():
         raise ValueError(f"ONNX file not found: {args.checkpoint}")
@@ -477,9 +489,9 @@ def _eval_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .train.checkpoint import load_model
     from .export import export
-    from .train import CHECKPOINT_NAME
+    from .train.runner import CHECKPOINT_NAME
 
     source = Path(args.checkpoint)
     source = source / CHECKPOINT_NAME if source.is_dir() else source
@@ -501,8 +513,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .summary import summary
+    from .train.checkpoint import load_model
+    from .quant.summary import summary
 
     model, cfg, info = load_model(args.checkpoint)
     print(f"{info['path']}: {cfg.model} on {cfg.dataset}, w{cfg.w_bits}a{cfg.a_bits} "
@@ -550,7 +562,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 
 def _cmd_allocate(args: argparse.Namespace) -> int:
-    from .allocate import run_allocate
+    from .analysis.allocate import run_allocate
 
     budget = ({"avg_bits": args.avg_bits} if args.avg_bits is not None else
               {"size_bytes": args.size_mib * 2**20} if args.size_mib is not None else {"bops": args.bops * 1e9})
@@ -581,7 +593,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .quantizer import NotInitializedError
+    from .quant.quantizer import NotInitializedError
 
     try:
         return _COMMANDS[args.command](args)

@@ -1,81 +1,45 @@
-"""The names torchsaq's options accept, each defined once, with a one-line description.
+"""The names torchsaq's options accept, as plain tuples and help dicts: a read-only view of the registries
+(:mod:`torchsaq.registry`), kept for code written against torchsaq 0.1. The registries are the definition:
+:data:`torchsaq.optim.perturb.MODES`, :data:`torchsaq.optim.strategies.STRATEGIES`,
+:data:`torchsaq.quant.quantizer.QUANTIZERS`, ... ; new code reads those (``reg.names()``, ``reg.help()``).
 
-The config (:class:`torchsaq.config.TrainConfig`) checks values against these, and the command line builds
-its ``choices`` and help text from them, so a new name added here shows up everywhere. Plain tuples and
-dicts only: importing this module imports nothing else.
-
-Data sets and models are registries, not fixed lists: ``torchsaq.data.list_datasets()`` and
-``torchsaq.models.list_models()``.
+Data sets and models are registries too: ``torchsaq.train.data.list_datasets()`` and
+``torchsaq.train.models.list_models()``.
 """
 from __future__ import annotations
 
-__all__ = ["MODES", "MODE_HELP", "SHARPNESS", "SHARPNESS_HELP", "STRATEGIES", "STRATEGY_HELP", "QUANTIZERS",
-           "QUANTIZER_HELP", "ACT_GRAD_SCALES", "ACT_GRAD_SCALE_HELP", "WHERE", "WHERE_HELP", "LSQ_BACKENDS",
-           "LSQ_BACKEND_HELP", "OPTIMIZERS",
-           "OPTIMIZER_HELP", "SCHEDULES", "SCHEDULE_HELP", "describe"]
+import importlib
+from typing import Any
 
-#: sharpness-aware modes of :class:`torchsaq.SAQ` (``mode=``); see README "The three cases"
-MODE_HELP = {
-    "sam": "SAM: perturb the float weights (and steps) along their gradient",
-    "case1": "case 1 (mismatch): gradient w.r.t. w through the STE, added after quantizing",
-    "case2": "case 2 (diminishment): gradient w.r.t. w through the STE, added before quantizing",
-    "case3": "case 3, SAQ: gradient w.r.t. Q(w), added after quantizing",
+__all__ = [  # noqa: F822 - the names are read from the registries on first use (__getattr__)
+    "MODES", "MODE_HELP", "SHARPNESS", "SHARPNESS_HELP", "STRATEGIES", "STRATEGY_HELP", "QUANTIZERS",
+    "QUANTIZER_HELP", "ACT_GRAD_SCALES", "ACT_GRAD_SCALE_HELP", "WHERE", "WHERE_HELP", "LSQ_BACKENDS",
+    "LSQ_BACKEND_HELP", "OPTIMIZERS", "OPTIMIZER_HELP", "SCHEDULES", "SCHEDULE_HELP", "describe"]
+
+#: the tuple / help-dict name -> (module, registry)
+_SOURCES = {
+    "MODES": ("optim.perturb", "MODES"), "SHARPNESS": ("train.config", "SHARPNESS"),
+    "STRATEGIES": ("optim.strategies", "STRATEGIES"), "QUANTIZERS": ("quant.quantizer", "QUANTIZERS"),
+    "ACT_GRAD_SCALES": ("quant.convert", "ACT_GRAD_SCALES"), "WHERE": ("optim.perturb", "WHERE"),
+    "LSQ_BACKENDS": ("quant.kernels", "LSQ_BACKENDS"), "OPTIMIZERS": ("train.optimizers", "OPTIMIZERS"),
+    "SCHEDULES": ("train.optimizers", "SCHEDULES"),
 }
-MODES = tuple(MODE_HELP)
+_HELP = {"MODE_HELP": "MODES", "SHARPNESS_HELP": "SHARPNESS", "STRATEGY_HELP": "STRATEGIES",
+         "QUANTIZER_HELP": "QUANTIZERS", "ACT_GRAD_SCALE_HELP": "ACT_GRAD_SCALES", "WHERE_HELP": "WHERE",
+         "LSQ_BACKEND_HELP": "LSQ_BACKENDS", "OPTIMIZER_HELP": "OPTIMIZERS", "SCHEDULE_HELP": "SCHEDULES"}
 
-#: ``TrainConfig.sharpness`` / ``torchsaq train --sharpness``: a mode, or "none" for plain QAT
-SHARPNESS_HELP = {"none": "plain quantization-aware training (no sharpness-aware step)", **MODE_HELP}
-SHARPNESS = tuple(SHARPNESS_HELP)
 
-#: how often the sharpness-aware step pays for its ascent pass (``SAQ(strategy=...)``)
-STRATEGY_HELP = {
-    "full": "two passes every step (the paper)",
-    "every_k": "LookSAM: a full step every k iterations, the stored sharp component reused in between",
-    "prev_grad": "one pass at the point perturbed by the previous step's gradient",
-    "sub_batch": "the ascent pass on a fraction of the batch (m-sharpness), the update pass on all of it: "
-                 "1 + fraction passes",
-}
-STRATEGIES = tuple(STRATEGY_HELP)
+def _registry(name: str) -> Any:
+    module, attr = _SOURCES[name]
+    return getattr(importlib.import_module(f"torchsaq.{module}"), attr)
 
-#: weight/activation quantizers (``QuantConfig(quantizer=...)``)
-QUANTIZER_HELP = {
-    "lsq": "LSQ: learned step size",
-    "liq": "the official SAQ code's LIQ_wn: learned clip, weights standardised per tensor (detached mean/std)",
-}
-QUANTIZERS = tuple(QUANTIZER_HELP)
 
-#: what N counts in the LSQ activation step-gradient scale 1/sqrt(N*Qp) (``QuantConfig(act_grad_scale=...)``)
-ACT_GRAD_SCALE_HELP = {
-    "per_sample": "one sample's elements (the LSQ paper)",
-    "batch": "the whole batch's elements (saq 0.1.0)",
-}
-ACT_GRAD_SCALES = tuple(ACT_GRAD_SCALE_HELP)
-
-#: which weights the sharpness measures and loss landscapes perturb (``torchsaq.analysis``: ``wrt``/``where``)
-WHERE_HELP = {
-    "quantized": "the quantized weights Q(w)",
-    "latent": "the float (latent) weights w, before quantization",
-}
-WHERE = tuple(WHERE_HELP)
-
-#: implementations of the LSQ fake-quantizer (``torchsaq.kernels.set_lsq_backend``, ``torchsaq train --lsq-backend``)
-LSQ_BACKEND_HELP = {
-    "autograd": "an autograd Function over torch ops (what torch.compile fuses)",
-    "triton": "the custom op torchsaq::lsq: one fused Triton kernel each way, CUDA only",
-}
-LSQ_BACKENDS = tuple(LSQ_BACKEND_HELP)
-
-#: base optimizers of ``torchsaq train``
-OPTIMIZER_HELP = {"sgd": "SGD with momentum", "adamw": "AdamW"}
-OPTIMIZERS = tuple(OPTIMIZER_HELP)
-
-#: learning-rate schedules of ``torchsaq train`` (after the warm-up)
-SCHEDULE_HELP = {
-    "cosine": "cosine decay to 0",
-    "step": "multiply by step_gamma at each of step_milestones",
-    "constant": "constant",
-}
-SCHEDULES = tuple(SCHEDULE_HELP)
+def __getattr__(name: str) -> Any:
+    if name in _SOURCES:
+        return _registry(name).names()
+    if name in _HELP:
+        return _registry(_HELP[name]).help()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe(help_: dict[str, str]) -> str:

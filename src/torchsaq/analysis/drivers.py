@@ -10,7 +10,7 @@ from torch import nn
 
 from .files import plot_landscapes, save_landscape
 from .measures import Batch, Landscape, _generator, evaluate, hessian_top_eigenvalue, hessian_trace, loss_landscape
-from .measures import sam_sharpness
+from .measures import DEFAULT_RHO, sam_sharpness
 
 __all__ = ["run_landscape", "run_sharpness"]
 
@@ -35,7 +35,7 @@ def _eval_transform_view(bundle: Any) -> Any:
 
 def _fixed_batches(cfg: Any, num_samples: int, batch_size: int, seed: int, device: str) -> list[Batch]:
     """The first ``num_samples`` of a ``seed``-ed permutation of the training set, in batches on ``device``."""
-    from ..data import build_datasets
+    from ..train.data import build_datasets
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
@@ -66,7 +66,7 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     The loss is plain cross-entropy (no label smoothing) on the training subset of the first checkpoint's
     data set, with evaluation transforms.
     """
-    from ..checkpoint import load_model
+    from ..train.checkpoint import load_model
 
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
@@ -100,7 +100,7 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     return written
 
 
-def run_sharpness(checkpoint: str, num_samples: int = 512, batch_size: int = 256, rho: float = 0.05,
+def run_sharpness(checkpoint: str, num_samples: int = 512, batch_size: int = 256, rho: float = DEFAULT_RHO,
                   m: Optional[int] = None, iters: int = 20, samples: int = 64, steps: int = 5, seed: int = 0,
                   wrt: str = "quantized", device: str = "cpu") -> dict[str, Any]:
     """All sharpness measures of one checkpoint on a fixed training subset (cross-entropy, eval mode).
@@ -108,7 +108,7 @@ def run_sharpness(checkpoint: str, num_samples: int = 512, batch_size: int = 256
     The subset is the first ``num_samples`` of a ``seed``-ed permutation of the training set, read with
     the evaluation transform (no augmentation). Returns one row for :func:`format_sharpness_table`.
     """
-    from ..checkpoint import load_model
+    from ..train.checkpoint import load_model
 
     model, cfg, _ = load_model(checkpoint, device)
     batches = _fixed_batches(cfg, num_samples, batch_size, seed, device)

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..convert import eval_mode
-from ..layers import QuantLayer, quant_layers
-from ..perturb import WHERE, Targets, cleared, site_of
+from ..quant.convert import eval_mode
+from ..quant.layers import QuantLayer, quant_layers
+from ..optim.functional import DEFAULT_RHO
+from ..optim.perturb import WHERE, Targets, cleared, site_of
 
 __all__ = [
     "hessian_top_eigenvalue", "hessian_trace", "sam_sharpness", "random_directions", "loss_landscape",
@@ -240,7 +241,7 @@ def _sharpness_on(space: _Space, criterion: Criterion, data, rho: float, steps: 
     return best
 
 
-def sam_sharpness(model: nn.Module, criterion: Criterion, batches: Iterable[Batch], rho: float = 0.05,
+def sam_sharpness(model: nn.Module, criterion: Criterion, batches: Iterable[Batch], rho: float = DEFAULT_RHO,
                   m: Optional[int] = None, steps: int = 5, wrt: str = "quantized", include_float: bool = True,
                   seed: int = 0) -> float:
     """SAM sharpness max_{||e||<=rho} L(w+e) - L(w), estimated by projected gradient ascent.
