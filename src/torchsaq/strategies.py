@@ -49,6 +49,8 @@ class Strategy:
     closure_free = False  # step() without a closure allowed (without first_step())
 
     def step(self, opt: "SAQ", closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        if rho == 0:  # the perturbation is 0, the second pass would repeat the first: a plain step, one pass
+            return opt._one_pass(closure, scaler, lambda: None, capture=False)
         return opt._two_pass(closure, rho, scaler)
 
     def step_without_closure(self, opt: "SAQ") -> Any:  # pragma: no cover - closure_free strategies only
