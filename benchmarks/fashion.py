@@ -84,6 +84,8 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "SAQ periodic k=4": (dict(sharpness="case3", strategy="every_k", strategy_k=4, strategy_alpha=0.0), "paired"),
     "SAQ every_k k=2": (dict(sharpness="case3", strategy="every_k", strategy_k=2, strategy_alpha=None), "paired"),
     "SAQ every_k k=5": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "paired"),
+    # plain QAT steps for the first 3/4 of the fine-tune, full SAQ steps in the last 1/4: cost 1 + 1/4
+    "SAQ late 1/4": (dict(sharpness="case3", strategy="full", _rho_start_frac=0.75), "paired"),
     "base (LIQ_wn)": (dict(sharpness="none", quantizer="liq"), "paired"),
     "SAQ (LIQ_wn)": (dict(sharpness="case3", strategy="full", quantizer="liq"), "paired"),
     # diagnosis: SAQ perturbing only the quantized weights (not norm affine / biases / float layers)
@@ -207,6 +209,9 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     over.update(extra or {})
     epochs = (args.qat_epochs or p["qat_epochs"]) * over.pop("_epochs_factor", 1)
     rho = over.pop("_rho", rho)  # a diagnosis that sets rho itself
+    start = over.pop("_rho_start_frac", None)  # SAQ's steps begin after this share of the epochs
+    if start is not None:
+        over["rho_start_epochs"] = start * epochs
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
                pretrained=str(_float_dir(seed, args) / "checkpoint.pt"), save=False)
     cfg.update(p.get("qat_options", {}))

@@ -36,6 +36,8 @@ COST_NAME = {
     "SAQ every_k k=5": "SAQ every_k (k=5)",
 }
 FULL = "SAQ (case 3)"
+# fashion.py method -> (share of steps that are full steps, the rest plain): cost = that mix of the measured steps
+LATE = {"SAQ late 1/4": 0.25}
 
 
 def load(gain_json: Path, cost_json: Path, cost_model: str) -> list[dict[str, Any]]:
@@ -61,6 +63,9 @@ def _load_bits(gain_json: Path, cost_json: Path, cost_model: str, bits: int) -> 
     rows = []
     for r in gains:
         c = costs.get(COST_NAME.get(r["method"], ""))
+        if r["method"] in LATE and COST_NAME[FULL] in costs:  # plain steps, then full ones: the measured mix
+            share, full_cost = LATE[r["method"]], costs[COST_NAME[FULL]]
+            c = dict(ratio=1 - share + share * full_cost["ratio"], floor=1 - share + share * full_cost["floor"])
         g = r["gain"] or (0.0, 0.0, len(r["accs"]))
         keep = g[0] / full["gain"][0] if full is not None and full["gain"][0] > 0 else None
         vs_full = None if full is None or r["method"] in (FULL, gains[0]["method"]) or r["gain"] is None \

@@ -107,3 +107,14 @@ def test_perturb_unquantized_reaches_the_optimizer():
     model, t = build(True)
     bn, lin = model[1], model[4]
     assert {id(p) for p in t.params} >= {id(bn.weight), id(bn.bias), id(lin.bias)}
+
+
+def test_rho_start_epochs_gives_plain_steps_first_then_saq():
+    kw = TrainConfig(epochs=3, rho=0.2, rho_start_epochs=1, rho_warmup_epochs=0.4).saq_kwargs(5)
+    assert [kw["rho_schedule"](i) for i in range(8)] == pytest.approx([0, 0, 0, 0, 0, 0, 0.1, 0.2])
+    assert TrainConfig(epochs=3).saq_kwargs(5)["rho_schedule"] is None
+    with pytest.raises(ValueError, match="rho_start_epochs"):
+        TrainConfig(epochs=3, rho_start_epochs=3)
+    with pytest.raises(ValueError, match="rho_start_epochs"):
+        TrainConfig(epochs=3, rho_start_epochs=-1)
+    TrainConfig(epochs=3, rho_start_epochs=5, sharpness="none")  # no SAQ: nothing to start

@@ -643,6 +643,11 @@ def test_rho_warmup_schedule():
         rho_warmup(0.0, 3)
     with pytest.raises(ValueError):
         rho_warmup(0.1, -1)
+    g = rho_warmup(0.1, 2, start=3)
+    assert [g(i) for i in range(7)] == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.1])
+    assert [rho_warmup(0.1, 0, start=2)(i) for i in range(4)] == [0.0, 0.0, 0.1, 0.1]
+    with pytest.raises(ValueError, match="start"):
+        rho_warmup(0.1, 2, start=-1)
     model = make_model()
     opt = SAQ(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1, rho_schedule=rho_warmup(0.1, 2))
     norms = []
@@ -651,6 +656,10 @@ def test_rho_warmup_schedule():
         rec = Recorder(model, x, y)
         opt.step(rec)
         opt.zero_grad()
+        if it == 0:  # rho 0: a plain step, one pass
+            assert len(rec.calls) == 1 and opt.passes_last_step == 1
+            norms.append(0.0)
+            continue
         e = rec.calls[1]
         sq = sum(float((v ** 2).sum()) for v in e["post"].values())
         sq += sum(float(((e["params"][k] - rec.calls[0]["params"][k]) ** 2).sum()) for k in e["params"])
@@ -1084,3 +1093,32 @@ def test_timm_optimizer_factory_as_the_base(name):
     plain, _ = run(False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["case3", "sam"])
+def test_a_full_step_at_rho_zero_is_the_plain_step_in_one_pass(mode):
+    """A step whose scheduled rho is 0 (warm-up, or before rho_start) is torch.optim.SGD's step on the batch
+    gradient, BatchNorm statistics and dropout included, at the cost of one forward/backward; later steps are
+    two-pass again."""
+    model = make_model(dropout=True)
+    ref = copy.deepcopy(model)
+    opt = SAQ(model, torch.optim.SGD(model.parameters(), **HP), rho=0.1, mode=mode, strategy="full",
+              rho_schedule=rho_warmup(0.1, 0, start=2))
+    ref_opt = torch.optim.SGD(ref.parameters(), **HP)
+    for it in range(2):
+        x, y = batch(it)
+        torch.manual_seed(it)
+        rec = Recorder(model, x, y)
+        loss = opt.step(rec)
+        opt.zero_grad()
+        torch.manual_seed(it)
+        ref_loss = F.cross_entropy(ref(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert len(rec.calls) == 1 and opt.passes_last_step == 1 and torch.equal(loss, ref_loss)
+        for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(a, b), (it, k)
+    rec = Recorder(model, *batch(2))
+    opt.step(rec)
+    assert len(rec.calls) == 2 and opt.passes_last_step == 2

@@ -66,6 +66,8 @@ TRAIN_HELP = {
                       "size; 0.7 is LookSAM's published value)",
     "strategy_fraction": "sub_batch: the ascent pass's share of the batch (its first ceil(fraction * B) samples)",
     "rho_warmup_epochs": "warm rho up from 0 over this many epochs",
+    "rho_start_epochs": "plain QAT steps (one pass each with --strategy full) for this many epochs, then SAQ's: "
+                        "sharpness-aware steps only late in the fine-tune, at 1 + (1 - start/epochs) passes",
     "seed": "random seed (weights, data order, dropout)",
     "output": "output folder (checkpoint.pt, metrics.jsonl/.csv, tb/, curves.png)",
     "device": "auto, cpu, cuda, cuda:N",

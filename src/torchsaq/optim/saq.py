@@ -161,19 +161,24 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, Optional[DistributedDataParall
 
 
 class _RhoWarmup:
-    """rho(step) rising linearly from 0 at step 0 to ``rho`` at ``warmup_steps``, constant after."""
+    """rho(step): 0 before ``start``, then rising linearly from 0 to ``rho`` over ``warmup_steps``, constant after."""
 
-    def __init__(self, rho: float, warmup_steps: int):
+    def __init__(self, rho: float, warmup_steps: int, start: int = 0):
         self.rho = rho
         self.warmup_steps = warmup_steps
+        self.start = start
 
     def __call__(self, step: int) -> float:
+        step -= self.start
+        if step < 0:
+            return 0.0
         if self.warmup_steps == 0 or step >= self.warmup_steps:
             return self.rho
-        return self.rho * max(step, 0) / self.warmup_steps
+        return self.rho * step / self.warmup_steps
 
     def __repr__(self) -> str:
-        return f"rho_warmup(rho={self.rho}, warmup_steps={self.warmup_steps})"
+        start = f", start={self.start}" if self.start else ""
+        return f"rho_warmup(rho={self.rho}, warmup_steps={self.warmup_steps}{start})"
 
 
 def _check_rho(rho: Any) -> None:
@@ -181,15 +186,19 @@ def _check_rho(rho: Any) -> None:
         raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
 
 
-def rho_warmup(rho: float, warmup_steps: int) -> Callable[[int], float]:
-    """A ``rho_schedule`` for :class:`SAQ`: linear from 0 at step 0 to ``rho`` at ``warmup_steps``, then ``rho``.
+def rho_warmup(rho: float, warmup_steps: int, start: int = 0) -> Callable[[int], float]:
+    """A ``rho_schedule`` for :class:`SAQ`: 0 for the first ``start`` steps, then linear from 0 to ``rho`` over
+    ``warmup_steps`` steps, then ``rho``.
 
-    The official recipes warm rho up during the first epochs (pass epochs * steps_per_epoch).
+    The official recipes warm rho up during the first epochs (pass epochs * steps_per_epoch). A step whose rho is
+    0 is a plain step of the base optimizer at the cost of one pass (``start``: sharpness-aware steps only in the
+    later part of training).
     """
     _check_rho(rho)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    return _RhoWarmup(float(rho), warmup_steps)
+    for name, v in (("warmup_steps", warmup_steps), ("start", start)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    return _RhoWarmup(float(rho), warmup_steps, start)
 
 
 def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strategy: Any, k: Any, alpha: Any,

@@ -44,6 +44,8 @@ class Strategy:
     closure_free = False  # step() without a closure allowed (without first_step())
 
     def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        if rho == 0:  # the perturbation is 0, the second pass would repeat the first: a plain step, one pass
+            return passes.one_pass(closure, scaler, lambda: None, capture=False)
         return passes.two_pass(closure, rho, scaler)
 
     def step_without_closure(self, passes: Passes, opt: torch.optim.Optimizer) -> Any:  # pragma: no cover

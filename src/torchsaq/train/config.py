@@ -38,8 +38,10 @@ class SharpnessConfig:
 
     ``mode``: a name of :data:`torchsaq.optim.perturb.MODES`, or ``None`` for plain quantization-aware training
     (``sharpness: none``); ``k`` / ``alpha``: the every_k strategy's period and weight (``"auto"``: measured).
-    ``rho_warmup_epochs``: rho rises linearly from 0 over this many epochs. ``perturb_unquantized``: also
-    perturb what is not a quantized layer's weight (norm affine, biases, float layers), as SAQ does by default.
+    ``rho_start_epochs``: plain steps (rho 0, one pass each with the ``full`` strategy) for this many epochs, then
+    sharpness-aware ones. ``rho_warmup_epochs``: rho then rises linearly from 0 over this many epochs.
+    ``perturb_unquantized``: also perturb what is not a quantized layer's weight (norm affine, biases, float
+    layers), as SAQ does by default.
     ``perturb_exclude``: parameter-name globs never perturbed (e.g. a ViT's ``pos_embed``, ``cls_token``).
     """
 
@@ -50,6 +52,7 @@ class SharpnessConfig:
     k: int = 5
     alpha: Union[str, float] = "auto"
     rho_warmup_epochs: float = 0.0
+    rho_start_epochs: float = 0.0
     perturb_unquantized: bool = True
     fraction: float = 0.25
     perturb_exclude: tuple[str, ...] = ()
@@ -57,7 +60,8 @@ class SharpnessConfig:
     #: TrainConfig field -> SharpnessConfig field, where the names differ
     FIELDS = {"sharpness": "mode", "rho": "rho", "adaptive": "adaptive", "strategy": "strategy", "strategy_k": "k",
               "strategy_alpha": "alpha", "rho_warmup_epochs": "rho_warmup_epochs",
-              "perturb_unquantized": "perturb_unquantized", "strategy_fraction": "fraction",
+              "rho_start_epochs": "rho_start_epochs", "perturb_unquantized": "perturb_unquantized",
+              "strategy_fraction": "fraction",
               "perturb_exclude": "perturb_exclude"}
 
     def flat(self) -> dict[str, Any]:
@@ -124,6 +128,7 @@ class TrainConfig:
     strategy_alpha: Optional[float] = None  # every_k: weight of the stored sharp component; None: auto (measured)
     strategy_fraction: float = 0.25  # sub_batch: the ascent pass's share of the batch
     rho_warmup_epochs: float = 0.0
+    rho_start_epochs: float = 0.0   # plain QAT steps (one pass) for this many epochs, then SAQ's
     perturb_unquantized: bool = True  # False: perturb only the quantized layers' weights
     perturb_exclude: list[str] = field(default_factory=list)  # parameter-name globs never perturbed
     # run
@@ -210,8 +215,11 @@ class TrainConfig:
             bad(f"eval_every must be >= 1 (evaluate every N epochs), got {self.eval_every}")
         if self.limit_train_batches < 0 or self.limit_eval_batches < 0 or self.calib_batches < 0:
             bad("limit_train_batches, limit_eval_batches and calib_batches must be >= 0")
-        if self.warmup_epochs < 0 or self.rho_warmup_epochs < 0:
-            bad("warmup_epochs and rho_warmup_epochs must be >= 0")
+        if self.warmup_epochs < 0 or self.rho_warmup_epochs < 0 or self.rho_start_epochs < 0:
+            bad("warmup_epochs, rho_warmup_epochs and rho_start_epochs must be >= 0")
+        if self.sharpness != "none" and self.rho_start_epochs >= self.epochs:
+            bad(f"rho_start_epochs ({self.rho_start_epochs}) must be below epochs ({self.epochs}): SAQ would never "
+                "start (use --sharpness none for plain QAT)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.train_subset < 0:
@@ -266,16 +274,17 @@ class TrainConfig:
         return SharpnessConfig(mode=None if self.sharpness == "none" else self.sharpness, rho=self.rho,
                                adaptive=self.adaptive, strategy=self.strategy, k=self.strategy_k,
                                alpha="auto" if self.strategy_alpha is None else self.strategy_alpha,
-                               rho_warmup_epochs=self.rho_warmup_epochs,
+                               rho_warmup_epochs=self.rho_warmup_epochs, rho_start_epochs=self.rho_start_epochs,
                                perturb_unquantized=self.perturb_unquantized, fraction=self.strategy_fraction,
                                perturb_exclude=tuple(self.perturb_exclude))
 
     def saq_kwargs(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword arguments of ``torchsaq.SAQ(model, base, **kwargs)`` for this run (``grad_scaler`` aside).
 
-        ``rho_schedule`` is :func:`torchsaq.rho_warmup` over ``rho_warmup_epochs * steps_per_epoch`` steps
-        (``None`` without warm-up); ``steps_per_epoch`` counts optimizer steps (with ``accum_steps`` > 1,
-        ``ceil(batches / accum_steps)``). A ValueError for ``sharpness: none`` (that run has no SAQ optimizer).
+        ``rho_schedule`` is :func:`torchsaq.rho_warmup` over ``rho_warmup_epochs * steps_per_epoch`` steps after
+        ``rho_start_epochs * steps_per_epoch`` plain ones (``None`` without either); ``steps_per_epoch`` counts
+        optimizer steps (with ``accum_steps`` > 1, ``ceil(batches / accum_steps)``). A ValueError for
+        ``sharpness: none`` (that run has no SAQ optimizer).
         """
         s = self.sharpness_config
         if s.mode is None:
@@ -283,8 +292,10 @@ class TrainConfig:
         from ..optim.saq import rho_warmup
 
         warm = int(round(s.rho_warmup_epochs * steps_per_epoch))
+        start = int(round(s.rho_start_epochs * steps_per_epoch))
         return dict(rho=s.rho, mode=s.mode, adaptive=s.adaptive, strategy=s.strategy, k=s.k, alpha=s.alpha,
-                    rho_schedule=rho_warmup(s.rho, warm) if warm > 0 else None, max_grad_norm=self.max_grad_norm,
+                    rho_schedule=rho_warmup(s.rho, warm, start) if warm > 0 or start > 0 else None,
+                    max_grad_norm=self.max_grad_norm,
                     perturb_unquantized=s.perturb_unquantized, fraction=s.fraction,
                     perturb_exclude=s.perturb_exclude)
 
