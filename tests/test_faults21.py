@@ -78,6 +78,35 @@ def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     assert (run / "tb" / "mine.txt").exists() and (run / "checkpoint.pt").is_file()
 
 
+def test_overwrite_never_deletes_files_of_a_folder_that_holds_no_run_of_ours(run_dir, tmp_path, capsys):
+    """A config.yaml copied from a run (a recipe) and a tb/ of another tool's TensorBoard events look like a run's
+    files, but without a checkpoint or metrics of a run the folder is not a run: nothing is deleted."""
+    import shutil
+
+    out = tmp_path / "mine"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events.out.tfevents.1.host.2.0").write_bytes(b"the user's own TensorBoard logs")
+    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    for extra in ([], ["--overwrite"]):
+        _fails(capsys, ["train", *TINY, "--output", str(out), *extra], "config.yaml, tb", "no checkpoint.pt",
+               "for this folder", "nothing was changed", code=1)
+        assert (out / "config.yaml").read_bytes() == (run_dir / "config.yaml").read_bytes()
+        assert (out / "tb" / "events.out.tfevents.1.host.2.0").exists()
+    (out / "metrics.csv").write_text("epoch,acc\n1,50\n")  # a metrics file of the user's, not a run's
+    _fails(capsys, ["train", *TINY, "--output", str(out), "--overwrite"], "metrics.csv", "not written by torchsaq",
+           code=1)
+    assert (out / "metrics.csv").read_text() == "epoch,acc\n1,50\n"
+
+
+def test_overwrite_says_what_it_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    (run / "notes.txt").write_text("keep")
+    rc = main(["train", *TINY, "--output", str(run), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "deleted the previous run" in err and "kept what it did not write: notes.txt" in err, err
+
+
 _BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
                   + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")])
 
@@ -142,12 +171,40 @@ def _edited_checkpoint(run_dir, tmp_path, edit) -> str:
     (lambda s: s.update(data=None), "'data'"),
     (lambda s: s.update(epoch="x"), "epoch"),
     (lambda s: s["model"].update({"features.0.weight": [1.0]}), "features.0.weight"),
+    (lambda s: s["data"].update(num_classes=10**12), "num_classes"),  # not a 256 TB allocation
+    (lambda s: s.update(history=[1]), "history"),
+    (lambda s: s.update(partial="x"), "partial"),
+    (lambda s: s.update(time_s="x"), "time_s"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3)), "rng.torch"),
 ])
 @pytest.mark.parametrize("command", ["summary", "eval", "export"])
 def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, capsys, edit, needle, command):
     path = _edited_checkpoint(run_dir, tmp_path, edit)
     argv = [command, path] + ([str(tmp_path / "m.safetensors")] if command == "export" else [])
     _fails(capsys, argv, path, needle, code=1)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.pop("optimizer"), "missing 'optimizer'"),
+    (lambda s: s.pop("scheduler"), "missing 'scheduler'"),
+    (lambda s: [v.update(momentum_buffer=torch.zeros(2)) for v in s["optimizer"]["state"].values()], "(2,)"),
+    (lambda s: s.update(step_in_epoch=10**6), "step_in_epoch (1000000)"),
+])
+def test_a_resumed_checkpoint_that_cannot_be_restored_is_one_line_naming_it(tmp_path, capsys, edit, needle):
+    """--resume of a checkpoint with a missing or mismatched optimizer/scheduler state, or a position past the
+    epoch's end: one line naming the file (it was a KeyError, a RuntimeError deep in the optimizer's step, or a
+    silent run of 1000000 empty steps reporting loss 0)."""
+    run = tmp_path / "run"
+    cfg = ["--epochs", "2", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
+           "--sharpness", "none", "--lr-schedule", "constant"]
+    _ok(capsys, ["train", *cfg, "--epochs", "1", "--output", str(run)])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["state"]  # SGD momentum buffers
+    edit(state)
+    torch.save(state, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    _fails(capsys, ["train", *cfg, "--resume", "--output", str(run)], str(run / "checkpoint.pt"), needle, code=1)
+    assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def _disk_full(monkeypatch, module, name):
@@ -396,6 +453,10 @@ def test_the_interrupt_message_names_torchsaq(tmp_path, capsys):
     (None, ["--model-kwargs", "{widht: 3}"], ["widht", "cnn1d"]),
     (None, ["--seed", str(2**70)], ["seed"]),
     (None, ["--model", "resnet20"], ["resnet20", "mnist1d", "cnn1d"]),
+    ("dataset: [a]\n", [], ["dataset", "string"]),  # not a TypeError (unhashable) looking up its default model
+    ("model_kwargs: {1: 2}\n", [], ["model_kwargs", "strings", "1"]),  # not a TypeError joining the names
+    (None, ["--model-kwargs", "{1: 2}"], ["model_kwargs", "strings"]),
+    ("exclude: fc\n", [], ["exclude", "list", "[fc,"]),  # the example is a list of names, not of epochs
 ])
 def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, recipe, flags, needles):
     argv = ["train", *TINY, "--output", str(tmp_path / "o"), *flags]
