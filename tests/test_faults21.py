@@ -58,6 +58,33 @@ def test_sharpness_never_overwrites_a_file_that_is_not_its_own_output(run_dir, t
     _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])  # its own earlier output is replaced
 
 
+def test_landscape_never_overwrites_a_file_that_is_not_its_own_output(run_dir, tmp_path, capsys):
+    fast = ["--steps", "3", "--num-samples", "8"]
+    out = tmp_path / "ls"
+    out.mkdir()
+    mine = {"landscape_1d_quantized.png": b"my plot", "landscape_1d_quantized_run.csv": b"my table"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+        _fails(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)], name, "not written by torchsaq",
+               code=1)
+        assert (out / name).read_bytes() == data
+        (out / name).unlink()
+    _fails(capsys, ["landscape", str(run_dir), *fast, "--output", str(run_dir / "checkpoint.pt")], "is a file",
+           code=1)
+    _ok(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)])
+    _ok(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)])  # its own earlier output is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["landscape_1d_quantized.png", "landscape_1d_quantized_run.csv",
+                                                      "landscape_1d_quantized_run.npz"]
+
+
+def test_export_to_a_name_of_no_export_format_and_train_into_a_file_are_refused(run_dir, tmp_path, capsys):
+    _fails(capsys, ["export", str(run_dir), str(tmp_path / "model.pt")], ".safetensors or .onnx", code=1)
+    assert not (tmp_path / "model.pt").exists()  # a safetensors file named like a checkpoint was written
+    (tmp_path / "f").write_text("mine")
+    _fails(capsys, ["train", *TINY, "--output", str(tmp_path / "f")], "is a file", code=1)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "tb").mkdir(parents=True)
@@ -252,6 +279,15 @@ def test_an_explicit_data_dir_without_the_data_is_an_error_naming_it(tmp_path, c
         build_datasets("fashion_mnist", data_dir=str(d))
     _fails(capsys, ["train", "--dataset", "fashion_mnist", "--data-dir", str(d), "--no-save"], str(d), "--data-dir",
            code=1)
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "digits"])
+def test_a_data_dir_for_a_built_in_data_set_is_an_error_not_ignored(run_dir, tmp_path, capsys, dataset):
+    d = str(tmp_path / "my-copy")
+    _fails(capsys, ["train", *TINY, "--dataset", dataset, "--data-dir", d, "--no-save"], dataset, d, "ignored",
+           code=1)
+    if dataset == "mnist1d":
+        _fails(capsys, ["eval", str(run_dir), "--data-dir", d], "mnist1d", d, "ignored", code=1)
 
 
 def _calibrated(model):

@@ -42,6 +42,8 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
     """
     from filelock import FileLock, Timeout
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; give a folder for the run (checkpoint.pt, metrics, tb/ go there)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(out / LOCK_NAME), timeout=0)

@@ -415,6 +415,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--run and --dataset apply to a .onnx file; a checkpoint is scored on its own data set")
     device = _device(args.device)
     model, cfg, info = load_model(args.checkpoint, device)
+    if args.data_dir:
+        from .data import check_data_dir_read
+
+        check_data_dir_read(cfg.dataset, args.data_dir)
     bundle = build_datasets(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, img_size=cfg.img_size,
                             val_split=cfg.val_split, seed=cfg.seed)
     ds = bundle.test if args.split == "test" else bundle.val
@@ -486,6 +490,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
         raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
     onnx = str(args.out).lower().endswith(".onnx")
+    if not onnx and not str(args.out).lower().endswith(".safetensors") and not Path(args.out).is_dir():
+        raise ValueError(f"export: {args.out}: give a .safetensors or .onnx file name (the suffix says which format "
+                         "is written; anything else could be taken for a checkpoint)")
     if args.onnx_mode and not onnx:
         raise ValueError(f"--onnx-mode applies to .onnx files, not {args.out}")
     model, cfg, info = load_model(args.checkpoint)

@@ -187,8 +187,10 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv = DistEnv())
     there by a DeviceLoader: the same order as the sampler's, set_epoch/start alike, augmentation drawn per
     (seed, epoch).
     """
-    from .data import DeviceLoader, build_datasets, subset_train
+    from .data import DeviceLoader, build_datasets, check_data_dir_read, subset_train
 
+    if not cfg.resume:  # a run that stored one earlier still resumes
+        check_data_dir_read(cfg.dataset, cfg.data_dir)
     rank, world = env.rank, env.world
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
                             seed=cfg.seed, augment=cfg.augment)
