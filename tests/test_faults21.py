@@ -85,6 +85,18 @@ def test_export_to_a_name_of_no_export_format_and_train_into_a_file_are_refused(
     assert (tmp_path / "f").read_text() == "mine"
 
 
+def test_overwrite_never_deletes_the_pretrained_checkpoint_it_starts_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    before = (run / "checkpoint.pt").read_bytes()
+    for pretrained in (run / "checkpoint.pt", run):  # a run folder is taken as its checkpoint.pt
+        _fails(capsys, ["train", *TINY, "--pretrained", str(pretrained), "--output", str(run), "--overwrite"],
+               "--pretrained", "nothing was changed", code=1)
+        assert (run / "checkpoint.pt").read_bytes() == before
+    _ok(capsys, ["train", *TINY, "--pretrained", str(run), "--output", str(tmp_path / "next")])
+    _fails(capsys, ["train", *TINY, "--config", str(tmp_path)], "is a folder", "config.yaml", code=1)
+
+
 def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "tb").mkdir(parents=True)

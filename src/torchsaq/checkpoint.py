@@ -205,6 +205,11 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> list[str
     mismatch is a ValueError. Returns the keys that were skipped.
     """
     path = Path(path)
+    if path.is_dir():  # a run folder, as the other commands take it
+        if not (path / "checkpoint.pt").is_file():
+            raise ValueError(f"pretrained checkpoint: {path} is a folder without checkpoint.pt; give a state dict, "
+                             "a safetensors file or a torchsaq run")
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"pretrained checkpoint not found: {path}")
     if path.suffix == ".safetensors":

@@ -75,6 +75,12 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
             if not cfg.overwrite:
                 raise ValueError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, "
                                  "replace it with --overwrite, or choose another --output")
+            if cfg.pretrained:  # the weights to start from must not be what --overwrite deletes
+                pre = Path(cfg.pretrained).resolve()
+                gone = [out.resolve() / name for name in held]
+                if pre == out.resolve() or any(pre == g or g in pre.parents for g in gone):
+                    raise ValueError(f"--pretrained {cfg.pretrained} is the run in {out} that --overwrite would "
+                                     "delete; copy it elsewhere first or choose another --output (nothing was changed)")
             for name in held:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

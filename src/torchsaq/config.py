@@ -445,6 +445,8 @@ def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
     """Read a YAML recipe (keys = TrainConfig fields) and apply overrides (None values are ignored)."""
     yaml = require("yaml", "cli", "reading a YAML recipe")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a folder; give a YAML file (a run's own is {path / 'config.yaml'})")
     if not path.is_file():
         raise ValueError(f"recipe file not found: {path}")
     try:
