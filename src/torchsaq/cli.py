@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"which weights to perturb: {describe(WHERE_HELP)} ('float' is read as latent)")
     ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
     ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
-    ls.add_argument("--output", default="runs/landscape", help="output folder")
+    ls.add_argument("--output", default="runs/landscape",
+                    help="output folder (replaces only the plot and data files an earlier landscape wrote there)")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     sh.add_argument("--seed", type=int, default=0, help="seed of the sample subset and the random vectors")
     sh.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
-    sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    sh.add_argument("--output", default=None,
+                    help="also write the result as JSON to this file (replaces only an earlier sharpness result)")
     _add_allocate(sub)
     summaries = {a.dest: a.help for a in sub._choices_actions}
     for name, sp in sub.choices.items():
