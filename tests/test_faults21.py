@@ -173,6 +173,17 @@ def test_threads_beyond_the_machine_are_refused_before_anything_runs(tmp_path, c
     assert not out.exists()
 
 
+def test_absurd_data_loader_worker_counts_are_refused_before_anything_runs(tmp_path, capsys):
+    """The --threads 1000 class: --workers 1000 would start a thousand processes (image data sets); refused
+    before anything runs (probed on mnist1d, which starts none)."""
+    out = tmp_path / "o"
+    _fails(capsys, ["train", *TINY, "--workers", "1000", "--output", str(out)], "--workers 1000", "CPU core", code=1)
+    assert not out.exists()
+    from torchsaq.device import check_workers
+
+    check_workers(8)  # what the recipes name stays fine, on any machine
+
+
 def test_auto_threads_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
     import os
 

@@ -351,9 +351,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
-    from .device import check_threads
+    from .device import check_threads, check_workers
 
     check_threads(cfg.threads)
+    check_workers(cfg.workers)
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
     if cfg.lsq_backend == "triton" and device.type != "cuda":
