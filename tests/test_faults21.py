@@ -586,3 +586,10 @@ def test_readme_is_a_newcomers_path_and_its_links_resolve():
         assert (root / path).exists(), link
         if anchor:
             assert anchor in _anchors((root / path).read_text()), link
+
+
+def test_eval_of_a_corrupted_onnx_file_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"garbage\n")  # protobuf's DecodeError was a traceback
+    _fails(capsys, ["eval", str(bad), "--dataset", "mnist1d"], str(bad), "not a readable ONNX file", code=1)
