@@ -226,6 +226,8 @@ def _edited_checkpoint(run_dir, tmp_path, edit) -> str:
     (lambda s: s.update(partial="x"), "partial"),
     (lambda s: s.update(time_s="x"), "time_s"),
     (lambda s: s["rng"].update(torch=torch.zeros(3)), "rng.torch"),
+    (lambda s: s["config"].update(w_bits="x"), "w_bits"),  # the stored options name the file too
+    (lambda s: s["config"].update(model="resnet99"), "resnet99"),
 ])
 @pytest.mark.parametrize("command", ["summary", "eval", "export"])
 def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, capsys, edit, needle, command):

@@ -121,6 +121,12 @@ def check_fields(state: dict[str, Any], where: str) -> None:
     if state["model"] and not any(t.dim() and t.shape[0] == n for t in state["model"].values()):
         bad("data.num_classes", f"{n} is not the output size of any of the model's tensors (its classifier's)")
     _check_resume_fields(state, bad)
+    from .config import TrainConfig
+
+    try:  # the stored options, checked as a recipe's are (a wrong type, an unknown model), naming this file
+        TrainConfig.from_dict(dict(state["config"]))
+    except ValueError as e:
+        bad("'config'", f"holds a bad option: {e}")
 
 
 def _is_number(v: Any) -> bool:
@@ -257,8 +263,11 @@ def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device
 
     cfg = TrainConfig.from_dict(dict(state["config"]))
     data = state["data"]
-    model = create_model(cfg.model_name, int(data["num_classes"]), in_chans=int(data["in_chans"]),
-                         img_size=cfg.img_size, **cfg.model_options(int(data["in_chans"])))
+    try:
+        model = create_model(cfg.model_name, int(data["num_classes"]), in_chans=int(data["in_chans"]),
+                             img_size=cfg.img_size, **cfg.model_options(int(data["in_chans"])))
+    except ValueError as e:  # a model this installation lacks, options it refuses: name the checkpoint
+        raise ValueError(f"{what}: {e}") from None
     quantize(model, cfg.quant_config())
     with torch.no_grad():
         trace(model, torch.zeros(1, *[int(s) for s in data["input_shape"]]))
