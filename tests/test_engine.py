@@ -54,7 +54,7 @@ def _checkpointer(tmp_path, **kw) -> tuple[Checkpointer, nn.Module]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     ckpt = Checkpointer(tmp_path / "run", cfg)
-    ckpt.attach(data={"dataset": "x", "num_classes": 2, "in_chans": 1, "input_shape": [3]}, model=model,
+    ckpt.attach(data={"dataset": "x", "num_classes": 2, "in_chans": 3, "input_shape": [3]}, model=model,
                 optimizer=opt, scheduler=sched, scaler=None)
     return ckpt, model
 
