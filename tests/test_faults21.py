@@ -456,7 +456,7 @@ def test_version_flag_prints_the_version():
     assert r.returncode == 0 and r.stdout.strip() == f"torchsaq {torchsaq.__version__}", r
 
 
-@pytest.mark.parametrize("command", ["eval", "landscape", "sharpness", "summary", "export"])
+@pytest.mark.parametrize("command", ["eval", "landscape", "sharpness", "summary", "export", "allocate"])
 def test_every_command_help_describes_its_options_with_defaults(command):
     from torchsaq.cli import build_parser
 
