@@ -241,6 +241,7 @@ def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, cap
     (lambda s: s.pop("scheduler"), "missing 'scheduler'"),
     (lambda s: [v.update(momentum_buffer=torch.zeros(2)) for v in s["optimizer"]["state"].values()], "(2,)"),
     (lambda s: s.update(step_in_epoch=10**6), "step_in_epoch (1000000)"),
+    (lambda s: s.update(history=[{"epoch": 1, "zz": 1.0}]), "zz"),
 ])
 def test_a_resumed_checkpoint_that_cannot_be_restored_is_one_line_naming_it(tmp_path, capsys, edit, needle):
     """--resume of a checkpoint with a missing or mismatched optimizer/scheduler state, or a position past the

@@ -11,7 +11,6 @@ A checkpoint is a plain dict of tensors and Python scalars/containers written wi
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pickle
@@ -136,17 +135,16 @@ def _is_number(v: Any) -> bool:
 def _check_resume_fields(state: dict[str, Any], bad: Any) -> None:
     """The entries only ``--resume`` reads (when present): the loop counters' partial sums, the metrics history,
     the elapsed time and the random number generator states."""
-    from .engine import EpochRecord
-
     if "time_s" in state and not (_is_number(state["time_s"]) and state["time_s"] >= 0):
         bad("'time_s'", f"must be a number of seconds >= 0, got {state['time_s']!r}")
     partial = state.get("partial")
     if partial is not None and not (isinstance(partial, (list, tuple)) and len(partial) == 3
                                     and all(_is_number(v) and v >= 0 for v in partial) and _is_int(partial[2])):
         bad("'partial'", f"must be [loss sum, correct, count] (finite, >= 0, count an integer), got {partial!r}")
-    names = {f.name for f in dataclasses.fields(EpochRecord)}
+    # (the record's keys are checked where --resume reads them: a record of an older version still evaluates)
     for i, record in enumerate(state.get("history") or []):
-        if not (isinstance(record, dict) and set(record) <= names and _is_int(record.get("epoch"), 1)
+        if not (isinstance(record, dict) and all(isinstance(k, str) for k in record)
+                and _is_int(record.get("epoch"), 1)
                 and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                         for v in record.values())):
             bad(f"'history' entry {i}", f"must be a metrics record (epoch >= 1 and numbers), got {record!r}"[:200])
