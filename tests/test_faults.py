@@ -331,7 +331,11 @@ def test_export_never_overwrites_its_source(tmp_path, capsys):
     _fails(capsys, ["export", str(run), str(ckpt)], "overwrite its source", code=1)
     other = tmp_path / "other.pt"
     other.write_bytes(before)  # any file that is not an export, e.g. another run's checkpoint
-    _fails(capsys, ["export", str(ckpt), str(other)], "not a torchsaq export", code=1)
+    _fails(capsys, ["export", str(ckpt), str(other)], ".safetensors or .onnx", code=1)  # not an export's name
+    other_st = tmp_path / "other.safetensors"
+    other_st.write_bytes(before)
+    _fails(capsys, ["export", str(ckpt), str(other_st)], "not a torchsaq export", code=1)
+    assert other_st.read_bytes() == before
     _fails(capsys, ["export", str(ckpt), str(tmp_path)], "is a folder", code=1)
     assert ckpt.read_bytes() == before and other.read_bytes() == before
     load_checkpoint(ckpt)
@@ -498,7 +502,7 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # a path under a regular file cannot be created, also as root
     _fails(capsys, ["train", *TINY, "--output", str(blocker / "run")], "cannot write to output folder", code=1)
-    _fails(capsys, ["train", *TINY, "--output", str(blocker)], "cannot write to output folder", code=1)
+    _fails(capsys, ["train", *TINY, "--output", str(blocker)], "is a file", code=1)
     assert blocker.read_text() == "not a folder"
 
 

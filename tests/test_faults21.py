@@ -58,6 +58,45 @@ def test_sharpness_never_overwrites_a_file_that_is_not_its_own_output(run_dir, t
     _ok(capsys, ["sharpness", str(ckpt), *fast, "--output", str(out)])  # its own earlier output is replaced
 
 
+def test_landscape_never_overwrites_a_file_that_is_not_its_own_output(run_dir, tmp_path, capsys):
+    fast = ["--steps", "3", "--num-samples", "8"]
+    out = tmp_path / "ls"
+    out.mkdir()
+    mine = {"landscape_1d_quantized.png": b"my plot", "landscape_1d_quantized_run.csv": b"my table"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+        _fails(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)], name, "not written by torchsaq",
+               code=1)
+        assert (out / name).read_bytes() == data
+        (out / name).unlink()
+    _fails(capsys, ["landscape", str(run_dir), *fast, "--output", str(run_dir / "checkpoint.pt")], "is a file",
+           code=1)
+    _ok(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)])
+    _ok(capsys, ["landscape", str(run_dir), *fast, "--output", str(out)])  # its own earlier output is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["landscape_1d_quantized.png", "landscape_1d_quantized_run.csv",
+                                                      "landscape_1d_quantized_run.npz"]
+
+
+def test_export_to_a_name_of_no_export_format_and_train_into_a_file_are_refused(run_dir, tmp_path, capsys):
+    _fails(capsys, ["export", str(run_dir), str(tmp_path / "model.pt")], ".safetensors or .onnx", code=1)
+    assert not (tmp_path / "model.pt").exists()  # a safetensors file named like a checkpoint was written
+    (tmp_path / "f").write_text("mine")
+    _fails(capsys, ["train", *TINY, "--output", str(tmp_path / "f")], "is a file", code=1)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_the_pretrained_checkpoint_it_starts_from(tmp_path, capsys):
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    before = (run / "checkpoint.pt").read_bytes()
+    for pretrained in (run / "checkpoint.pt", run):  # a run folder is taken as its checkpoint.pt
+        _fails(capsys, ["train", *TINY, "--pretrained", str(pretrained), "--output", str(run), "--overwrite"],
+               "--pretrained", "nothing was changed", code=1)
+        assert (run / "checkpoint.pt").read_bytes() == before
+    _ok(capsys, ["train", *TINY, "--pretrained", str(run), "--output", str(tmp_path / "next")])
+    _fails(capsys, ["train", *TINY, "--config", str(tmp_path)], "is a folder", "config.yaml", code=1)
+
+
 def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "tb").mkdir(parents=True)
@@ -76,6 +115,35 @@ def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
     (run / "tb" / "mine.txt").write_text("keep too")  # the user's file inside our tb/: that tb/ is no longer ours
     _fails(capsys, ["train", *TINY, "--output", str(run), "--overwrite"], "tb", "not written by torchsaq", code=1)
     assert (run / "tb" / "mine.txt").exists() and (run / "checkpoint.pt").is_file()
+
+
+def test_overwrite_never_deletes_files_of_a_folder_that_holds_no_run_of_ours(run_dir, tmp_path, capsys):
+    """A config.yaml copied from a run (a recipe) and a tb/ of another tool's TensorBoard events look like a run's
+    files, but without a checkpoint or metrics of a run the folder is not a run: nothing is deleted."""
+    import shutil
+
+    out = tmp_path / "mine"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events.out.tfevents.1.host.2.0").write_bytes(b"the user's own TensorBoard logs")
+    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    for extra in ([], ["--overwrite"]):
+        _fails(capsys, ["train", *TINY, "--output", str(out), *extra], "config.yaml, tb", "no checkpoint.pt",
+               "for this folder", "nothing was changed", code=1)
+        assert (out / "config.yaml").read_bytes() == (run_dir / "config.yaml").read_bytes()
+        assert (out / "tb" / "events.out.tfevents.1.host.2.0").exists()
+    (out / "metrics.csv").write_text("epoch,acc\n1,50\n")  # a metrics file of the user's, not a run's
+    _fails(capsys, ["train", *TINY, "--output", str(out), "--overwrite"], "metrics.csv", "not written by torchsaq",
+           code=1)
+    assert (out / "metrics.csv").read_text() == "epoch,acc\n1,50\n"
+
+
+def test_overwrite_says_what_it_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    _ok(capsys, ["train", *TINY, "--output", str(run)])
+    (run / "notes.txt").write_text("keep")
+    rc = main(["train", *TINY, "--output", str(run), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "deleted the previous run" in err and "kept what it did not write: notes.txt" in err, err
 
 
 _BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
@@ -103,6 +171,17 @@ def test_threads_beyond_the_machine_are_refused_before_anything_runs(tmp_path, c
     for n in ("1000", "20000"):
         _fails(capsys, ["train", *TINY, "--threads", n, "--output", str(out)], f"--threads {n}", "CPU core", code=1)
     assert not out.exists()
+
+
+def test_absurd_data_loader_worker_counts_are_refused_before_anything_runs(tmp_path, capsys):
+    """The --threads 1000 class: --workers 1000 would start a thousand processes (image data sets); refused
+    before anything runs (probed on mnist1d, which starts none)."""
+    out = tmp_path / "o"
+    _fails(capsys, ["train", *TINY, "--workers", "1000", "--output", str(out)], "--workers 1000", "CPU core", code=1)
+    assert not out.exists()
+    from torchsaq.device import check_workers
+
+    check_workers(8)  # what the recipes name stays fine, on any machine
 
 
 def test_auto_threads_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
@@ -142,12 +221,43 @@ def _edited_checkpoint(run_dir, tmp_path, edit) -> str:
     (lambda s: s.update(data=None), "'data'"),
     (lambda s: s.update(epoch="x"), "epoch"),
     (lambda s: s["model"].update({"features.0.weight": [1.0]}), "features.0.weight"),
+    (lambda s: s["data"].update(num_classes=10**12), "num_classes"),  # not a 256 TB allocation
+    (lambda s: s.update(history=[1]), "history"),
+    (lambda s: s.update(partial="x"), "partial"),
+    (lambda s: s.update(time_s="x"), "time_s"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3)), "rng.torch"),
+    (lambda s: s["config"].update(w_bits="x"), "w_bits"),  # the stored options name the file too
+    (lambda s: s["config"].update(model="resnet99"), "resnet99"),
 ])
 @pytest.mark.parametrize("command", ["summary", "eval", "export"])
 def test_checkpoint_fields_are_checked_by_type_before_use(run_dir, tmp_path, capsys, edit, needle, command):
     path = _edited_checkpoint(run_dir, tmp_path, edit)
     argv = [command, path] + ([str(tmp_path / "m.safetensors")] if command == "export" else [])
     _fails(capsys, argv, path, needle, code=1)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.pop("optimizer"), "missing 'optimizer'"),
+    (lambda s: s.pop("scheduler"), "missing 'scheduler'"),
+    (lambda s: [v.update(momentum_buffer=torch.zeros(2)) for v in s["optimizer"]["state"].values()], "(2,)"),
+    (lambda s: s.update(step_in_epoch=10**6), "step_in_epoch (1000000)"),
+    (lambda s: s.update(history=[{"epoch": 1, "zz": 1.0}]), "zz"),
+])
+def test_a_resumed_checkpoint_that_cannot_be_restored_is_one_line_naming_it(tmp_path, capsys, edit, needle):
+    """--resume of a checkpoint with a missing or mismatched optimizer/scheduler state, or a position past the
+    epoch's end: one line naming the file (it was a KeyError, a RuntimeError deep in the optimizer's step, or a
+    silent run of 1000000 empty steps reporting loss 0)."""
+    run = tmp_path / "run"
+    cfg = ["--epochs", "2", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
+           "--sharpness", "none", "--lr-schedule", "constant"]
+    _ok(capsys, ["train", *cfg, "--epochs", "1", "--output", str(run)])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["state"]  # SGD momentum buffers
+    edit(state)
+    torch.save(state, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    _fails(capsys, ["train", *cfg, "--resume", "--output", str(run)], str(run / "checkpoint.pt"), needle, code=1)
+    assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def _disk_full(monkeypatch, module, name):
@@ -195,6 +305,15 @@ def test_an_explicit_data_dir_without_the_data_is_an_error_naming_it(tmp_path, c
         build_datasets("fashion_mnist", data_dir=str(d))
     _fails(capsys, ["train", "--dataset", "fashion_mnist", "--data-dir", str(d), "--no-save"], str(d), "--data-dir",
            code=1)
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "digits"])
+def test_a_data_dir_for_a_built_in_data_set_is_an_error_not_ignored(run_dir, tmp_path, capsys, dataset):
+    d = str(tmp_path / "my-copy")
+    _fails(capsys, ["train", *TINY, "--dataset", dataset, "--data-dir", d, "--no-save"], dataset, d, "ignored",
+           code=1)
+    if dataset == "mnist1d":
+        _fails(capsys, ["eval", str(run_dir), "--data-dir", d], "mnist1d", d, "ignored", code=1)
 
 
 def _calibrated(model):
@@ -338,7 +457,7 @@ def test_version_flag_prints_the_version():
     assert r.returncode == 0 and r.stdout.strip() == f"torchsaq {torchsaq.__version__}", r
 
 
-@pytest.mark.parametrize("command", ["eval", "landscape", "sharpness", "summary", "export"])
+@pytest.mark.parametrize("command", ["eval", "landscape", "sharpness", "summary", "export", "allocate"])
 def test_every_command_help_describes_its_options_with_defaults(command):
     from torchsaq.cli import build_parser
 
@@ -396,6 +515,10 @@ def test_the_interrupt_message_names_torchsaq(tmp_path, capsys):
     (None, ["--model-kwargs", "{widht: 3}"], ["widht", "cnn1d"]),
     (None, ["--seed", str(2**70)], ["seed"]),
     (None, ["--model", "resnet20"], ["resnet20", "mnist1d", "cnn1d"]),
+    ("dataset: [a]\n", [], ["dataset", "string"]),  # not a TypeError (unhashable) looking up its default model
+    ("model_kwargs: {1: 2}\n", [], ["model_kwargs", "strings", "1"]),  # not a TypeError joining the names
+    (None, ["--model-kwargs", "{1: 2}"], ["model_kwargs", "strings"]),
+    ("exclude: fc\n", [], ["exclude", "list", "[fc,"]),  # the example is a list of names, not of epochs
 ])
 def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, recipe, flags, needles):
     argv = ["train", *TINY, "--output", str(tmp_path / "o"), *flags]
@@ -428,3 +551,48 @@ def test_quantize_with_wrong_example_inputs_leaves_the_model_as_it_was():
     assert torch.equal(model(torch.ones(2, 8)), ref) and not hasattr(model, "_saq_config")
     saq.quantize(model, saq.QuantConfig(4, 4), example_inputs=torch.zeros(1, 8))  # and it can be quantized now
     assert len(saq.quant_layers(model)) == 2
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to '-')."""
+    import re
+
+    out = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#+ (.*)", line)
+        if m:
+            text = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower())
+            out.add(text.replace(" ", "-"))
+    return out
+
+
+def test_readme_is_a_newcomers_path_and_its_links_resolve():
+    """Issue 21, the first hour: README keeps to what a user needs (install and run, test, API, CLI, a results
+    summary with links), says what the full install weighs and how to keep it small, gives the Fashion-MNIST run a
+    time estimate, and the benchmark sections it moved to docs/ are reachable: every relative link and anchor
+    resolves."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    assert len(text.splitlines()) < 450  # it was 906 lines, mostly benchmark tables
+    heads = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    order = ["Install and run", "Test", "Python API", "Command line", "Results (summary)"]
+    assert [h for h in heads if h in order] == order, heads
+    assert "3 GB" in text and "download.pytorch.org/whl/cpu" in text and 'pip install -e ".[cli]"' in text
+    assert re.search(r"--dataset fashion_mnist.*?min", text, re.S)
+    links = re.findall(r"\]\(((?:docs|recipes|benchmarks)/[^)\s]*)\)", text)
+    assert any(link.startswith("docs/benchmarks.md") for link in links)
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert (root / path).exists(), link
+        if anchor:
+            assert anchor in _anchors((root / path).read_text()), link
+
+
+def test_eval_of_a_corrupted_onnx_file_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"garbage\n")  # protobuf's DecodeError was a traceback
+    _fails(capsys, ["eval", str(bad), "--dataset", "mnist1d"], str(bad), "not a readable ONNX file", code=1)

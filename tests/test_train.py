@@ -139,7 +139,8 @@ def test_resume_refuses_a_run_with_other_options_or_nothing_to_resume(tmp_path):
 # -- checkpoints: atomic, safe ----------------------------------------------------------------------------
 def test_failing_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
-    save_checkpoint(path, {"config": {}, "model": {"w": torch.arange(3.0)}, "data": {}})
+    data = {"num_classes": 3, "in_chans": 1, "input_shape": [1, 3]}  # a description load_checkpoint accepts
+    save_checkpoint(path, {"config": {}, "model": {"w": torch.arange(3.0)}, "data": data})
 
     def broken_save(obj, f, *a, **k):  # writes half a file, then fails
         with open(f, "wb") as fh:
@@ -148,7 +149,7 @@ def test_failing_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "data": {}})
+        save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "data": data})
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.arange(3.0))
     assert sorted(os.listdir(tmp_path)) == ["c.pt"]  # no temporary file left behind

@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"which weights to perturb: {WHERE.describe()} ('float' is read as latent)")
     ls.add_argument("--seed", type=int, default=0, help="seed of the random directions and the sample subset")
     ls.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
-    ls.add_argument("--output", default="runs/landscape", help="output folder")
+    ls.add_argument("--output", default="runs/landscape",
+                    help="output folder (replaces only the plot and data files an earlier landscape wrote there)")
 
     sh = sub.add_parser("sharpness", help="Hessian top eigenvalue/trace and SAM sharpness of a checkpoint")
     checkpoint_arg(sh)
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     sh.add_argument("--seed", type=int, default=0, help="seed of the sample subset and the random vectors")
     sh.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
-    sh.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    sh.add_argument("--output", default=None,
+                    help="also write the result as JSON to this file (replaces only an earlier sharpness result)")
     _add_allocate(sub)
     summaries = {a.dest: a.help for a in sub._choices_actions}
     for name, sp in sub.choices.items():
@@ -429,6 +431,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--run and --dataset apply to a .onnx file; a checkpoint is scored on its own data set")
     device = _device(args.device)
     model, cfg, info = load_model(args.checkpoint, device)
+    if args.data_dir:
+        from .data import check_data_dir_read
+
+        check_data_dir_read(cfg.dataset, args.data_dir)
     bundle = build_datasets(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, img_size=cfg.img_size,
                             val_split=cfg.val_split, seed=cfg.seed)
     ds = bundle.test if args.split == "test" else bundle.val
@@ -500,6 +506,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and source.exists() and os.path.samefile(source, args.out):
         raise ValueError(f"the export would overwrite its source checkpoint {source}; give another output file")
     onnx = str(args.out).lower().endswith(".onnx")
+    if not onnx and not str(args.out).lower().endswith(".safetensors") and not Path(args.out).is_dir():
+        raise ValueError(f"export: {args.out}: give a .safetensors or .onnx file name (the suffix says which format "
+                         "is written; anything else could be taken for a checkpoint)")
     if args.onnx_mode and not onnx:
         raise ValueError(f"--onnx-mode applies to .onnx files, not {args.out}")
     model, cfg, info = load_model(args.checkpoint)

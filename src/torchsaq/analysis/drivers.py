@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .files import plot_landscapes, save_landscape
+from .files import is_landscape_output, plot_landscapes, save_landscape
 from .measures import Batch, Landscape, _generator, evaluate, hessian_top_eigenvalue, hessian_trace, loss_landscape
 from .measures import DEFAULT_RHO, sam_sharpness
 
@@ -76,6 +76,19 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
     results: dict[str, Landscape] = {}
     written: dict[str, str] = {}
     batches = None
+
+    def target(label: str, ext: str) -> Path:
+        stem = label.replace("/", "_").replace("\\", "_")
+        return out / f"landscape_{dims}d_{where}_{stem}.{ext}"
+
+    plot_path = out / f"landscape_{dims}d_{where}.png"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"landscape: --output {out} is a file; give a folder (the plot and data files go there)")
+    foreign = [p for p in [plot_path] + [target(label, ext) for label in labels for ext in ("npz", "csv")]
+               if (p.exists() or p.is_symlink()) and not is_landscape_output(p)]
+    if foreign:  # checked before anything is measured or written
+        raise ValueError(f"landscape: {', '.join(map(str, foreign))} exist(s) and was not written by torchsaq "
+                         "landscape; refusing to replace it: give another --output folder")
     loaded = [load_model(ckpt, device) for ckpt in checkpoints]  # all of them first: one data set or none
     kind = [(cfg.dataset, tuple(info.get("input_shape") or ()), info.get("num_classes")) for _, cfg, info in loaded]
     if len(set(kind)) > 1:
@@ -91,10 +104,9 @@ def run_landscape(checkpoints: Sequence[str], output_dir: Union[str, Path], dims
                             where=where, progress=progress)
         ls.meta.update(checkpoint=str(ckpt), label=label, num_samples=sum(len(x) for x, _ in batches))
         results[label] = ls
-        stem = label.replace("/", "_").replace("\\", "_")
         for ext in ("npz", "csv"):
-            written[f"{ext}:{label}"] = str(save_landscape(ls, out / f"landscape_{dims}d_{where}_{stem}.{ext}"))
-    plot = plot_landscapes(results, out / f"landscape_{dims}d_{where}.png",
+            written[f"{ext}:{label}"] = str(save_landscape(ls, target(label, ext)))
+    plot = plot_landscapes(results, plot_path,
                            title=f"{dims}-D loss landscape ({where} weights, seed {seed})")
     written["plot"] = str(plot)
     return written

@@ -11,7 +11,7 @@ import numpy as np
 from .._io import atomic_write, atomic_write_text
 from .measures import Landscape
 
-__all__ = ["save_landscape", "load_landscape", "plot_landscapes", "format_sharpness_table"]
+__all__ = ["save_landscape", "load_landscape", "plot_landscapes", "format_sharpness_table", "is_landscape_output"]
 
 
 def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
@@ -41,6 +41,25 @@ def save_landscape(landscape: Landscape, path: Union[str, Path]) -> Path:
     else:
         raise ValueError(f"landscape files are .npz or .csv, got {path.name!r}")
     return path
+
+
+def is_landscape_output(path: Union[str, Path]) -> bool:
+    """Whether ``path`` holds what :func:`save_landscape` or :func:`plot_landscapes` writes (an .npz with its
+    arrays, a .csv with its header, a Matplotlib PNG): the only files ``torchsaq landscape`` may replace."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {"alphas", "losses", "accuracies", "meta"} <= set(z.files)
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if path.suffix == ".csv":
+            return head.startswith((b"alpha,loss,accuracy\n", b"alpha,beta,loss,accuracy\n"))
+        return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def load_landscape(path: Union[str, Path]) -> Landscape:

@@ -467,7 +467,12 @@ def onnx_layers(path: PathLike) -> dict[str, dict[str, Any]]:
 
 def onnx_metadata(path: PathLike) -> dict[str, str]:
     """The metadata entries of a torchsaq ONNX export (``saq_onnx_mode``, ``saq_checkpoint``, ``saq_dataset``, ...)."""
-    proto = _onnx().load(os.fspath(path), load_external_data=False)
+    try:
+        proto = _onnx().load(os.fspath(path), load_external_data=False)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, a truncated file, a folder: one line
+        raise ValueError(f"{os.fspath(path)} is not a readable ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("saq_format") != ONNX_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a torchsaq ONNX export")

@@ -115,6 +115,49 @@ def check_fields(state: dict[str, Any], where: str) -> None:
                                 f"{MAX_INPUT_ELEMENTS})")
     if "dataset" in data and not isinstance(data["dataset"], str):
         bad("data.dataset", f"must be a name, got {data['dataset']!r}")
+    # the classifier's outputs: some tensor of the model has num_classes rows (not a count that allocates TBs)
+    n = data["num_classes"]
+    if state["model"] and not any(t.dim() and t.shape[0] == n for t in state["model"].values()):
+        bad("data.num_classes", f"{n} is not the output size of any of the model's tensors (its classifier's)")
+    _check_resume_fields(state, bad)
+    from .config import TrainConfig
+
+    try:  # the stored options, checked as a recipe's are (a wrong type, an unknown model), naming this file
+        TrainConfig.from_dict(dict(state["config"]))
+    except ValueError as e:
+        bad("'config'", f"holds a bad option: {e}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_resume_fields(state: dict[str, Any], bad: Any) -> None:
+    """The entries only ``--resume`` reads (when present): the loop counters' partial sums, the metrics history,
+    the elapsed time and the random number generator states."""
+    if "time_s" in state and not (_is_number(state["time_s"]) and state["time_s"] >= 0):
+        bad("'time_s'", f"must be a number of seconds >= 0, got {state['time_s']!r}")
+    partial = state.get("partial")
+    if partial is not None and not (isinstance(partial, (list, tuple)) and len(partial) == 3
+                                    and all(_is_number(v) and v >= 0 for v in partial) and _is_int(partial[2])):
+        bad("'partial'", f"must be [loss sum, correct, count] (finite, >= 0, count an integer), got {partial!r}")
+    # (the record's keys are checked where --resume reads them: a record of an older version still evaluates)
+    for i, record in enumerate(state.get("history") or []):
+        if not (isinstance(record, dict) and all(isinstance(k, str) for k in record)
+                and _is_int(record.get("epoch"), 1)
+                and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                        for v in record.values())):
+            bad(f"'history' entry {i}", f"must be a metrics record (epoch >= 1 and numbers), got {record!r}"[:200])
+    rng = state.get("rng")
+    if rng is not None:
+        t, py = rng.get("torch"), rng.get("python")
+        if not (torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1):
+            bad("rng.torch", "must be a torch random number generator state (a 1-D uint8 tensor)")
+        if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[1], (list, tuple))
+                and all(_is_int(v) for v in py[1])):
+            bad("rng.python", "must be a Python random state (version, internal state, gauss)")
+        if not isinstance(rng.get("cuda", []), (list, tuple)):
+            bad("rng.cuda", "must be a list of CUDA generator states")
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Any], what: str) -> None:
@@ -166,6 +209,11 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> list[str
     mismatch is a ValueError. Returns the keys that were skipped.
     """
     path = Path(path)
+    if path.is_dir():  # a run folder, as the other commands take it
+        if not (path / "checkpoint.pt").is_file():
+            raise ValueError(f"pretrained checkpoint: {path} is a folder without checkpoint.pt; give a state dict, "
+                             "a safetensors file or a torchsaq run")
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"pretrained checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -213,8 +261,11 @@ def model_from_checkpoint(state: dict[str, Any], device: Union[str, torch.device
 
     cfg = TrainConfig.from_dict(dict(state["config"]))
     data = state["data"]
-    model = create_model(cfg.model_name, int(data["num_classes"]), in_chans=int(data["in_chans"]),
-                         img_size=cfg.img_size, **cfg.model_options(int(data["in_chans"])))
+    try:
+        model = create_model(cfg.model_name, int(data["num_classes"]), in_chans=int(data["in_chans"]),
+                             img_size=cfg.img_size, **cfg.model_options(int(data["in_chans"])))
+    except ValueError as e:  # a model this installation lacks, options it refuses: name the checkpoint
+        raise ValueError(f"{what}: {e}") from None
     quantize(model, cfg.quant_config())
     with torch.no_grad():
         trace(model, torch.zeros(1, *[int(s) for s in data["input_shape"]]))

@@ -42,6 +42,8 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
     """
     from filelock import FileLock, Timeout
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; give a folder for the run (checkpoint.pt, metrics, tb/ go there)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(out / LOCK_NAME), timeout=0)
@@ -53,18 +55,38 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror or e}") from None
     try:
         held = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        foreign = [name for name in held if not _written_by_us(out / name)]
-        if foreign and not cfg.resume:
-            raise ValueError(f"{out} holds {', '.join(foreign)} not written by torchsaq, which a run would replace; "
-                             "move them away or choose another --output (nothing was changed)")
+        ours = {name: _written_by_us(out / name) for name in held}
+        # a folder holds a run only with a checkpoint or metrics of one, or the config.yaml a run wrote for this
+        # folder (a run stopped before its first save): a tb/ and a config.yaml copied from another run (a
+        # recipe) may be the user's own, and are never deleted on their own
+        is_run = ours.get(CHECKPOINT_NAME, False) or (ours.get("metrics.jsonl", False)
+                                                      and (out / "metrics.jsonl").stat().st_size > 0) \
+            or (ours.get("config.yaml", False) and _config_names(out))
+        foreign = [name for name in held if not ours[name]]
+        if held and not cfg.resume and (foreign or not is_run):
+            if foreign:
+                why = f"{', '.join(foreign)} not written by torchsaq"
+            else:
+                why = (f"{', '.join(held)} but no checkpoint.pt or metrics.jsonl of a torchsaq run, nor the "
+                       "config.yaml a run wrote for this folder (so they are not recognisably a run's)")
+            raise ValueError(f"{out} holds {why}, which a run would replace; move them away or choose another "
+                             "--output (nothing was changed)")
         if held and not cfg.resume:
             if not cfg.overwrite:
                 raise ValueError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, "
                                  "replace it with --overwrite, or choose another --output")
+            if cfg.pretrained:  # the weights to start from must not be what --overwrite deletes
+                pre = Path(cfg.pretrained).resolve()
+                gone = [out.resolve() / name for name in held]
+                if pre == out.resolve() or any(pre == g or g in pre.parents for g in gone):
+                    raise ValueError(f"--pretrained {cfg.pretrained} is the run in {out} that --overwrite would "
+                                     "delete; copy it elsewhere first or choose another --output (nothing was changed)")
             for name in held:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            print(f"torchsaq: --overwrite: deleted the previous run in {out} ({', '.join(held)})", file=sys.stderr)
+            kept = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+            print(f"torchsaq: --overwrite: deleted the previous run in {out} ({', '.join(held)})"
+                  + (f"; kept what it did not write: {', '.join(kept)}" if kept else ""), file=sys.stderr)
     except BaseException:
         lock.release()
         raise
@@ -73,6 +95,8 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
 
 #: options every stored config.yaml holds (recognises a run's own config.yaml across versions that add options)
 _STORED_KEYS = {"dataset", "model", "output", "seed", "resume", "overwrite", "save"}
+#: the keys every metrics record starts with, in this order (engine.EpochRecord.to_dict)
+_RECORD_KEYS = ("epoch", "step", "lr", "train_loss", "train_acc")
 
 
 def _written_by_us(path: Path) -> bool:
@@ -95,11 +119,11 @@ def _written_by_us(path: Path) -> bool:
                 head = f.read(512)
             return head.startswith(b"\x89PNG") and b"Matplotlib" in head
         text = path.read_text()
-        if name == "metrics.csv":
-            return text.startswith("epoch,") or not text
+        if name == "metrics.csv":  # the columns every record starts with (engine.EpochRecord.to_dict)
+            return text.startswith(",".join(_RECORD_KEYS) + ",") or not text
         if name == "metrics.jsonl":
             rows = [json.loads(line) for line in text.splitlines()]
-            return all(isinstance(r, dict) and "epoch" in r for r in rows)
+            return all(isinstance(r, dict) and list(r)[:len(_RECORD_KEYS)] == list(_RECORD_KEYS) for r in rows)
         if name == "config.yaml":
             import yaml
 
@@ -109,6 +133,25 @@ def _written_by_us(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
     return False
+
+
+def _config_names(out: Path) -> bool:
+    """Whether ``out/config.yaml`` (a run's, by :func:`_written_by_us`) was written by a run into ``out``: its
+    ``output`` names this folder (absolute: the same folder; relative: the last parts of its path). A copy of
+    another run's config.yaml (a recipe) names that run's folder."""
+    try:
+        import yaml
+
+        stored = yaml.safe_load((out / "config.yaml").read_text()).get("output")
+        if not isinstance(stored, str) or not stored:
+            return False
+        path = Path(stored)
+        if path.is_absolute():
+            return path.resolve() == out.resolve()
+        parts = [p for p in path.parts if p not in ("", ".")]
+        return bool(parts) and ".." not in parts and list(out.resolve().parts[-len(parts):]) == parts
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def _config_diff(old: TrainConfig, new: TrainConfig) -> list[str]:

@@ -149,6 +149,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.model is None:
+            self.dataset = parse_field("dataset", self.dataset)  # a name before it is looked up
             self.model = default_model(self.dataset)  # an unknown data set fails here, with suggestions
         self.validate()
 
@@ -411,10 +412,11 @@ def parse_field(name: str, value: Any) -> Any:
         return value
     origin = typing.get_origin(tp)
     if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, e.g. [30, 60], got {value!r}")
-        check_size(value, name)
         (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            example = "[fc, 'blocks.0.*']" if item is str else "[30, 60]"
+            raise ValueError(f"{name} must be a list, e.g. {example}, got {value!r}")
+        check_size(value, name)
         if item is str:
             wrong = [v for v in value if not isinstance(v, str)]
             if wrong:
@@ -425,6 +427,10 @@ def parse_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, e.g. {{key: value}}, got {value!r}")
         check_size(value, name)
+        if name == "model_kwargs":
+            keys = [k for k in value if not isinstance(k, str)]
+            if keys:
+                raise ValueError(f"model_kwargs keys must be option names (strings), got {keys[0]!r}")
         return dict(value)
     return value  # pragma: no cover - every field type is handled above
 
@@ -463,6 +469,8 @@ def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
     """Read a YAML recipe (keys = TrainConfig fields) and apply overrides (None values are ignored)."""
     yaml = require("yaml", "cli", "reading a YAML recipe")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a folder; give a YAML file (a run's own is {path / 'config.yaml'})")
     if not path.is_file():
         raise ValueError(f"recipe file not found: {path}")
     try:

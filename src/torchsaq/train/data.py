@@ -190,6 +190,18 @@ def _check_no_img_size(name: str, img_size: Optional[int], native: int) -> None:
         raise ValueError(f"{name} has a fixed input size ({native}); img_size={img_size} is not supported")
 
 
+#: the data sets that read no files (generated or embedded): an explicit data_dir would be ignored
+EMBEDDED = ("mnist1d", "digits")
+
+
+def check_data_dir_read(name: str, data_dir: Optional[PathLike]) -> None:
+    """An explicit ``data_dir`` for a data set that reads no files (mnist1d, digits: generated or embedded) is a
+    ValueError naming it: the run would silently use the embedded copy, not the files there."""
+    if data_dir is not None and name in EMBEDDED:
+        raise ValueError(f"{name} is built in (generated or embedded) and reads no files: --data-dir "
+                         f"{str(data_dir)!r} would be ignored; drop it")
+
+
 def _tensor_bundle(name: str, x: Any, y: Any, xt: Any, yt: Any, num_classes: int, val_split: float, seed: int,
                    augment: Optional[TensorAugment] = None, classes: Optional[list[str]] = None) -> DataBundle:
     """A bundle of TensorDatasets; numpy arrays are copied, tensors used as they are; ``augment``: training set only."""

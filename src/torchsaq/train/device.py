@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_device", "DistEnv", "init_distributed", "agree", "amp_dtype", "autocast", "auto_threads",
-           "SMALL_BATCH_MACS", "check_threads", "usable_cores"]
+           "SMALL_BATCH_MACS", "check_threads", "check_workers", "usable_cores"]
 
 #: below this many multiply-accumulates per training batch (forward), auto threads is 1 (see README)
 SMALL_BATCH_MACS = 5e8
@@ -112,6 +112,17 @@ def check_threads(threads: int) -> None:
     if threads > cores:
         raise ValueError(f"--threads {threads} is more than the {cores} CPU core(s) this process may use; "
                          f"give at most {cores}, or 0 to choose automatically")
+
+
+def check_workers(workers: int) -> None:
+    """A ValueError for a data loader worker count no machine of this size can run: each worker is a process
+    (with its own torch), and a thousand of them exhaust the memory before the first batch. Up to 4 per usable
+    core, and at least 32, are allowed (recipes name 4 or 8)."""
+    cores = usable_cores()
+    limit = max(32, 4 * cores)
+    if workers > limit:
+        raise ValueError(f"--workers {workers} would start {workers} data loader processes on {cores} CPU core(s); "
+                         f"give at most {limit} (a few per core; 0 loads in the main process)")
 
 
 def usable_cores() -> int:

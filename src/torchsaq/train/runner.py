@@ -179,8 +179,10 @@ def build_data(cfg: TrainConfig, device: torch.device, env: DistEnv = DistEnv())
     there by a DeviceLoader: the same order as the sampler's, set_epoch/start alike, augmentation drawn per
     (seed, epoch).
     """
-    from .data import DeviceLoader, build_datasets, subset_train
+    from .data import DeviceLoader, build_datasets, check_data_dir_read, subset_train
 
+    if not cfg.resume:  # a run that stored one earlier still resumes
+        check_data_dir_read(cfg.dataset, cfg.data_dir)
     rank, world = env.rank, env.world
     bundle = build_datasets(cfg.dataset, data_dir=cfg.data_dir, img_size=cfg.img_size, val_split=cfg.val_split,
                             seed=cfg.seed, augment=cfg.augment)
@@ -286,16 +288,25 @@ def _setup_run(cfg: TrainConfig, env: DistEnv, device: torch.device, data: Train
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loop = LoopState()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loop = LoopState.from_checkpoint(state)
+        from .sam import SAQ, _check_state_shapes
+
+        with _restoring(ckpt.path, "optimizer, scheduler and loop state"):
+            if not isinstance(optimizer, SAQ):  # SAQ.load_state_dict checks its own (and its base's) shapes
+                _check_state_shapes(state["optimizer"], [p for g in optimizer.param_groups for p in g["params"]],
+                                    [], {})
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            loop = LoopState.from_checkpoint(state)
+        if loop.skip >= data.steps_per_epoch:
+            raise ValueError(f"cannot resume {ckpt.path}: its step_in_epoch ({loop.skip}) is not within an epoch of "
+                             f"this run ({data.steps_per_epoch} batches): it is corrupted or of another data set")
     else:
         torch.manual_seed(cfg.seed + env.rank)
     # purge_step: TensorBoard drops older events from this step on (those a resumed session will redo)
+    ckpt.write_config()  # first: a folder with this run's config.yaml is recognisably its run (checkpointer)
     tb = TensorBoard(ckpt.out / "tb" if ckpt.writes else None, purge_step=loop.global_step)
-    ckpt.write_config()
     ckpt.attach(data=data.info, model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     return Run(cfg=cfg, env=env, device=device, amp_dtype=amp, model=model, raw_model=raw_model,
                optimizer=optimizer, base=base, scheduler=scheduler, scaler=scaler, criterion=criterion, data=data,
@@ -332,9 +343,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.resume and not cfg.save:
         raise ValueError("resume needs save=True (the checkpoint lives in the output folder)")
 
-    from .device import check_threads
+    from .device import check_threads, check_workers
 
     check_threads(cfg.threads)
+    check_workers(cfg.workers)
     env = DistEnv.from_environ()
     device = resolve_device(cfg.device, env.local_rank)
     if cfg.lsq_backend == "triton" and device.type != "cuda":
@@ -367,9 +379,22 @@ def _train(cfg: TrainConfig, progress: bool, step_callback: Optional[Callable[[i
     model, raw_model, threads = _setup_model(cfg, data, bundle.train, state, device, env, ckpt.path)
     run = _setup_run(cfg, env, device, data, model, raw_model, ckpt, state, progress, step_callback)
     if state is not None:
-        set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+        with _restoring(ckpt.path, "random number generator state"):
+            set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
     fit(run)
     return _result(run, threads)
+
+
+@contextlib.contextmanager
+def _restoring(path: Path, what: str) -> Iterator[None]:
+    """A resumed checkpoint whose ``what`` cannot be restored (a missing entry, a wrong type or shape) is one
+    ValueError naming the file, not a traceback from deep inside torch."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot resume {path}: its {what} cannot be restored ({detail}); it is corrupted or "
+                         "was written for another model") from None
 
 
 def _check_input_rank(cfg: TrainConfig, input_shape: list[int]) -> None:
