@@ -432,7 +432,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, cfg, info = load_model(args.checkpoint, device)
     if args.data_dir:
-        from .data import check_data_dir_read
+        from .train.data import check_data_dir_read
 
         check_data_dir_read(cfg.dataset, args.data_dir)
     bundle = build_datasets(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, img_size=cfg.img_size,

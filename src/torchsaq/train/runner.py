@@ -288,7 +288,7 @@ def _setup_run(cfg: TrainConfig, env: DistEnv, device: torch.device, data: Train
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loop = LoopState()
     if state is not None:
-        from .sam import SAQ, _check_state_shapes
+        from ..optim.saq import SAQ, _check_state_shapes
 
         with _restoring(ckpt.path, "optimizer, scheduler and loop state"):
             if not isinstance(optimizer, SAQ):  # SAQ.load_state_dict checks its own (and its base's) shapes
