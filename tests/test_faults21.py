@@ -7,30 +7,7 @@ import torch
 
 from torchsaq.cli import main
 
-TINY = ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "2", "--limit-eval-batches", "1",
-        "--sharpness", "none"]
-
-
-def _fails(capsys, argv, *needles, code=None) -> str:
-    """The CLI exits non-zero with one line 'torchsaq: error: ...' holding every needle (last on stderr)."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse errors exit 2
-        rc = e.code
-    text = capsys.readouterr().err.strip()
-    assert rc != 0 and (code is None or rc == code), (rc, text)
-    err = text.split("\n")[-1]
-    assert err.startswith("torchsaq: error: ") and text.count("torchsaq: error") == 1 and "Traceback" not in text, text
-    for n in needles:
-        assert n in err, err
-    return err
-
-
-def _ok(capsys, argv) -> str:
-    rc = main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err[-2000:]
-    return captured.out
+from test_faults import TINY, _fails, _ok  # the CLI probes of the earlier rounds: one line, last on stderr
 
 
 @pytest.fixture(scope="module")
