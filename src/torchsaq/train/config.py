@@ -48,7 +48,7 @@ class SharpnessConfig:
     mode: Optional[str] = "case3"
     rho: float = DEFAULT_RHO
     adaptive: bool = False
-    strategy: str = "prev_grad"
+    strategy: str = "full"
     k: int = 5
     alpha: Union[str, float] = "auto"
     rho_warmup_epochs: float = 0.0
@@ -123,7 +123,8 @@ class TrainConfig:
     sharpness: str = "case3"
     rho: float = DEFAULT_RHO
     adaptive: bool = False
-    strategy: str = "prev_grad"     # default chosen by benchmarks (README): ~1 pass, keeps full SAQ accuracy
+    strategy: str = "full"          # the paper's two-pass step (2x a plain step): the only one that kept SAQ's gain
+    #                                 in every benchmark; prev_grad (1x) kept 40-77% of it (docs/strategies.md)
     strategy_k: int = 5             # every_k: a full step every k iterations
     strategy_alpha: Optional[float] = None  # every_k: weight of the stored sharp component; None: auto (measured)
     strategy_fraction: float = 0.25  # sub_batch: the ascent pass's share of the batch
