@@ -121,6 +121,11 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
     codes = wq.integer(w).to(torch.int64)  # LIQ standardises inside integer()
     width = 4 if wq.bits <= 4 else 8
     for form in wq.affine(codes):  # the first form whose integers fit the narrowest container of their sign
+        if form.block_size is not None:  # blocked DequantizeLinear (opset 21) is not written yet
+            name = getattr(layer, "_saq_name", type(layer).__name__)
+            raise ValueError(f"ONNX export: layer {name} quantizes its weight in groups of "
+                             f"{form.block_size} (group_size), which the QDQ ONNX export does not write yet; "
+                             "export to .safetensors")
         container = f"{'INT' if form.lo < 0 else 'UINT'}{width}"
         if CONTAINERS[container][0] <= form.lo and form.hi <= CONTAINERS[container][1]:
             break

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
-from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
+from .quantizer import FLOAT_BITS, QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
 from ..registry import Registry
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
@@ -43,11 +43,15 @@ class QuantConfig:
     one sample (``"per_sample"``, the LSQ paper) or of the whole batch (``"batch"``). ``a_signed``: signed
     activation range; ``None`` decides per layer from the data. ``layer_bits``: glob pattern on module
     names -> bits (int for both, or ``(w_bits, a_bits)``); wins over everything else. ``exclude``: glob
-    patterns of layers left as float modules.
+    patterns of layers left as float modules. ``a_bits=None``: weight-only, every layer's input stays float (the
+    first and last layers' too: they get ``first_last_bits`` weights and float inputs). ``group_size`` (LSQ):
+    one weight step per group of that many consecutive input elements of each output row (a convolution's
+    ``in*kh*kw`` flattened), the step-gradient scale counting the group's elements; a layer whose row length
+    it does not divide is refused by name (exclude it); unset: per channel (or per tensor).
     """
 
     w_bits: int = 4
-    a_bits: int = 4
+    a_bits: Optional[int] = 4
     first_last_bits: int = 8
     per_channel: bool = True
     weight_standardize: bool = False
@@ -56,10 +60,20 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     quantizer: str = "lsq"
     act_grad_scale: str = "per_sample"
+    group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+            if self.quantizer != "lsq":
+                raise ValueError(f"group_size is an LSQ option; quantizer={self.quantizer!r} has none")
+            if not self.per_channel:
+                raise ValueError("group_size gives steps per group of each output channel: it needs "
+                                 "per_channel=True")
         check_bits(self.first_last_bits, "first_last_bits")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
@@ -78,8 +92,13 @@ class QuantConfig:
 
     def quantizer_options(self) -> Any:
         """The options dataclass of :attr:`quantizer` (:data:`torchsaq.quant.quantizer.QUANTIZERS`), from the fields
-        of the same names (``per_channel``, ``weight_standardize``, ``act_grad_scale`` for LSQ)."""
+        of the same names (``per_channel``, ``weight_standardize``, ``act_grad_scale``, ``group_size`` for LSQ)."""
         return options_of(self.quantizer, self)
+
+    @property
+    def act_bits(self) -> int:
+        """The input-activation bits of the layers: ``a_bits``, 32 (float) where weight-only (``a_bits=None``)."""
+        return FLOAT_BITS if self.a_bits is None else self.a_bits
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -152,10 +171,10 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
              for _, m in targets]
     try:
         for name, m in targets:
-            bits = _override(name, config) or (config.w_bits, config.a_bits)
+            bits = _override(name, config) or (config.w_bits, config.act_bits)
             m.__class__ = QUANT_CLASSES[type(m)]
-            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
             m._saq_name = name
+            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
         # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
         model._saq_config = config  # type: ignore[assignment]
         hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
@@ -264,7 +283,7 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
             # first layer's input clip starts at max|x| instead, so its 8 bits cover the data as LSQ's do
             aq.init_fraction = 1.0
         if _override(m._saq_name, config) is None:
-            m.set_bits(config.first_last_bits, config.first_last_bits)
+            m.set_bits(config.first_last_bits, FLOAT_BITS if config.a_bits is None else config.first_last_bits)
     return order
 
 

@@ -60,6 +60,7 @@ class QuantLayer(_Module):
         :data:`torchsaq.quant.quantizer.QUANTIZERS`) and the hooks."""
         wq, aq = QUANTIZERS.get(quantizer).make(w_bits, a_bits, self.weight.shape[0], options, a_signed=a_signed,
                                                 linear=isinstance(self, nn.Linear))
+        wq.bind(self.weight.shape, getattr(self, "_saq_name", type(self).__name__))
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
         self.quant_role = None  # "first" / "last" once the execution order is known
