@@ -36,6 +36,7 @@ TRAIN_HELP = {
     "w_bits": "weight bits (2..8, 32 = float)",
     "a_bits": "activation bits (2..8, 32 = float; none: weight-only, every input float, first/last layers too)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
+    "embedding_bits": "quantize nn.Embedding tables at these bits, weight-only (2..8); unset: embeddings stay float",
     "quantizer": "weight and activation quantizer",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",

@@ -512,6 +512,9 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
     fast: dict[str, _Fast] = {}
     record: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
+        if type(layer) not in _EXPORT_CLASSES:
+            raise ValueError(f"ONNX export: layer {name} is a {type(layer).__name__}, which the ONNX export does not "
+                             "write yet; export to .safetensors (or exclude the layer from quantization)")
         w, a = _weight_plan(layer), _act_plan(layer, name)
         f = _fast_plan(layer, w, a) if mode == "fast" else None
         if w is not None:

@@ -210,10 +210,15 @@ def export_safetensors(model: nn.Module, path: PathLike, example_inputs: Any = N
             state.pop(name + ".weight")
             info["numel"] = layer.weight.numel()
             info["packing"] = {8: "int8" if signed else "uint8", 4: "nibble", 3: "3-bit", 2: "crumb"}[_slot(wq.bits)]
+    seen: set[int] = set()
     for key, value in state.items():
         if is_quantizer_flag(key, prefixes):
             continue
-        tensors[key] = value.detach().cpu().contiguous()
+        t = value.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:  # a tied float tensor: safetensors stores copies
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
     metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(meta)}
     config = getattr(model, "_saq_config", None)
     if config is not None:

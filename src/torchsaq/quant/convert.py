@@ -48,6 +48,10 @@ class QuantConfig:
     one weight step per group of that many consecutive input elements of each output row (a convolution's
     ``in*kh*kw`` flattened), the step-gradient scale counting the group's elements; a layer whose row length
     it does not divide is refused by name (exclude it); unset: per channel (or per tensor).
+    ``embedding_bits``: also quantize every ``nn.Embedding``'s table at these bits (weight-only; LSQ: a step per
+    row, or per ``group_size`` group of a row); embeddings take no first/last role. None: embeddings stay float.
+    A weight tied between two modules (an embedding and an LM head) is quantized by each quantized module with its
+    own steps; an export refuses such a model (untie the weights, or keep both float).
     """
 
     w_bits: int = 4
@@ -61,9 +65,12 @@ class QuantConfig:
     quantizer: str = "lsq"
     act_grad_scale: str = "per_sample"
     group_size: Optional[int] = None
+    embedding_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
+        if self.embedding_bits is not None:
+            check_bits(self.embedding_bits, "embedding_bits")
         if self.a_bits is not None:
             check_bits(self.a_bits, "a_bits")
         if self.group_size is not None:
@@ -151,7 +158,12 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
         raise ValueError("model is already quantized")
     targets = []
     for name, m in model.named_modules():
+        if type(m) is nn.Embedding and config.embedding_bits is None:
+            continue
         if type(m) in QUANT_CLASSES and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+                raise ValueError(f"quantize: embedding {name} has max_norm or sparse=True, which a quantized table "
+                                 "cannot keep; exclude it")
             targets.append((name, m))
     if not targets:
         raise ValueError("model has no nn.Conv1d, nn.Conv2d or nn.Linear layer to quantize")
@@ -172,6 +184,8 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
     try:
         for name, m in targets:
             bits = _override(name, config) or (config.w_bits, config.act_bits)
+            if isinstance(m, nn.Embedding):  # indices are never quantized
+                bits = (bits[0] if _override(name, config) else cast(int, config.embedding_bits), FLOAT_BITS)
             m.__class__ = QUANT_CLASSES[type(m)]
             m._saq_name = name
             m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
@@ -274,6 +288,9 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     if not order:
         raise ValueError("the forward pass used none of the quantized layers")
     config = cast(QuantConfig, model._saq_config)  # set by quantize
+    order = [m for m in order if not isinstance(m, nn.Embedding)]  # a lookup takes no first/last role
+    if not order:
+        return order
     roles = {order[0]: "first", order[-1]: "last"} if len(order) > 1 else {order[0]: "first"}
     for m, role in roles.items():
         m.quant_role = role

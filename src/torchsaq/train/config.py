@@ -103,6 +103,7 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=list)           # module-name globs left in float
     act_grad_scale: str = "per_sample"  # LSQ activation step gradient: N counts one sample, or the batch
     group_size: Optional[int] = None  # LSQ: one weight step per group of this many inputs of each output row
+    embedding_bits: Optional[int] = None  # quantize nn.Embedding tables at these bits (weight-only); None: float
     calib_batches: int = 1
     # optimisation
     epochs: int = 30
@@ -250,7 +251,7 @@ class TrainConfig:
 
     #: the fields that :attr:`quant` reads (QuantConfig's own names)
     QUANT_FIELDS = ("w_bits", "a_bits", "first_last_bits", "per_channel", "weight_standardize", "quantizer",
-                    "act_grad_scale", "layer_bits", "exclude", "group_size")
+                    "act_grad_scale", "layer_bits", "exclude", "group_size", "embedding_bits")
 
     def quant_config(self) -> QuantConfig:
         """The :class:`saq.QuantConfig` these options describe."""
@@ -258,7 +259,7 @@ class TrainConfig:
                            per_channel=self.per_channel, weight_standardize=self.weight_standardize,
                            quantizer=self.quantizer, act_grad_scale=self.act_grad_scale,
                            layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude),
-                           group_size=self.group_size)
+                           group_size=self.group_size, embedding_bits=self.embedding_bits)
 
     @property
     def model_name(self) -> str:
