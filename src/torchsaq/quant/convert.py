@@ -150,12 +150,56 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
     are found in execution order on the first forward pass (or now, from ``example_inputs``: a tensor or a
     tuple of positional inputs) and get ``config.first_last_bits``. Step sizes are initialised from the
     first training batch, or by :func:`calibrate`. Returns ``model``.
+
+    ``nn.Embedding`` tables are converted too where ``config.embedding_bits`` is set. Hugging Face's ``Conv1D``
+    (GPT-2's attention and MLP projections: a Linear with its weight stored ``[in, out]``) becomes an
+    ``nn.Linear`` first, the same function: its weight Parameter keeps its identity (optimizers, tied references)
+    and gets the ``[out, in]`` layout, so its steps are per output channel / per group of inputs like any
+    Linear's. A ``state_dict`` saved afterwards holds those weights transposed (load it into a model quantized
+    the same way, not into a fresh GPT-2).
     """
     config = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise ValueError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if quant_layers(model):
         raise ValueError("model is already quantized")
+    undo = _hf_conv1d_to_linear(model, config.exclude)
+    try:
+        return _quantize(model, config, example_inputs)
+    except BaseException:
+        for m, cls in undo:
+            _transpose_weight(m)
+            m.__class__ = cls
+        raise
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (recognised without importing transformers)."""
+    cls = type(m)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def _hf_conv1d_to_linear(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[nn.Module, type]]:
+    """Turn every HF ``Conv1D`` not excluded into an ``nn.Linear`` in place (the weight transposed in its own
+    Parameter); returns (module, its class) to undo it."""
+    done: list[tuple[nn.Module, type]] = []
+    for name, m in model.named_modules():
+        if not _is_hf_conv1d(m) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        done.append((m, type(m)))
+        _transpose_weight(m)
+        m.__class__ = nn.Linear
+        m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+    return done
+
+
+def _transpose_weight(m: nn.Module) -> None:
+    """``m.weight`` transposed in its own Parameter (2-D)."""
+    w = cast(nn.Parameter, m.weight)
+    w.data = w.data.t().contiguous()
+
+
+def _quantize(model: nn.Module, config: QuantConfig, example_inputs: Optional[Any]) -> nn.Module:
     targets = []
     for name, m in model.named_modules():
         if type(m) is nn.Embedding and config.embedding_bits is None:
@@ -316,7 +360,7 @@ def _inputs(batch: Any) -> tuple:
     if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
         return (batch[0],)
     if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
+        for key in ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids"):
             if key in batch:
                 return (batch[key],)
     raise ValueError("calibrate expects batches that are tensors, (input, target) pairs or dicts with an "
