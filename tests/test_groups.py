@@ -281,15 +281,6 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(same(x), want)
 
 
-def test_onnx_qdq_export_refuses_groups(tmp_path):
-    pytest.importorskip("onnx")
-    model = _mlp(group_size=8)
-    model.train()
-    model(torch.randn(2, 16))
-    with pytest.raises(ValueError, match="groups of 8"):
-        saq.export(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 16),))
-
-
 def test_state_dict_checkpoint_round_trip(tmp_path):
     model = _mlp(group_size=8, seed=2)
     x = torch.randn(5, 16)
