@@ -21,6 +21,11 @@ layer computes with
   output channel), then the bias is added: the numbers of the low-bit model on integer kernels. Layers without
   an integer form (a float input or weight, LIQ at 8 bits, grouped convolutions) keep the compact form.
 
+In both flavours a Linear layer whose LSQ weight is quantized in groups (``QuantConfig(group_size=...)``) becomes
+onnxruntime's ``com.microsoft.MatMulNBits`` (block = the group size, a power of two >= 16; 4-bit blocks for
+2..4-bit codes with its default zero point 8, 8-bit blocks with zero point 128 for 5..8 bits), one scale per
+block, at its default accuracy level (float activations): onnxruntime's blockwise low-bit CPU kernel.
+
 Why the graph has this shape (onnxruntime 1.32's transformers, docs/onnx.md): nothing computes directly on a
 ``DequantizeLinear`` output. A Conv/Gemm/MatMul reading DQ'd inputs is a "QDQ node group" that onnxruntime
 may rewrite with a meaning of its own (WeightBiasQuantization rounds a float bias to ``input_scale *
