@@ -111,6 +111,9 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["layer_bits"] = {k: list(v) for k, v in self.bits_pairs().items()}
         d["exclude"] = list(self.exclude)
+        for key in ("group_size", "embedding_bits"):  # unset: left out, so files without them stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     def bits_pairs(self) -> dict[str, tuple[int, int]]:
