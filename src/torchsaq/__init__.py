@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .quant.convert import QuantConfig, calibrate, quantize
 from .quant.kernels import get_lsq_backend, set_lsq_backend
-from .quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, quant_layers
+from .quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear, quant_layers
 from .quant.quantizer import (LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotInitializedError, Quantizer, lsq,
                              qrange)
 
@@ -43,7 +43,7 @@ _LAZY: dict[str, tuple[str, Optional[str]]] = {
 __all__ = [
     "QuantConfig", "quantize", "calibrate", "lsq", "qrange", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer",
     "LIQActQuantizer", "NotInitializedError", "set_lsq_backend", "get_lsq_backend",
-    "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "quant_layers", *_LAZY,
+    "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding", "quant_layers", *_LAZY,
 ]
 
 #: the flat module paths of torchsaq <= 0.1 -> their homes in the packages (docs/architecture.md); importing an

@@ -34,8 +34,9 @@ TRAIN_HELP = {
     "augment": "random training augmentation: CIFAR crop+flip, ImageNet-style resized crop+flip, "
                "fashion_mnist crop 28 (padding 2)+flip; mnist1d and digits have none",
     "w_bits": "weight bits (2..8, 32 = float)",
-    "a_bits": "activation bits (2..8, 32 = float)",
+    "a_bits": "activation bits (2..8, 32 = float; none: weight-only, every input float, first/last layers too)",
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
+    "embedding_bits": "quantize nn.Embedding tables at these bits, weight-only (2..8); unset: embeddings stay float",
     "quantizer": "weight and activation quantizer",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",

@@ -82,6 +82,16 @@ def check_not_shared(model: nn.Module, layers: list[tuple[str, QuantLayer]]) -> 
             raise ValueError(f"export: layer {names[id(m)]} is registered twice (also as {name}); an export stores "
                              "each name's codes separately: give each place its own layer")
         names.setdefault(id(m), name)
+    quantized = {id(layer.weight): name for name, layer in layers if layer.weight_quantizer.enabled}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantLayer):
+            continue
+        for pname, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) in quantized:
+                raise ValueError(f"export: the weight of the quantized layer {quantized[id(p)]} is also "
+                                 f"{name + '.' if name else ''}{pname}, a float module's (tied weights): the file "
+                                 "would give that module the quantized weight; untie them (copy the weight) or "
+                                 "quantize neither")
     owners: dict[int, str] = {}
     for name, layer in layers:
         other = owners.setdefault(id(layer.weight), name)

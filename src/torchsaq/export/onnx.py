@@ -21,6 +21,11 @@ layer computes with
   output channel), then the bias is added: the numbers of the low-bit model on integer kernels. Layers without
   an integer form (a float input or weight, LIQ at 8 bits, grouped convolutions) keep the compact form.
 
+In both flavours a Linear layer whose LSQ weight is quantized in groups (``QuantConfig(group_size=...)``) becomes
+onnxruntime's ``com.microsoft.MatMulNBits`` (block = the group size, a power of two >= 16; 4-bit blocks for
+2..4-bit codes with its default zero point 8, 8-bit blocks with zero point 128 for 5..8 bits), one scale per
+block, at its default accuracy level (float activations): onnxruntime's blockwise low-bit CPU kernel.
+
 Why the graph has this shape (onnxruntime 1.32's transformers, docs/onnx.md): nothing computes directly on a
 ``DequantizeLinear`` output. A Conv/Gemm/MatMul reading DQ'd inputs is a "QDQ node group" that onnxruntime
 may rewrite with a meaning of its own (WeightBiasQuantization rounds a float bias to ``input_scale *
@@ -51,7 +56,7 @@ from .._io import atomic_write
 from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
 from ..quant.convert import eval_mode
 from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
-from ..quant.quantizer import STEP_EPS
+from ..quant.quantizer import STEP_EPS, AffineCodes
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
            "OnnxModel"]
@@ -63,6 +68,7 @@ MIN_OPSET = 21
 CONTAINERS: dict[str, tuple[int, int]] = {
     "UINT4": (0, 15), "INT4": (-8, 7), "UINT8": (0, 255), "INT8": (-128, 127)}
 _TORCHSCRIPT_OPSET = 20  # the highest opset the TorchScript exporter knows; the graph is converted after
+_MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 _DOMAIN = "saq"  # custom ops that mark the quantized layers in the exported graph, replaced before saving
 
 
@@ -89,9 +95,14 @@ class _Weight:
     bits: int
     zero_point: int = 0
     shift: Optional[Tensor] = None  # float32 0-d added after DequantizeLinear (LIQ at 4 and 8 bits)
+    block: Optional[int] = None  # group-wise (Linear): scale (out, in/block), written as MatMulNBits
 
     def values(self) -> Tensor:
         """What the graph computes: (ints - zero_point) * scale (+ shift)."""
+        if self.block is not None:  # ints (in, out), one scale per block of `block` inputs of each output
+            k, n = self.ints.shape
+            v = self.ints.t().reshape(n, k // self.block, self.block).float() * self.scale.unsqueeze(-1)
+            return v.reshape(n, k).t()
         s = self.scale
         if self.axis is not None:
             shape = [1] * self.ints.dim()
@@ -121,6 +132,8 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
     codes = wq.integer(w).to(torch.int64)  # LIQ standardises inside integer()
     width = 4 if wq.bits <= 4 else 8
     for form in wq.affine(codes):  # the first form whose integers fit the narrowest container of their sign
+        if form.block_size is not None:
+            return _nbits_plan(layer, form)
         container = f"{'INT' if form.lo < 0 else 'UINT'}{width}"
         if CONTAINERS[container][0] <= form.lo and form.hi <= CONTAINERS[container][1]:
             break
@@ -135,6 +148,38 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
         raise AssertionError(f"{layer} weight integers outside {container}")
     return _Weight(ints=ints, scale=scale, axis=axis, container=container, bits=wq.bits,
                    zero_point=zero_point, shift=shift)
+
+
+def _nbits_plan(layer: QuantLayer, form: AffineCodes) -> _Weight:
+    """A group-wise weight as onnxruntime's ``com.microsoft.MatMulNBits`` takes it: 4-bit codes (2..4-bit LSQ codes,
+    within [-8, 7], stored with MatMulNBits' default zero point 8) or 8-bit codes (5..8 bits, zero point 128) in
+    blocks of ``group_size`` inputs, one scale per block. Only Linear layers and group sizes that are powers of two
+    >= 16."""
+    block = form.block_size
+    assert block is not None
+    name = getattr(layer, "_saq_name", type(layer).__name__)
+    if not isinstance(layer, nn.Linear) or form.lo < -128 or form.hi > 127 or block < 16 or block & (block - 1):
+        raise ValueError(f"ONNX export: layer {name} quantizes its weight in groups of {block} (group_size): the "
+                         "ONNX export writes group-wise weights as MatMulNBits, which takes Linear layers with "
+                         "signed weight codes and a group size that is a power of two >= 16; export to .safetensors")
+    container = "UINT4" if form.lo >= -8 and form.hi <= 7 else "UINT8"
+    return _Weight(ints=form.ints.t().contiguous(), scale=form.scale.float(), axis=None, container=container,
+                   bits=layer.w_bits, block=block)
+
+
+def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
+    """Replace ``node`` (the layer's MatMul reading its weight marker) by ``com.microsoft.MatMulNBits``."""
+    assert w.block is not None
+    k, n = w.ints.shape
+    bits = 4 if w.container == "UINT4" else 8
+    q = (w.ints.t().reshape(n, k // w.block, w.block) + 2 ** (bits - 1)).to(torch.uint8)  # + the default zero point
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q).numpy()  # low nibble first, along K
+    onnx = _onnx()
+    bq = b.init(f"{layer}.weight_nbits", lambda nm: onnx.numpy_helper.from_array(packed, nm))
+    s = b.init(f"{layer}.weight_scale", lambda nm: _float_initializer(nm, w.scale))
+    b.nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], bq, s], [node.output[0]],
+                                         name=f"{layer}/MatMulNBits", domain=_MS_DOMAIN, K=k, N=n, bits=bits,
+                                         block_size=w.block))
 
 
 def _act_plan(layer: QuantLayer, name: str) -> Optional[_Act]:
@@ -171,7 +216,7 @@ def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Op
     """The integer-kernel form of a layer, or None where it stays on float kernels: a float weight or input, LIQ at
     8 bits (odd integers up to 255), grouped/depthwise convolutions (onnxruntime's ConvInteger runs them as one
     im2col + GEMM per group: several times slower than its float depthwise kernel)."""
-    if w is None or a is None or getattr(layer, "groups", 1) != 1:
+    if w is None or a is None or getattr(layer, "groups", 1) != 1 or w.block is not None:
         return None
     ints, scale = w.ints, w.scale
     if w.shift is not None:  # LIQ at 4/8 bits: (c - z) * S - S/2 = (2c - n) * S/2, the odd integers, n = 2z + 1
@@ -425,14 +470,21 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
                                       or _marker_layer(act_out[node.input[0]]) != layer):
             fast = {k: v for k, v in (fast or {}).items() if k != layer}  # (a padding mode other than zeros)
     fast = fast or {}
+    nbits = {k for k, w in weights.items() if w.block is not None}
     for node in graph.node:
         compute = next((weight_out[i] for i in node.input if i in weight_out), None) if node.domain != _DOMAIN else None
-        if compute in fast:
+        if compute in nbits:
+            if node.op_type != "MatMul" or node.input[1] not in weight_out:  # pragma: no cover - Linear: MatMul
+                raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a MatMul")
+            _matmul_nbits(b, compute, weights[compute], node)
+        elif compute in fast:
             _fast_layer(b, compute, fast[compute], node, act_in[node.input[0]])
         elif node.domain != _DOMAIN:
             b.nodes.append(node)
         elif _marker_layer(node) in fast:
             continue  # folded into the integer kernel above
+        elif node.op_type == "WeightDQ" and _marker_layer(node) in nbits:
+            continue  # read by the MatMulNBits above
         elif node.op_type == "WeightDQ":
             name = _marker_layer(node)
             _weight_dq(b, name, weights[name], node.output[0], shield=weights[name].ints.dim() == 2)
@@ -445,6 +497,8 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
     graph.initializer.extend(b.inits)
     _drop_unused(graph)
     ops = [o for o in proto.opset_import if o.domain != _DOMAIN]
+    if nbits:
+        ops.append(_onnx().helper.make_opsetid(_MS_DOMAIN, 1))
     del proto.opset_import[:]
     proto.opset_import.extend(ops)
     return proto, set(fast)
@@ -507,6 +561,9 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
     fast: dict[str, _Fast] = {}
     record: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
+        if type(layer) not in _EXPORT_CLASSES:
+            raise ValueError(f"ONNX export: layer {name} is a {type(layer).__name__}, which the ONNX export does not "
+                             "write yet; export to .safetensors (or exclude the layer from quantization)")
         w, a = _weight_plan(layer), _act_plan(layer, name)
         f = _fast_plan(layer, w, a) if mode == "fast" else None
         if w is not None:
@@ -521,7 +578,10 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
             "w_axis": w.axis if w else None,
             "a_bits": layer.a_bits, "a_container": "UINT8" if f else a.container if a else "FLOAT",
             "a_range": [a.lo, a.hi] if a else None,
-            "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f else "float"}
+            "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f
+            else "MatMulNBits" if w is not None and w.block is not None else "float"}
+        if w is not None and w.block is not None:
+            record[name].update(w_container=w.container, w_block=w.block)
     return weights, acts, fast, record
 
 

@@ -42,7 +42,7 @@ from .common import (ExportInfo, PathLike, checked_layers, float_bytes, is_quant
                      quantizer_prefixes, unwrap)
 from ..quant.convert import _drop_trace_hook
 from ..quant.layers import QuantLayer, quant_layers
-from ..quant.quantizer import FLOAT_BITS, QUANTIZERS, Quantizer, check_bits, make_quantizers, qrange
+from ..quant.quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer, check_bits, make_quantizers, qrange
 
 __all__ = ["export_safetensors", "load_exported", "ExportInfo", "pack_codes", "unpack_codes", "FORMAT", "VERSION"]
 
@@ -146,6 +146,8 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
         "role": layer.quant_role,
         "macs": getattr(layer, "_saq_macs", None),
     }
+    if getattr(wq, "group_size", None) is not None:  # (only then: files without groups stay as they were)
+        meta["w_group_size"] = wq.group_size
     if wq.standardize and wq.enabled and not layer.weight_standardize:  # (LSQ's per-channel statistics: none)
         w = layer.weight.detach().float()
         meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
@@ -208,10 +210,15 @@ def export_safetensors(model: nn.Module, path: PathLike, example_inputs: Any = N
             state.pop(name + ".weight")
             info["numel"] = layer.weight.numel()
             info["packing"] = {8: "int8" if signed else "uint8", 4: "nibble", 3: "3-bit", 2: "crumb"}[_slot(wq.bits)]
+    seen: set[int] = set()
     for key, value in state.items():
         if is_quantizer_flag(key, prefixes):
             continue
-        tensors[key] = value.detach().cpu().contiguous()
+        t = value.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:  # a tied float tensor: safetensors stores copies
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
     metadata = {"format": FORMAT, "version": VERSION, "layers": json.dumps(meta)}
     config = getattr(model, "_saq_config", None)
     if config is not None:
@@ -265,9 +272,10 @@ _SCHEMA: dict[str, tuple] = {
     "type": (str,), "shape": (list,), "w_bits": (int,), "w_signed": (bool, _NONE), "w_channel_dim": (int, _NONE),
     "a_bits": (int,), "a_signed": (bool, _NONE), "a_channel_dim": (int, _NONE), "w_initialized": (bool,),
     "a_initialized": (bool,), "weight_standardized": (bool,), "role": (str, _NONE), "quantizer": (str,),
+    "w_group_size": (int, _NONE),
 }
-#: entries older files may lack (their default)
-_OPTIONAL = {"quantizer": "lsq"}
+#: entries older files (and layers without weight groups) may lack (their default)
+_OPTIONAL = {"quantizer": "lsq", "w_group_size": None}
 
 
 def _check_meta(name: str, info: dict[str, Any]) -> None:
@@ -295,6 +303,11 @@ def _check_meta(name: str, info: dict[str, Any]) -> None:
             raise bad(str(e)) from None
     if info["w_channel_dim"] is not None and not 0 <= info["w_channel_dim"] < len(shape):
         raise bad(f"'w_channel_dim' {info['w_channel_dim']} is not a dimension of the weight {shape}")
+    group = info.get("w_group_size")
+    if group is not None and (group < 1 or info["w_channel_dim"] != 0 or info.get("quantizer", "lsq") != "lsq"
+                              or math.prod(shape[1:]) % group):
+        raise bad(f"'w_group_size' {group} does not fit an LSQ weight {shape} with 'w_channel_dim' "
+                  f"{info['w_channel_dim']}")
     if info["w_bits"] != FLOAT_BITS:
         if info["w_signed"] is None:
             raise bad("'w_signed' is null for a quantized weight")
@@ -304,11 +317,16 @@ def _check_meta(name: str, info: dict[str, Any]) -> None:
         raise bad(f"'macs' is {info['macs']!r}, expected an int or null")
 
 
-def _scale_ok(scale: Optional[Tensor], channel_dim: Optional[int], size: Optional[int], what: str) -> None:
-    """The file's step / clip must be finite floating point and 1-D: one per tensor, or one per channel."""
+def _scale_ok(scale: Optional[Tensor], channel_dim: Optional[int], size: Optional[int], what: str,
+              groups: Optional[tuple[int, int]] = None) -> None:
+    """The file's step / clip must be finite floating point and 1-D: one per tensor, or one per channel; or
+    ``groups`` = ``(channels, groups per channel)`` where the weight is quantized in groups."""
     if scale is None:
         return
-    if (scale.dim() != 1 or (channel_dim is None and scale.numel() != 1)
+    if groups is not None:
+        if tuple(scale.shape) != groups:
+            raise ValueError(f"load_exported: {what} scale has shape {tuple(scale.shape)}, expected {groups}")
+    elif (scale.dim() != 1 or (channel_dim is None and scale.numel() != 1)
             or (size is not None and scale.numel() != size)):
         raise ValueError(f"load_exported: {what} scale has shape {tuple(scale.shape)}")
     if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()):
@@ -316,15 +334,18 @@ def _scale_ok(scale: Optional[Tensor], channel_dim: Optional[int], size: Optiona
 
 
 def _configure(q: Quantizer, bits: int, signed: Optional[bool], channel_dim: Optional[int],
-               scale: Optional[Tensor], initialized: bool, what: str) -> None:
-    """Set a quantizer's bits/signedness/per-channel scale (LSQ step, LIQ clip) from the export."""
+               scale: Optional[Tensor], initialized: bool, what: str, group_size: Optional[int] = None) -> None:
+    """Set a quantizer's bits/signedness/per-channel (or per-group: LSQ's ``group_size``) scale (LSQ step, LIQ
+    clip) from the export."""
     q.bits = check_bits(int(bits), what)
     q.signed = signed
     q.channel_dim = channel_dim
+    if isinstance(q, LSQQuantizer):
+        q.group_size = group_size
     if scale is not None:
         old = q.scale
         scale = scale.to(device=old.device, dtype=old.dtype)
-        if scale.dim() != 1 or (channel_dim is None and scale.numel() != 1):
+        if scale.dim() != (1 if group_size is None else 2) or (channel_dim is None and scale.numel() != 1):
             raise ValueError(f"load_exported: {what} {q.param_name} has shape {tuple(scale.shape)}")
         if scale.shape == old.shape:
             old.data.copy_(scale)
@@ -438,10 +459,12 @@ def _decode_weights(meta: dict[str, Any], layers: dict[str, QuantLayer], swaps: 
         wq, aq = copy.deepcopy(wq).to(layer.weight.device), copy.deepcopy(aq).to(layer.weight.device)
         w_scale = tensors.get(f"{name}.weight_quantizer.{wq.param_name}")
         a_scale = tensors.get(f"{name}.act_quantizer.{aq.param_name}")
-        cdim = info["w_channel_dim"]
-        _scale_ok(w_scale, cdim, info["shape"][cdim] if cdim is not None else None, f"{name} weights")
+        cdim, group = info["w_channel_dim"], info.get("w_group_size")
+        groups = None if group is None else (info["shape"][0], math.prod(info["shape"][1:]) // group)
+        _scale_ok(w_scale, cdim, info["shape"][cdim] if cdim is not None else None, f"{name} weights", groups)
         _scale_ok(a_scale, info["a_channel_dim"], None, f"{name} activations")
-        _configure(wq, info["w_bits"], info["w_signed"], cdim, w_scale, info["w_initialized"], f"{name} weights")
+        _configure(wq, info["w_bits"], info["w_signed"], cdim, w_scale, info["w_initialized"], f"{name} weights",
+                   group)
         _configure(aq, info["a_bits"], info["a_signed"], info["a_channel_dim"], a_scale, info["a_initialized"],
                    f"{name} activations")
         key = name + _CODES
@@ -479,7 +502,8 @@ def _apply(target: nn.Module, meta: dict[str, Any], layers: dict[str, QuantLayer
         layer = layers[name]
         wq, aq = layer.weight_quantizer, layer.act_quantizer
         _configure(wq, info["w_bits"], info["w_signed"], info["w_channel_dim"],
-                   tensors.get(f"{name}.weight_quantizer.{wq.param_name}"), info["w_initialized"], f"{name} weights")
+                   tensors.get(f"{name}.weight_quantizer.{wq.param_name}"), info["w_initialized"], f"{name} weights",
+                   info.get("w_group_size"))
         _configure(aq, info["a_bits"], info["a_signed"], info["a_channel_dim"],
                    tensors.get(f"{name}.act_quantizer.{aq.param_name}"), info["a_initialized"], f"{name} activations")
         layer.quant_role = info["role"]

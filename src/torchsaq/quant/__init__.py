@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .convert import QuantConfig, calibrate, quantize
 from .kernels import get_lsq_backend, set_lsq_backend
-from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, quant_layers
+from .layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear, quant_layers
 from .quantizer import (LIQActQuantizer, LIQWeightQuantizer, LSQQuantizer, NotInitializedError, Quantizer, lsq,
                         qrange)
 
@@ -15,4 +15,4 @@ from . import dorefa, pact  # noqa: E402,F401  (register the "dorefa" and "pact"
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "lsq", "qrange", "Quantizer", "LSQQuantizer", "LIQWeightQuantizer",
            "LIQActQuantizer", "NotInitializedError", "set_lsq_backend", "get_lsq_backend", "QuantLayer", "QuantConv1d",
-           "QuantConv2d", "QuantLinear", "quant_layers"]
+           "QuantConv2d", "QuantLinear", "QuantEmbedding", "quant_layers"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, quant_layers
-from .quantizer import QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
+from .quantizer import FLOAT_BITS, QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
 from ..registry import Registry
 
 __all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
@@ -43,11 +43,19 @@ class QuantConfig:
     one sample (``"per_sample"``, the LSQ paper) or of the whole batch (``"batch"``). ``a_signed``: signed
     activation range; ``None`` decides per layer from the data. ``layer_bits``: glob pattern on module
     names -> bits (int for both, or ``(w_bits, a_bits)``); wins over everything else. ``exclude``: glob
-    patterns of layers left as float modules.
+    patterns of layers left as float modules. ``a_bits=None``: weight-only, every layer's input stays float (the
+    first and last layers' too: they get ``first_last_bits`` weights and float inputs). ``group_size`` (LSQ):
+    one weight step per group of that many consecutive input elements of each output row (a convolution's
+    ``in*kh*kw`` flattened), the step-gradient scale counting the group's elements; a layer whose row length
+    it does not divide is refused by name (exclude it); unset: per channel (or per tensor).
+    ``embedding_bits``: also quantize every ``nn.Embedding``'s table at these bits (weight-only; LSQ: a step per
+    row, or per ``group_size`` group of a row); embeddings take no first/last role. None: embeddings stay float.
+    A weight tied between two modules (an embedding and an LM head) is quantized by each quantized module with its
+    own steps; an export refuses such a model (untie the weights, or keep both float).
     """
 
     w_bits: int = 4
-    a_bits: int = 4
+    a_bits: Optional[int] = 4
     first_last_bits: int = 8
     per_channel: bool = True
     weight_standardize: bool = False
@@ -56,10 +64,23 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     quantizer: str = "lsq"
     act_grad_scale: str = "per_sample"
+    group_size: Optional[int] = None
+    embedding_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
+        if self.embedding_bits is not None:
+            check_bits(self.embedding_bits, "embedding_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+            if self.quantizer != "lsq":
+                raise ValueError(f"group_size is an LSQ option; quantizer={self.quantizer!r} has none")
+            if not self.per_channel:
+                raise ValueError("group_size gives steps per group of each output channel: it needs "
+                                 "per_channel=True")
         check_bits(self.first_last_bits, "first_last_bits")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
@@ -78,13 +99,21 @@ class QuantConfig:
 
     def quantizer_options(self) -> Any:
         """The options dataclass of :attr:`quantizer` (:data:`torchsaq.quant.quantizer.QUANTIZERS`), from the fields
-        of the same names (``per_channel``, ``weight_standardize``, ``act_grad_scale`` for LSQ)."""
+        of the same names (``per_channel``, ``weight_standardize``, ``act_grad_scale``, ``group_size`` for LSQ)."""
         return options_of(self.quantizer, self)
+
+    @property
+    def act_bits(self) -> int:
+        """The input-activation bits of the layers: ``a_bits``, 32 (float) where weight-only (``a_bits=None``)."""
+        return FLOAT_BITS if self.a_bits is None else self.a_bits
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_bits"] = {k: list(v) for k, v in self.bits_pairs().items()}
         d["exclude"] = list(self.exclude)
+        for key in ("group_size", "embedding_bits"):  # unset: left out, so files without them stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     def bits_pairs(self) -> dict[str, tuple[int, int]]:
@@ -124,15 +153,64 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
     are found in execution order on the first forward pass (or now, from ``example_inputs``: a tensor or a
     tuple of positional inputs) and get ``config.first_last_bits``. Step sizes are initialised from the
     first training batch, or by :func:`calibrate`. Returns ``model``.
+
+    ``nn.Embedding`` tables are converted too where ``config.embedding_bits`` is set. Hugging Face's ``Conv1D``
+    (GPT-2's attention and MLP projections: a Linear with its weight stored ``[in, out]``) becomes an
+    ``nn.Linear`` first, the same function: its weight Parameter keeps its identity (optimizers, tied references)
+    and gets the ``[out, in]`` layout, so its steps are per output channel / per group of inputs like any
+    Linear's. A ``state_dict`` saved afterwards holds those weights transposed (load it into a model quantized
+    the same way, not into a fresh GPT-2).
     """
     config = config or QuantConfig()
     if not isinstance(model, nn.Module):
         raise ValueError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if quant_layers(model):
         raise ValueError("model is already quantized")
+    undo = _hf_conv1d_to_linear(model, config.exclude)
+    try:
+        return _quantize(model, config, example_inputs)
+    except BaseException:
+        for m, cls in undo:
+            _transpose_weight(m)
+            m.__class__ = cls
+        raise
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (recognised without importing transformers)."""
+    cls = type(m)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def _hf_conv1d_to_linear(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[nn.Module, type]]:
+    """Turn every HF ``Conv1D`` not excluded into an ``nn.Linear`` in place (the weight transposed in its own
+    Parameter); returns (module, its class) to undo it."""
+    done: list[tuple[nn.Module, type]] = []
+    for name, m in model.named_modules():
+        if not _is_hf_conv1d(m) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        done.append((m, type(m)))
+        _transpose_weight(m)
+        m.__class__ = nn.Linear
+        m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+    return done
+
+
+def _transpose_weight(m: nn.Module) -> None:
+    """``m.weight`` transposed in its own Parameter (2-D)."""
+    w = cast(nn.Parameter, m.weight)
+    w.data = w.data.t().contiguous()
+
+
+def _quantize(model: nn.Module, config: QuantConfig, example_inputs: Optional[Any]) -> nn.Module:
     targets = []
     for name, m in model.named_modules():
+        if type(m) is nn.Embedding and config.embedding_bits is None:
+            continue
         if type(m) in QUANT_CLASSES and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+                raise ValueError(f"quantize: embedding {name} has max_norm or sparse=True, which a quantized table "
+                                 "cannot keep; exclude it")
             targets.append((name, m))
     if not targets:
         raise ValueError("model has no nn.Conv1d, nn.Conv2d or nn.Linear layer to quantize")
@@ -152,10 +230,12 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None,
              for _, m in targets]
     try:
         for name, m in targets:
-            bits = _override(name, config) or (config.w_bits, config.a_bits)
+            bits = _override(name, config) or (config.w_bits, config.act_bits)
+            if isinstance(m, nn.Embedding):  # indices are never quantized
+                bits = (bits[0] if _override(name, config) else cast(int, config.embedding_bits), FLOAT_BITS)
             m.__class__ = QUANT_CLASSES[type(m)]
-            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
             m._saq_name = name
+            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
         # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
         model._saq_config = config  # type: ignore[assignment]
         hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)
@@ -255,6 +335,9 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
     if not order:
         raise ValueError("the forward pass used none of the quantized layers")
     config = cast(QuantConfig, model._saq_config)  # set by quantize
+    order = [m for m in order if not isinstance(m, nn.Embedding)]  # a lookup takes no first/last role
+    if not order:
+        return order
     roles = {order[0]: "first", order[-1]: "last"} if len(order) > 1 else {order[0]: "first"}
     for m, role in roles.items():
         m.quant_role = role
@@ -264,7 +347,7 @@ def trace(model: nn.Module, *args: Any, **kwargs: Any) -> list[QuantLayer]:
             # first layer's input clip starts at max|x| instead, so its 8 bits cover the data as LSQ's do
             aq.init_fraction = 1.0
         if _override(m._saq_name, config) is None:
-            m.set_bits(config.first_last_bits, config.first_last_bits)
+            m.set_bits(config.first_last_bits, FLOAT_BITS if config.a_bits is None else config.first_last_bits)
     return order
 
 
@@ -280,7 +363,7 @@ def _inputs(batch: Any) -> tuple:
     if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
         return (batch[0],)
     if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
+        for key in ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids"):
             if key in batch:
                 return (batch[key],)
     raise ValueError("calibrate expects batches that are tensors, (input, target) pairs or dicts with an "

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from .quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer
 
-__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_CLASSES", "quant_layers", "num_samples",
-           "macs_per_sample", "float_class"]
+__all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding", "QUANT_CLASSES",
+           "quant_layers", "num_samples", "macs_per_sample", "float_class"]
 
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ class QuantLayer(_Module):
         """Attach the quantizers (kind ``quantizer`` with its ``options`` dataclass, see
         :data:`torchsaq.quant.quantizer.QUANTIZERS`) and the hooks."""
         wq, aq = QUANTIZERS.get(quantizer).make(w_bits, a_bits, self.weight.shape[0], options, a_signed=a_signed,
-                                                linear=isinstance(self, nn.Linear))
+                                                linear=isinstance(self, (nn.Linear, nn.Embedding)))
+        wq.bind(self.weight.shape, getattr(self, "_saq_name", type(self).__name__))
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
         self.quant_role = None  # "first" / "last" once the execution order is known
@@ -176,8 +177,22 @@ class QuantLinear(QuantLayer, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-#: float class -> quantized class; only these exact types are converted
-QUANT_CLASSES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+class QuantEmbedding(QuantLayer, nn.Embedding):
+    """An ``nn.Embedding`` with a quantized table (weight-only: its input is indices, never quantized; its input
+    quantizer stays at 32 bits). LSQ: a step per row (per token), or per group of ``group_size`` elements of a
+    row. No multiply-accumulates (a lookup)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._float_forward(x, self.quantized_weight())
+
+    def _float_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(x, weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False)
+
+
+#: float class -> quantized class; only these exact types are converted (nn.Embedding only when
+#: ``QuantConfig.embedding_bits`` is set)
+QUANT_CLASSES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
+                                   nn.Embedding: QuantEmbedding}
 
 
 #: a layer with a weight whose first dim is the output channels: what num_samples / macs_per_sample measure
@@ -196,7 +211,9 @@ def num_samples(layer: WeightLayer, x: Tensor) -> int:
 
 def macs_per_sample(layer: WeightLayer, x: Tensor, out: Tensor) -> int:
     """MACs of one call of a Conv/Linear ``layer`` per sample: output elements per sample x weight elements per
-    output element."""
+    output element (an embedding lookup: none)."""
+    if isinstance(layer, nn.Embedding):
+        return 0
     return out.numel() // num_samples(layer, x) * layer.weight[0].numel()
 
 

@@ -127,7 +127,8 @@ class _RoundSTE(torch.autograd.Function):
 class AffineCodes:
     """Integer weight codes as a format without the quantizer's own op stores them (ONNX DequantizeLinear):
     ``value = (ints - zero_point) * scale (+ shift)``, ``ints`` in ``[lo, hi]``, ``scale`` per tensor (0-d) or
-    per channel along ``axis``."""
+    per channel along ``axis``; with ``block_size`` set, ``scale`` is ``[channels, groups]``: one per block of
+    ``block_size`` consecutive elements of each channel's row (the weight flattened to ``[channels, -1]``)."""
 
     ints: Tensor
     scale: Tensor
@@ -136,6 +137,7 @@ class AffineCodes:
     hi: int
     zero_point: int = 0
     shift: Optional[Tensor] = None
+    block_size: Optional[int] = None
 
 
 class Quantizer(nn.Module):
@@ -250,6 +252,11 @@ class Quantizer(nn.Module):
     def _init_scale(self, stat: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def bind(self, weight_shape: torch.Size, name: str) -> None:
+        """Called by the layer ``name`` that quantizes a weight of ``weight_shape`` with this quantizer, once,
+        before any data: a kind whose scale's shape depends on the weight's (LSQ's groups) shapes it here, and
+        refuses a weight it cannot quantize with a one-line ValueError naming the layer."""
+
     def start_calibration(self) -> None:
         """Collect statistics on the next forward passes instead of quantizing (see :func:`saq.calibrate`)."""
         self._calib = [0, None, False]  # batches, sum of the statistic, saw negatives
@@ -284,8 +291,8 @@ class Quantizer(nn.Module):
                     "quantizer step sizes are not initialised: run saq.calibrate(model, batches) or one "
                     "forward pass in training mode before evaluating (or load a quantized checkpoint)")
             self.init_from(x.detach().float())
-        if self.channel_dim is not None and x.shape[self.channel_dim] != self.scale.numel():
-            raise ValueError(f"per-channel quantizer has {self.scale.numel()} steps but the tensor has "
+        if self.channel_dim is not None and x.shape[self.channel_dim] != self.scale.shape[0]:
+            raise ValueError(f"per-channel quantizer has {self.scale.shape[0]} channels of steps but the tensor has "
                              f"{x.shape[self.channel_dim]} channels along dim {self.channel_dim}")
         return self._quantize(x, samples)
 
@@ -347,11 +354,46 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int, signed: Optional[bool] = None, channel_dim: Optional[int] = None,
                  num_channels: int = 1, grad_scale: Optional[float] = None, per_sample_grad_scale: bool = False,
-                 standardize: bool = False):
+                 standardize: bool = False, group_size: Optional[int] = None):
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1 or channel_dim != 0):
+            raise ValueError(f"group_size must be a positive int on a weight quantizer (channel_dim=0), got "
+                             f"{group_size!r}")
         super().__init__(bits, signed, channel_dim, num_channels)
         self.grad_scale = grad_scale
         self.per_sample_grad_scale = per_sample_grad_scale
         self.standardize = standardize
+        self.group_size = group_size
+
+    def bind(self, weight_shape: torch.Size, name: str) -> None:
+        """With ``group_size`` G: one step per group of G consecutive elements of each output row (the weight
+        flattened to ``[out, -1]``: a Linear's ``in`` inputs, a convolution's ``in * kh * kw``), so the step is
+        ``[out, row / G]``; a row that G does not divide is a ValueError naming the layer."""
+        if self.group_size is None:
+            return
+        row = math.prod(weight_shape[1:])
+        if row % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide the {row} input elements per output of "
+                             f"layer {name} (weight {tuple(weight_shape)}): choose a divisor or exclude the layer")
+        self.set_groups(weight_shape[0], row // self.group_size)
+
+    def set_groups(self, channels: int, groups: int) -> None:
+        """Shape the step ``[channels, groups]`` (all ones, not initialised) for ``group_size``-element groups."""
+        self.step = nn.Parameter(torch.ones(channels, groups, device=self.step.device, dtype=self.step.dtype),
+                                 requires_grad=self.enabled)
+        self.initialized.fill_(False)
+        self._initialized = False
+
+    def _groups(self, x: Tensor) -> Tensor:
+        """``x`` as ``[out, groups, group_size]`` (a view where ``x`` is contiguous)."""
+        assert self.group_size is not None
+        return x.reshape(x.shape[0], -1, self.group_size)
+
+    def _mean_abs(self, x: Tensor) -> Tensor:
+        if self.group_size is None:
+            return super()._mean_abs(x)
+        with torch.no_grad():
+            return self._groups(x).abs().mean(dim=-1)
 
     def standardized(self, w: Tensor) -> Tensor:
         """``weight_standardize``: (w - mean) / (std + eps) per slice along dim 0 (a weight's output channels),
@@ -369,7 +411,8 @@ class LSQQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         g = "per-sample" if self.per_sample_grad_scale else "all elements"
-        return f"{super().extra_repr()}, grad_scale={self.grad_scale if self.grad_scale is not None else g}"
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"{super().extra_repr()}{group}, grad_scale={self.grad_scale if self.grad_scale is not None else g}"
 
     @torch.no_grad()
     def _init_scale(self, stat: Tensor) -> None:
@@ -381,9 +424,11 @@ class LSQQuantizer(Quantizer):
     def _quantize(self, x: Tensor, samples: int) -> Tensor:
         qn, qp = qrange(self.bits, bool(self.signed))
         g = self.grad_scale
-        if g is None:
+        if g is None:  # N: the elements sharing one step (a group's G where grouped)
             n = x.numel() // max(samples, 1) if self.per_sample_grad_scale else x.numel()
             g = _default_grad_scale(n, self.step.numel(), qp)
+        if self.group_size is not None:
+            return _apply_lsq(self._groups(x), self.step.unsqueeze(-1).to(x.dtype), qn, qp, g).reshape(x.shape)
         return _apply_lsq(x, self._scale_view(x).to(x.dtype), qn, qp, g)
 
     def code_range(self) -> tuple[int, int]:
@@ -393,9 +438,14 @@ class LSQQuantizer(Quantizer):
         """The integer codes round(clamp(x/s)) that the forward pass multiplies by s (for export)."""
         qn, qp = self.code_range()
         x = self.standardized(x)
+        if self.group_size is not None:
+            s = self.step.detach().unsqueeze(-1).clamp_min(STEP_EPS)
+            return _codes(self._groups(x), s, qn, qp).reshape(x.shape)
         return _codes(x, self._scale_view(x).detach().clamp_min(STEP_EPS), qn, qp)
 
     def dequantize(self, codes: Tensor) -> Tensor:
+        if self.group_size is not None:
+            return (self._groups(codes) * self.step.detach().unsqueeze(-1).clamp_min(STEP_EPS)).reshape(codes.shape)
         return codes * self._scale_view(codes).detach().clamp_min(STEP_EPS)
 
     def step_size(self) -> Tensor:
@@ -405,6 +455,8 @@ class LSQQuantizer(Quantizer):
         """``codes * step``: the codes themselves, the step as the scale."""
         scale = self.step.detach().float().clamp_min(STEP_EPS)
         qn, qp = self.code_range()
+        if self.group_size is not None:
+            return [AffineCodes(codes, scale, 0, qn, qp, block_size=self.group_size)]
         return [AffineCodes(codes, scale.reshape(()) if self.channel_dim is None else scale, self.channel_dim, qn, qp)]
 
 
@@ -559,6 +611,9 @@ class LSQOptions:
                 "normalisation layer follows)"})
     act_grad_scale: str = field(default="per_sample", metadata={
         "help": "what N counts in the activation step-gradient scale 1/sqrt(N*Qp)"})
+    group_size: Optional[int] = field(default=None, metadata={
+        "help": "one weight step per group of this many consecutive input elements of each output row (a "
+                "convolution's in*kh*kw flattened); the row length must divide by it; unset: per channel"})
 
 
 @dataclass(frozen=True)
@@ -588,8 +643,10 @@ def register_quantizer(name: str, *, description: str, options: type = NoOptions
 @register_quantizer("lsq", description="LSQ: learned step size", options=LSQOptions)
 def _make_lsq(w_bits: int, a_bits: int, num_channels: int, options: LSQOptions, a_signed: Optional[bool] = None,
               linear: bool = False) -> tuple[Quantizer, Quantizer]:
-    return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if options.per_channel else None,
-                         num_channels=num_channels, standardize=options.weight_standardize),
+    grouped = options.group_size is not None
+    return (LSQQuantizer(w_bits, signed=True, channel_dim=0 if options.per_channel or grouped else None,
+                         num_channels=num_channels, standardize=options.weight_standardize,
+                         group_size=options.group_size),
             LSQQuantizer(a_bits, signed=a_signed, per_sample_grad_scale=options.act_grad_scale == "per_sample"))
 
 

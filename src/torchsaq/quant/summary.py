@@ -54,6 +54,8 @@ class LayerRow:
     a_signed: Optional[bool]
     macs: Optional[int]
     quantizer: str = "lsq"
+    #: LSQ's weight group size (``pc`` shows ``g<G>``); None: per channel or per tensor
+    group_size: Optional[int] = None
 
     @property
     def bops(self) -> Optional[int]:
@@ -87,7 +89,7 @@ class Summary:
             name = r.name if len(r.name) <= 32 else "..." + r.name[-29:]
             lines.append(
                 f"{name:<32} {r.type:<8} {r.quantizer:<3} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} "
-                f"{'y' if r.per_channel else 'n':>2} "
+                f"{('g' + str(r.group_size)) if r.group_size else ('y' if r.per_channel else 'n'):>2} "
                 f"{r.params:>9,} {fmt(r.w_step_mean, '.3g'):>11} {fmt(r.w_step_min, '.3g'):>9} "
                 f"{fmt(r.w_step_max, '.3g'):>9} {fmt(r.a_step, '.3g'):>9} "
                 f"{fmt(None if r.a_signed is None else ('y' if r.a_signed else 'n')):>5} "
@@ -124,7 +126,7 @@ def _measure_macs(model: nn.Module, example_inputs: Any) -> None:
 
 
 def _steps(q: Quantizer) -> Optional[torch.Tensor]:
-    return q.step_size().float() if q.enabled and q.is_initialized else None
+    return q.step_size().float().reshape(-1) if q.enabled and q.is_initialized else None
 
 
 def model_size_bits(model: nn.Module) -> int:
@@ -184,7 +186,8 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             w_step_max=None if ws is None else float(ws.max()),
             a_step=None if as_ is None else float(as_.mean()),
             a_signed=m.act_quantizer.signed if m.act_quantizer.enabled else None,
-            macs=m._saq_macs, quantizer=m.weight_quantizer.kind))
+            macs=m._saq_macs, quantizer=m.weight_quantizer.kind,
+            group_size=getattr(m.weight_quantizer, "group_size", None)))
     float_bits = _float_bits(model)
     known = all(r.macs is not None for r in rows)
     return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=float_bits,

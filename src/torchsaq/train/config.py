@@ -94,7 +94,7 @@ class TrainConfig:
     augment: bool = True            # random training augmentation (CIFAR, ImageNet-style sets, Fashion-MNIST)
     # quantization
     w_bits: int = 4
-    a_bits: int = 4
+    a_bits: Optional[int] = 4       # None (``--a-bits none``): weight-only, every layer's inputs stay float
     first_last_bits: int = 8
     quantizer: str = "lsq"          # lsq (learned step) or liq (the official SAQ code's LIQ_wn, learned clip)
     per_channel: bool = True        # LSQ: one weight step per output channel (LIQ: one clip per tensor)
@@ -102,6 +102,8 @@ class TrainConfig:
     layer_bits: dict[str, Any] = field(default_factory=dict)  # module-name glob -> bits or [w_bits, a_bits]
     exclude: list[str] = field(default_factory=list)           # module-name globs left in float
     act_grad_scale: str = "per_sample"  # LSQ activation step gradient: N counts one sample, or the batch
+    group_size: Optional[int] = None  # LSQ: one weight step per group of this many inputs of each output row
+    embedding_bits: Optional[int] = None  # quantize nn.Embedding tables at these bits (weight-only); None: float
     calib_batches: int = 1
     # optimisation
     epochs: int = 30
@@ -176,7 +178,8 @@ class TrainConfig:
         if isinstance(chans, bool) or not isinstance(chans, int) or chans < 1:
             bad(f"model_kwargs in_chans must be a positive int, got {chans!r}")
         for b in ("w_bits", "a_bits", "first_last_bits"):
-            check_bits(getattr(self, b), b.replace("_", "-"))
+            if getattr(self, b) is not None or b != "a_bits":
+                check_bits(getattr(self, b), b.replace("_", "-"))
         if self.sharpness not in SHARPNESS:
             bad(f"unknown sharpness {self.sharpness!r}; choose one of {', '.join(SHARPNESS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -249,14 +252,15 @@ class TrainConfig:
 
     #: the fields that :attr:`quant` reads (QuantConfig's own names)
     QUANT_FIELDS = ("w_bits", "a_bits", "first_last_bits", "per_channel", "weight_standardize", "quantizer",
-                    "act_grad_scale", "layer_bits", "exclude")
+                    "act_grad_scale", "layer_bits", "exclude", "group_size", "embedding_bits")
 
     def quant_config(self) -> QuantConfig:
         """The :class:`saq.QuantConfig` these options describe."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits,
                            per_channel=self.per_channel, weight_standardize=self.weight_standardize,
                            quantizer=self.quantizer, act_grad_scale=self.act_grad_scale,
-                           layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude))
+                           layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude),
+                           group_size=self.group_size, embedding_bits=self.embedding_bits)
 
     @property
     def model_name(self) -> str:
@@ -389,6 +393,8 @@ def parse_field(name: str, value: Any) -> Any:
     lists of integers must be lists. Shared by the CLI flags, YAML recipes and the Python API.
     """
     tp, optional = _field_type(name)
+    if optional and tp in (int, float) and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None  # an optional number's flag: --a-bits none
     if value is None:
         if optional:
             return None

@@ -136,7 +136,7 @@ class TrainResult:
     model: Optional[str]
     dataset: str
     w_bits: int
-    a_bits: int
+    a_bits: Optional[int]  # None: weight-only
     sharpness: str
     strategy: str
     rank: int
