@@ -173,7 +173,9 @@ def test_extras_named_in_errors_exist_and_test_installs_everything():
         text = path.read_text()
         named |= set(re.findall(r"torchsaq\[([a-z_]+)\]", text))
         named |= set(re.findall(r'require\("[\w.]+", "(\w+)"', text))
-    named |= {torchsaq.train.data.dataset_info(d).extra for d in torchsaq.train.data.list_datasets()}
+    from torchsaq.train import data
+
+    named |= {data.dataset_info(d).extra for d in data.list_datasets()}
     assert named and named <= set(extras), sorted(named - set(extras))
 
     def expand(extra: str) -> set[str]:

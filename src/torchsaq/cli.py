@@ -527,9 +527,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from .train.checkpoint import load_model
     from .quant.summary import summary
+    from .train.config import bits_label
 
     model, cfg, info = load_model(args.checkpoint)
-    print(f"{info['path']}: {cfg.model} on {cfg.dataset}, w{cfg.w_bits}a{cfg.a_bits} "
+    print(f"{info['path']}: {cfg.model} on {cfg.dataset}, {bits_label(cfg.w_bits, cfg.a_bits)} "
           f"(first/last {cfg.first_last_bits}), input {tuple(info['input_shape'])}, epoch {info['epoch']}")
     print(summary(model))
     return 0

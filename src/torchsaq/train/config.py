@@ -494,3 +494,8 @@ def load_recipe(path: Union[str, Path], **overrides: Any) -> TrainConfig:
     check_size(data, f"recipe {path}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(data)
+
+
+def bits_label(w_bits: Any, a_bits: Any) -> str:
+    """``w4a4``, or ``w4 (weight-only)`` when activations stay float (``a_bits`` None)."""
+    return f"w{w_bits} (weight-only)" if a_bits is None else f"w{w_bits}a{a_bits}"

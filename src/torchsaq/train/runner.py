@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from .checkpoint import load_pretrained, load_state_dict_checked
 from .checkpointer import CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, Checkpointer, set_rng_state  # noqa: F401
-from .config import TrainConfig
+from .config import TrainConfig, bits_label
 from ..quant.convert import calibrate, quantize, trace
 from .device import SMALL_BATCH_MACS, DistEnv, amp_dtype, auto_threads, init_distributed, resolve_device  # noqa: F401
 from .engine import (DIVERGED_LOSS_FACTOR, LoopState, Run, TrainData, TrainingInterrupted,  # noqa: F401
@@ -418,8 +418,8 @@ def _result(run: Run, threads: int) -> TrainResult:
     saved = ckpt.enabled
     plot = None
     if ckpt.writes and st.history:
-        plot = str(plot_history([r.to_dict() for r in st.history], ckpt.out / "curves.png",
-                                title=f"{cfg.model} on {cfg.dataset}, w{cfg.w_bits}a{cfg.a_bits}, {cfg.sharpness}"))
+        title = f"{cfg.model} on {cfg.dataset}, {bits_label(cfg.w_bits, cfg.a_bits)}, {cfg.sharpness}"
+        plot = str(plot_history([r.to_dict() for r in st.history], ckpt.out / "curves.png", title=title))
     return TrainResult(
         history=st.history, epochs=st.history[-1].epoch if st.history else cfg.epochs,
         global_step=st.global_step, time_s=st.elapsed(),
@@ -436,7 +436,7 @@ def _result(run: Run, threads: int) -> TrainResult:
 def format_result(r: dict[str, Any]) -> str:
     """The end-of-run summary `torchsaq train` prints: accuracy, size, BOPs and where the files are."""
     mib = 8 * 2**20
-    lines = [f"torchsaq train: {r['model']} on {r['dataset']}, w{r['w_bits']}a{r['a_bits']}, "
+    lines = [f"torchsaq train: {r['model']} on {r['dataset']}, {bits_label(r['w_bits'], r['a_bits'])}, "
              f"sharpness {r['sharpness']}"
              f"{' (' + r['strategy'] + ')' if r['sharpness'] != 'none' and r.get('strategy') else ''}, "
              f"{r['epochs']} epoch{'s' * (r['epochs'] != 1)} in {fmt_time(r['time_s'])} ({r['device']}"
