@@ -83,6 +83,7 @@ def test_overwrite_deletes_only_what_torchsaq_wrote(tmp_path, capsys):
         _fails(capsys, ["train", *TINY, "--output", str(out), *extra], "config.yaml", "tb", "not written by torchsaq",
                code=1)
         assert (out / "config.yaml").read_text() == "lr: 0.1\n" and (out / "tb" / "notes.txt").exists()
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "tb"]  # a refusal leaves no lock file behind
     # a run of ours is replaced with --overwrite; a file of the user's beside it stays
     run = tmp_path / "run"
     _ok(capsys, ["train", *TINY, "--output", str(run)])

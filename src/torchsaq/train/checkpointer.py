@@ -44,9 +44,12 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; give a folder for the run (checkpoint.pt, metrics, tb/ go there)")
+    made = [d for d in (out, *out.parents) if not d.exists()]  # the folders this claim creates
+    lock_path = out / LOCK_NAME
+    had_lock = lock_path.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(out / LOCK_NAME), timeout=0)
+        lock = FileLock(str(lock_path), timeout=0)
         lock.acquire()
     except Timeout:
         raise ValueError(f"output folder {out} is in use by another torchsaq train (it holds the lock "
@@ -89,8 +92,20 @@ def claim_output(out: Path, cfg: TrainConfig) -> Any:
                   + (f"; kept what it did not write: {', '.join(kept)}" if kept else ""), file=sys.stderr)
     except BaseException:
         lock.release()
+        _undo_claim(lock_path, had_lock, made)
         raise
     return lock
+
+
+def _undo_claim(lock_path: Path, had_lock: bool, made: list[Path]) -> None:
+    """A refused claim leaves the disk as it found it: no lock file it created, no empty folder it made."""
+    if not had_lock:
+        lock_path.unlink(missing_ok=True)
+    for d in made:  # innermost first
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 #: options every stored config.yaml holds (recognises a run's own config.yaml across versions that add options)
