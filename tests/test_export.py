@@ -318,3 +318,10 @@ def test_callable_after_submodule_import(tmp_path):
     import torchsaq.export as _submodule  # noqa: F401  (binds saq.export to the submodule in some import orders)
     model, _, _ = trained("vit", 4, True, False)
     assert saq.export(model, tmp_path / "v.safetensors").file_bytes > 0
+
+
+def test_export_info_says_larger_when_the_file_outweighs_the_float_model():
+    from torchsaq.export.common import ExportInfo
+
+    assert "4.00x smaller than the float32" in str(ExportInfo("m.safetensors", 1024, 4096, 3))
+    assert "4.35x larger than the float32" in str(ExportInfo("m.safetensors", 4454, 1024, 1))

@@ -38,9 +38,12 @@ class ExportInfo:
         return self.float_bytes / self.file_bytes
 
     def __str__(self) -> str:
+        if self.ratio >= 1:
+            versus = f"{self.ratio:.2f}x smaller than"
+        else:  # a tiny model: the file's headers and metadata outweigh what quantization saves
+            versus = f"{1 / self.ratio:.2f}x larger than"
         return (f"{self.path}: {self.file_bytes / 1024:.1f} KiB file for {self.layers} quantized layers, "
-                f"{self.ratio:.2f}x smaller than the float32 state dict ({self.float_bytes / 1024:.1f} KiB of "
-                "parameters and buffers)")
+                f"{versus} the float32 state dict ({self.float_bytes / 1024:.1f} KiB of parameters and buffers)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
