@@ -21,9 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .quantizer import (AffineCodes, LIQActQuantizer, Quantizer, _RoundSTE, check_bits,
-                        NoOptions, register_quantizer,
-                        symmetric_grid_forms)
+from .quantizer import LIQActQuantizer, NoOptions, Quantizer, _UnitGrid, check_bits, register_quantizer
 
 __all__ = ["DoReFaWeightQuantizer", "DoReFaActQuantizer"]
 
@@ -41,7 +39,7 @@ class _Fixed:
         self.scale.requires_grad_(False)  # type: ignore[attr-defined]
 
 
-class DoReFaWeightQuantizer(_Fixed, Quantizer):
+class DoReFaWeightQuantizer(_Fixed, _UnitGrid, Quantizer):
     """DoReFa's weight quantizer (see the module docstring). ``standardize`` is the tanh normalisation (an
     export's grid weights are loaded with it off: ``Q(weight) = weight`` there)."""
 
@@ -68,28 +66,8 @@ class DoReFaWeightQuantizer(_Fixed, Quantizer):
         """(normalised w * 0.5 + 0.5) * n: the codes before rounding."""
         return (self._normalized(w) * 0.5 + 0.5) * (2**self.bits - 1)
 
-    def _values(self, codes: Tensor) -> Tensor:
-        """2 * codes / n - 1: one op sequence for the forward pass and :meth:`dequantize`."""
-        return 2.0 * (codes / (2**self.bits - 1)) - 1.0
-
-    def _quantize(self, x: Tensor, samples: int) -> Tensor:
-        return self._values(_RoundSTE.apply(self._unit(x)))
-
-    def code_range(self) -> tuple[int, int]:
-        return 0, 2**self.bits - 1
-
-    def integer(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return torch.round(self._unit(x))
-
-    def dequantize(self, codes: Tensor) -> Tensor:
-        return self._values(codes)
-
-    def step_size(self) -> Tensor:
-        return torch.full((1,), 2.0 / (2**self.bits - 1), device=self.clip.device)
-
-    def affine(self, codes: Tensor) -> list[AffineCodes]:
-        return symmetric_grid_forms(codes, self.bits, torch.ones((), device=codes.device))
+    def _grid_clip(self) -> Tensor:
+        return self.clip.detach().reshape(())  # fixed at 1.0
 
 
 class DoReFaActQuantizer(_Fixed, LIQActQuantizer):

@@ -493,7 +493,44 @@ class _LIQ(Quantizer):
         return self.clip.abs().clamp_min(STEP_EPS).reshape(())
 
 
-class LIQWeightQuantizer(_LIQ):
+class _UnitGrid:
+    """Weights on the 2^k levels ``(2c/n - 1) * clip`` from -clip to clip (``n = 2^k - 1``, no zero level), the
+    codes ``c = round(_unit(w))`` in 0..n; what LIQ_wn and DoReFa share. A subclass gives ``_unit`` (the codes
+    before rounding) and ``_grid_clip`` (the clip, in the graph)."""
+
+    bits: int
+
+    def _unit(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _grid_clip(self) -> Tensor:
+        raise NotImplementedError
+
+    def _values(self, codes: Tensor, c: Tensor) -> Tensor:
+        """(codes / (2^k - 1) * 2 - 1) * c: one op sequence for the forward pass and :meth:`dequantize`."""
+        return (codes / (2**self.bits - 1) * 2.0 - 1.0) * c
+
+    def _quantize(self, x: Tensor, samples: int) -> Tensor:
+        return self._values(_RoundSTE.apply(self._unit(x)), self._grid_clip())
+
+    def code_range(self) -> tuple[int, int]:
+        return 0, 2**self.bits - 1
+
+    def integer(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.round(self._unit(x))
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return self._values(codes, self._grid_clip().detach())
+
+    def step_size(self) -> Tensor:
+        return (2.0 * self._grid_clip() / (2**self.bits - 1)).detach().reshape(1)
+
+    def affine(self, codes: Tensor) -> list[AffineCodes]:
+        return symmetric_grid_forms(codes, self.bits, self._grid_clip().detach().float())
+
+
+class LIQWeightQuantizer(_UnitGrid, _LIQ):
     """The official SAQ code's weight quantizer (LIQ_wn), for ``bits`` = k.
 
     ``w_std = (w - mean) / std`` with the whole tensor's mean and (unbiased) std, both detached; then
@@ -522,28 +559,8 @@ class LIQWeightQuantizer(_LIQ):
         x = torch.clamp(self.standardized(w) / self._abs_clip(), -1.0, 1.0)
         return (x + 1.0) / 2.0 * (2**self.bits - 1)
 
-    def _values(self, codes: Tensor, c: Tensor) -> Tensor:
-        """(codes / (2^k - 1) * 2 - 1) * c: one op sequence for the forward pass and :meth:`dequantize`."""
-        return (codes / (2**self.bits - 1) * 2.0 - 1.0) * c
-
-    def _quantize(self, x: Tensor, samples: int) -> Tensor:
-        return self._values(_RoundSTE.apply(self._unit(x)), self._abs_clip())
-
-    def code_range(self) -> tuple[int, int]:
-        return 0, 2**self.bits - 1
-
-    def integer(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return torch.round(self._unit(x))
-
-    def dequantize(self, codes: Tensor) -> Tensor:
-        return self._values(codes, self._abs_clip().detach())
-
-    def step_size(self) -> Tensor:
-        return (2.0 * self._abs_clip() / (2**self.bits - 1)).detach().reshape(1)
-
-    def affine(self, codes: Tensor) -> list[AffineCodes]:
-        return symmetric_grid_forms(codes, self.bits, self._abs_clip().detach().float())
+    def _grid_clip(self) -> Tensor:
+        return self._abs_clip()
 
 
 class LIQActQuantizer(_LIQ):
