@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .quantizer import FLOAT_BITS, Quantizer, check_bits
 
-__all__ = ["DynamicTokenQuantizer", "token_qparams", "dynamic_token_fake_quant", "DYNAMIC_BITS", "TOKEN_EPS"]
+__all__ = ["DynamicTokenQuantizer", "token_qparams", "dynamic_token_fake_quant", "DYNAMIC_BITS", "TOKEN_EPS",
+           "a_mode_of", "make_act_quantizer"]
 
 #: the only bit-width of the dynamic per-token quantizer (int8: torchao's 8da4w); 32 disables it
 DYNAMIC_BITS = 8
@@ -135,3 +136,13 @@ class DynamicTokenQuantizer(Quantizer):
     def step_size(self) -> Tensor:
         """The placeholder 1.0 (the real step is per token, computed from each input)."""
         return self.step.detach()
+
+
+def a_mode_of(q: Quantizer) -> str:
+    """The ``QuantConfig.a_mode`` an input quantizer implements: ``"dynamic_token"`` or ``"static"``."""
+    return "static" if q.learned else q.kind
+
+
+def make_act_quantizer(a_mode: str, a_bits: int) -> Optional[Quantizer]:
+    """A new input quantizer of ``a_mode`` at ``a_bits`` bits; None for ``"static"`` (the kind's own one)."""
+    return DynamicTokenQuantizer(a_bits) if a_mode == "dynamic_token" else None

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .convert import _float_pass, is_traced, trace
+from .dynamic import a_mode_of
 from .layers import QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, Quantizer
 
@@ -194,7 +195,7 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             a_signed=m.act_quantizer.signed if m.act_quantizer.enabled else None,
             macs=m._saq_macs, quantizer=m.weight_quantizer.kind,
             group_size=getattr(m.weight_quantizer, "group_size", None),
-            a_mode="static" if m.act_quantizer.learned or not m.act_quantizer.enabled else m.act_quantizer.kind))
+            a_mode=a_mode_of(m.act_quantizer) if m.act_quantizer.enabled else "static"))
     float_bits = _float_bits(model)
     known = all(r.macs is not None for r in rows)
     return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=float_bits,
