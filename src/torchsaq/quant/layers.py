@@ -66,7 +66,7 @@ class QuantLayer(_Module):
         if a_mode == "dynamic_token" and not isinstance(self, nn.Embedding):  # (a lookup's input: indices)
             if not isinstance(self, nn.Linear):
                 raise ValueError(f"a_mode='dynamic_token' quantizes each token (row) of a Linear layer's input; layer "
-                                 f"{name} is a {type(self).__name__}: exclude it")
+                                 f"{name} is a {float_class(self).__name__}: exclude it")
             aq = DynamicTokenQuantizer(a_bits)
         wq.bind(self.weight.shape, name)
         self.weight_quantizer = wq.to(self.weight.device)
