@@ -222,7 +222,7 @@ def test_help_lists_every_registered_model_and_data_set_and_choices_come_from_th
         assert f"{name} (model " in text, name
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
     registries = {"sharpness": config.SHARPNESS, "strategy": config.STRATEGIES, "quantizer": config.QUANTIZERS,
-                  "act_grad_scale": config.ACT_GRAD_SCALES, "optimizer": config.OPTIMIZERS,
+                  "act_grad_scale": config.ACT_GRAD_SCALES, "a_mode": config.A_MODES, "optimizer": config.OPTIMIZERS,
                   "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
     assert choices == {dest: reg.names() for dest, reg in registries.items()}
     assert {"pact", "dorefa"} <= set(choices["quantizer"])

@@ -90,11 +90,11 @@ def test_group_integer_codes_are_bit_exact(bits):
     assert torch.equal(deq.reshape(5, 32), q(w))
 
 
-def _mlp(group_size=None, per_channel=True, a_bits=None, seed=0, first_last_bits=8):
+def _mlp(group_size=None, per_channel=True, a_bits=None, seed=0, first_last_bits=8, a_mode="static"):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
     cfg = QuantConfig(w_bits=3, a_bits=a_bits, group_size=group_size, per_channel=per_channel,
-                      first_last_bits=first_last_bits)
+                      first_last_bits=first_last_bits, a_mode=a_mode)
     return saq.quantize(m, cfg, example_inputs=torch.randn(2, 16))
 
 
@@ -199,11 +199,12 @@ def _closure(model, x, y, opt, record, clean, sub_batch=False):
     return closure
 
 
+@pytest.mark.parametrize("acts", ["weight_only", "8da4w"])  # 8da4w: int8 per-token dynamic inputs (test_8da4w.py)
 @pytest.mark.parametrize("strategy,kw", [("full", {}), ("every_k", {"k": 2}), ("prev_grad", {}),
                                          ("sub_batch", {"fraction": 0.5})])
 @pytest.mark.parametrize("mode", ["sam", "case1", "case2", "case3"])
-def test_every_mode_and_strategy_perturbs_group_quantized_weights(mode, strategy, kw):
-    model = _mlp(group_size=8)
+def test_every_mode_and_strategy_perturbs_group_quantized_weights(mode, strategy, kw, acts):
+    model = _mlp(group_size=8) if acts == "weight_only" else _mlp(group_size=8, a_bits=8, a_mode="dynamic_token")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
     model.train()

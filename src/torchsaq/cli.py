@@ -38,6 +38,8 @@ TRAIN_HELP = {
     "first_last_bits": "bits of the first and last layer (8, or 32 for float)",
     "embedding_bits": "quantize nn.Embedding tables at these bits, weight-only (2..8); unset: embeddings stay float",
     "quantizer": "weight and activation quantizer",
+    "a_mode": "how layer inputs are quantized: static (learned steps) or dynamic_token (int8 per token, computed on "
+              "the fly; with --a-bits 8 --group-size G: torchao's 8da4w)",
     "calib_batches": "training batches used to initialise the step sizes",
     "epochs": "training epochs",
     "batch_size": "batch size per process",
@@ -105,7 +107,7 @@ def _registries() -> dict[str, Any]:
     from .train import config
 
     return {"sharpness": config.SHARPNESS, "strategy": config.STRATEGIES, "quantizer": config.QUANTIZERS,
-            "act_grad_scale": config.ACT_GRAD_SCALES, "optimizer": config.OPTIMIZERS,
+            "act_grad_scale": config.ACT_GRAD_SCALES, "a_mode": config.A_MODES, "optimizer": config.OPTIMIZERS,
             "lr_schedule": config.SCHEDULES, "lsq_backend": config.LSQ_BACKENDS}
 
 

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from .._io import atomic_write
 from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
 from ..quant.convert import eval_mode
+from ..quant.dynamic import TOKEN_EPS, dynamic_token_fake_quant
 from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
 from ..quant.quantizer import STEP_EPS, AffineCodes
 
@@ -121,6 +122,8 @@ class _Act:
     hi: int
     container: str  # UINT8 or INT8 whatever the bit width: see _act_plan
     bits: int
+    #: int8 per token, computed from the input (``a_mode="dynamic_token"``): float ops, see _act_dynamic_token
+    dynamic: bool = False
 
 
 def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
@@ -190,6 +193,8 @@ def _act_plan(layer: QuantLayer, name: str) -> Optional[_Act]:
     if aq.channel_dim is not None:
         raise ValueError(f"ONNX export: layer {name} has a per-channel activation quantizer (not supported)")
     lo, hi = aq.code_range()
+    if not aq.learned:  # dynamic per token: its scales are computed in the graph
+        return _Act(scale=torch.ones(()), lo=lo, hi=hi, container="INT8", bits=aq.bits, dynamic=True)
     scale = aq.step_size().float().clamp_min(STEP_EPS).reshape(())  # LSQ's step, LIQ's |clip| / levels
     # 8-bit containers at every bit width (the Clip after DequantizeLinear keeps the low-bit range): onnxruntime's
     # QDQ propagation moves an activation's Q/DQ pair across MaxPool/Reshape/Transpose/... and then runs that op on
@@ -216,7 +221,7 @@ def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Op
     """The integer-kernel form of a layer, or None where it stays on float kernels: a float weight or input, LIQ at
     8 bits (odd integers up to 255), grouped/depthwise convolutions (onnxruntime's ConvInteger runs them as one
     im2col + GEMM per group: several times slower than its float depthwise kernel)."""
-    if w is None or a is None or getattr(layer, "groups", 1) != 1 or w.block is not None:
+    if w is None or a is None or a.dynamic or getattr(layer, "groups", 1) != 1 or w.block is not None:
         return None
     ints, scale = w.ints, w.scale
     if w.shift is not None:  # LIQ at 4/8 bits: (c - z) * S - S/2 = (2c - n) * S/2, the odd integers, n = 2z + 1
@@ -264,6 +269,21 @@ class _ActQDQ(torch.autograd.Function):
         return out
 
 
+class _ActDynamicToken(torch.autograd.Function):
+    """Forward: the per-token int8 fake-quantization; in the ONNX graph a ``saq::ActDynamicToken`` node replaced
+    after export."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: str) -> Tensor:
+        return dynamic_token_fake_quant(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, layer: str) -> Any:
+        out = g.op(f"{_DOMAIN}::ActDynamicToken", x, layer_s=layer)
+        out.setType(x.type())
+        return out
+
+
 class _OnnxLayer:
     """Mixin swapped in for the export: the layer's forward with the marked QDQ (or in float)."""
 
@@ -276,7 +296,9 @@ class _OnnxLayer:
         layer: Any = self
         if self._onnx_float:
             return layer._float_forward(x, layer.weight)
-        if self._onnx_act is not None:
+        if self._onnx_act is not None and self._onnx_act.dynamic:
+            x = _ActDynamicToken.apply(x, self._onnx_name)
+        elif self._onnx_act is not None:
             a = self._onnx_act
             x = _ActQDQ.apply(x, a.scale, a.lo, a.hi, self._onnx_name)
         if self._onnx_weight is None:
@@ -399,6 +421,31 @@ def _act_qdq(b: _Nodes, layer: str, a: _Act, x: str, out: str) -> None:
     b.node("Clip", [f"{layer}/input_dq_out", lo, hi], [out], f"{layer}/input_clip")
 
 
+def _act_dynamic_token(b: _Nodes, layer: str, a: _Act, x: str, out: str) -> None:
+    """torchao's per-token int8 rule (:mod:`torchsaq.quant.dynamic`) in float ops, as PyTorch computes it:
+    ``lo, hi = min(ReduceMin(x), 0), max(ReduceMax(x), 0)`` over the last axis; ``s = max((hi - lo) / 255, eps)``;
+    ``zp = Clip(qmin - Round(lo / s))``; ``y = (Clip(Round(x * Reciprocal(s)) + zp) - zp) * s``. (DynamicQuantizeLinear
+    has one scale per tensor and a uint8 range: not this.)"""
+    def const(tag: str, value: float) -> str:
+        return b.init(f"{layer}.input_{tag}", lambda n: _float_initializer(n, torch.tensor(value)))
+
+    def op(kind: str, inputs: list[str], tag: str, **attrs: Any) -> str:
+        name = out if tag == "out" else f"{layer}/input_{tag}_out"
+        b.node(kind, inputs, [name], f"{layer}/input_{tag}", **attrs)
+        return name
+
+    axes = b.init(f"{layer}.input_axes", lambda n: _onnx().numpy_helper.from_array(np.array([-1], np.int64), n))
+    zero, lo_q, hi_q = const("zero", 0.0), const("qmin", float(a.lo)), const("qmax", float(a.hi))
+    lo = op("Min", [op("ReduceMin", [x, axes], "row_min", keepdims=1), zero], "lo")
+    hi = op("Max", [op("ReduceMax", [x, axes], "row_max", keepdims=1), zero], "hi")
+    levels = const("levels", float(a.hi - a.lo))
+    s = op("Max", [op("Div", [op("Sub", [hi, lo], "range"), levels], "scale_raw"), const("eps", TOKEN_EPS)], "scale")
+    zp = op("Clip", [op("Sub", [lo_q, op("Round", [op("Div", [lo, s], "lo_steps")], "lo_round")], "zp_raw"), lo_q,
+                     hi_q], "zero_point")
+    v = op("Add", [op("Round", [op("Mul", [x, op("Reciprocal", [s], "inv_scale")], "steps")], "round"), zp], "codes")
+    op("Mul", [op("Sub", [op("Clip", [v, lo_q, hi_q], "clip"), zp], "centred"), s], "out")
+
+
 def _fast_layer(b: _Nodes, layer: str, f: _Fast, node: Any, x: str) -> None:
     """Replace ``node`` (the layer's Conv or MatMul) and its markers by QuantizeLinear (UINT8) -> Clip (the code
     range, on the integers) -> ConvInteger/MatMulInteger -> Cast -> Mul (-> Add of a Conv's bias)."""
@@ -490,6 +537,8 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
             _weight_dq(b, name, weights[name], node.output[0], shield=weights[name].ints.dim() == 2)
         elif node.op_type == "ActQDQ":
             _act_qdq(b, _marker_layer(node), acts[_marker_layer(node)], node.input[0], node.output[0])
+        elif node.op_type == "ActDynamicToken":
+            _act_dynamic_token(b, _marker_layer(node), acts[_marker_layer(node)], node.input[0], node.output[0])
         else:  # pragma: no cover - only the two markers above are emitted
             raise ValueError(f"ONNX export: unexpected marker node {node.op_type}")
     del graph.node[:]
@@ -577,7 +626,7 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
             "w_bits": layer.w_bits, "w_container": f.container if f else w.container if w else "FLOAT",
             "w_axis": w.axis if w else None,
             "a_bits": layer.a_bits, "a_container": "UINT8" if f else a.container if a else "FLOAT",
-            "a_range": [a.lo, a.hi] if a else None,
+            "a_range": [a.lo, a.hi] if a else None, **({"a_mode": "dynamic_token"} if a and a.dynamic else {}),
             "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f
             else "MatMulNBits" if w is not None and w.block is not None else "float"}
         if w is not None and w.block is not None:

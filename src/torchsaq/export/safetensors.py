@@ -14,7 +14,8 @@ Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version"
 * ``layers``: per quantized layer its quantizer kind, type, weight shape, bits, signedness, per-channel
   dim, whether the codes are of the standardised weight, its role (first/last), MACs per sample when
   known, and for LIQ the weight's mean and std the codes were standardised with (``w_mean``/``w_std``;
-  informative: the layer computes with the standardised values, so outputs do not depend on them).
+  informative: the layer computes with the standardised values, so outputs do not depend on them); ``a_mode``
+  ``"dynamic_token"`` where the inputs are quantized per token on the fly (torchao's 8da4w; absent: static steps).
 * ``sha256``: a hash of every tensor (name, dtype, shape, bytes) and every other metadata entry. A file
   whose content does not match it (edited, truncated, corrupted) is refused, and so are codes outside their
   declared bit width and metadata that is missing a key or holds a wrong type.
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 from .._io import atomic_write
 from .common import (ExportInfo, PathLike, checked_layers, float_bytes, is_quantizer_flag,
                      quantizer_prefixes, unwrap)
-from ..quant.convert import _drop_trace_hook
+from ..quant.convert import A_MODES, _drop_trace_hook
+from ..quant.dynamic import a_mode_of, make_act_quantizer
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer, check_bits, make_quantizers, qrange
 
@@ -148,6 +150,8 @@ def _layer_meta(name: str, layer: QuantLayer) -> dict[str, Any]:
     }
     if getattr(wq, "group_size", None) is not None:  # (only then: files without groups stay as they were)
         meta["w_group_size"] = wq.group_size
+    if a_mode_of(aq) != "static":  # (likewise)
+        meta["a_mode"] = a_mode_of(aq)
     if wq.standardize and wq.enabled and not layer.weight_standardize:  # (LSQ's per-channel statistics: none)
         w = layer.weight.detach().float()
         meta["w_mean"], meta["w_std"] = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
@@ -272,10 +276,10 @@ _SCHEMA: dict[str, tuple] = {
     "type": (str,), "shape": (list,), "w_bits": (int,), "w_signed": (bool, _NONE), "w_channel_dim": (int, _NONE),
     "a_bits": (int,), "a_signed": (bool, _NONE), "a_channel_dim": (int, _NONE), "w_initialized": (bool,),
     "a_initialized": (bool,), "weight_standardized": (bool,), "role": (str, _NONE), "quantizer": (str,),
-    "w_group_size": (int, _NONE),
+    "w_group_size": (int, _NONE), "a_mode": (str,),
 }
-#: entries older files (and layers without weight groups) may lack (their default)
-_OPTIONAL = {"quantizer": "lsq", "w_group_size": None}
+#: entries older files (and layers without weight groups, or with static activation steps) may lack (their default)
+_OPTIONAL = {"quantizer": "lsq", "w_group_size": None, "a_mode": "static"}
 
 
 def _check_meta(name: str, info: dict[str, Any]) -> None:
@@ -293,6 +297,12 @@ def _check_meta(name: str, info: dict[str, Any]) -> None:
             raise bad(f"{key!r} is {v!r}, expected {' or '.join('null' if t is _NONE else t.__name__ for t in types_)}")
     if info.get("quantizer", "lsq") not in QUANTIZERS:
         raise bad(f"'quantizer' is {info['quantizer']!r}, expected one of {', '.join(QUANTIZERS)}")
+    a_mode = info.get("a_mode", "static")
+    if a_mode not in A_MODES:
+        raise bad(f"'a_mode' is {a_mode!r}, expected one of {', '.join(A_MODES)}")
+    if a_mode != "static" and (info["a_bits"] not in (8, FLOAT_BITS) or info["type"] != "QuantLinear"):
+        raise bad(f"'a_mode' {info['a_mode']!r} is int8 per token on a QuantLinear, not {info['a_bits']}-bit "
+                  f"{info['type']} inputs")
     shape = info["shape"]
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise bad(f"'shape' is {shape!r}, expected a list of positive ints")
@@ -404,14 +414,16 @@ def _check_architecture(meta: dict[str, Any], layers: dict[str, QuantLayer]) -> 
 
 
 def _swapped_quantizers(meta: dict[str, Any], layers: dict[str, QuantLayer]) -> dict[str, tuple[Quantizer, Quantizer]]:
-    """New (weight, activation) quantizers for the layers whose quantizer kind differs from the file's."""
+    """New (weight, activation) quantizers for the layers whose quantizer kind or activation mode (``a_mode``)
+    differs from the file's."""
     swaps: dict[str, tuple[Quantizer, Quantizer]] = {}
     for name, info in meta.items():
-        kind = info.get("quantizer", "lsq")
-        if kind != layers[name].weight_quantizer.kind:
-            swaps[name] = make_quantizers(kind, int(info["w_bits"]), int(info["a_bits"]), layers[name].weight.shape[0],
-                                          per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"],
-                                          linear=isinstance(layers[name], nn.Linear))
+        kind, a_mode, layer = info.get("quantizer", "lsq"), info.get("a_mode", "static"), layers[name]
+        if kind != layer.weight_quantizer.kind or a_mode != a_mode_of(layer.act_quantizer):
+            wq, aq = make_quantizers(kind, int(info["w_bits"]), int(info["a_bits"]), layer.weight.shape[0],
+                                     per_channel=info["w_channel_dim"] is not None, a_signed=info["a_signed"],
+                                     linear=isinstance(layer, nn.Linear))
+            swaps[name] = (wq, make_act_quantizer(a_mode, int(info["a_bits"])) or aq)
     return swaps
 
 

@@ -16,7 +16,8 @@ from .layers import QUANT_CLASSES, QuantLayer, float_class, macs_per_sample, qua
 from .quantizer import FLOAT_BITS, QUANTIZERS, LIQActQuantizer, Quantizer, check_bits, options_of
 from ..registry import Registry
 
-__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES"]
+__all__ = ["QuantConfig", "quantize", "calibrate", "is_traced", "ensure_traced", "eval_mode", "ACT_GRAD_SCALES",
+           "A_MODES"]
 
 Bits = Union[int, tuple[int, int], list]
 
@@ -24,6 +25,13 @@ Bits = Union[int, tuple[int, int], list]
 ACT_GRAD_SCALES: Registry[None] = Registry("act_grad_scale")
 ACT_GRAD_SCALES.register("per_sample", None, description="one sample's elements (the LSQ paper)")
 ACT_GRAD_SCALES.register("batch", None, description="the whole batch's elements (saq 0.1.0)")
+
+#: how the layers' inputs are quantized (``QuantConfig(a_mode=...)``, ``--a-mode``)
+A_MODES: Registry[None] = Registry("a_mode")
+A_MODES.register("static", None, description="the quantizer kind's learned step / clip, initialised from data")
+A_MODES.register("dynamic_token", None,
+                 description="int8 asymmetric per token (row), scale and zero point from each input, nothing learned "
+                             "(torchao 8da4w; Linear layers only, a_bits=8)")
 
 
 @dataclass
@@ -52,6 +60,10 @@ class QuantConfig:
     row, or per ``group_size`` group of a row); embeddings take no first/last role. None: embeddings stay float.
     A weight tied between two modules (an embedding and an LM head) is quantized by each quantized module with its
     own steps; an export refuses such a model (untie the weights, or keep both float).
+    ``a_mode``: ``"static"`` (the quantizer kind's learned activation steps) or ``"dynamic_token"``: torchao's 8da4w
+    activations, every Linear input quantized to int8 per token (row) with a scale and zero point computed from it
+    on the fly (:mod:`torchsaq.quant.dynamic`); LSQ only, ``a_bits=8``, first/last and ``layer_bits`` activations 8 or
+    32; a convolution is refused by name (exclude it). With ``group_size`` it is the 8da4w scheme.
     """
 
     w_bits: int = 4
@@ -66,6 +78,7 @@ class QuantConfig:
     act_grad_scale: str = "per_sample"
     group_size: Optional[int] = None
     embedding_bits: Optional[int] = None
+    a_mode: str = "static"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -93,9 +106,29 @@ class QuantConfig:
         if not isinstance(self.layer_bits, dict):
             raise ValueError(f"layer_bits must be a dict of pattern -> bits, got {type(self.layer_bits).__name__}")
         self.layer_bits = {str(k): _pair(v, f"layer_bits[{k!r}]") for k, v in self.layer_bits.items()}
+        self._check_a_mode()
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(self.exclude)
+
+    def _check_a_mode(self) -> None:
+        """``a_mode="dynamic_token"`` (int8 per token) with the bits and the quantizer it fits, or a ValueError."""
+        if self.a_mode not in A_MODES:
+            raise ValueError(f"unknown a_mode {self.a_mode!r}; choose one of {', '.join(A_MODES)}")
+        if self.a_mode == "static":
+            return
+        if self.a_bits != 8:
+            raise ValueError(f"a_mode='dynamic_token' quantizes activations to int8 per token: it needs a_bits=8, got "
+                             f"{'None (weight-only)' if self.a_bits is None else self.a_bits}")
+        if self.quantizer != "lsq":
+            raise ValueError(f"a_mode='dynamic_token' pairs with LSQ weights (quantizer='lsq'), got {self.quantizer!r}")
+        if self.first_last_bits not in (8, FLOAT_BITS):
+            raise ValueError(f"a_mode='dynamic_token': first_last_bits must be 8 or 32 (int8 or float inputs), got "
+                             f"{self.first_last_bits}")
+        bad = [k for k, (_, a) in self.bits_pairs().items() if a not in (8, FLOAT_BITS)]
+        if bad:
+            raise ValueError(f"a_mode='dynamic_token': layer_bits[{bad[0]!r}] gives activations "
+                             f"{self.bits_pairs()[bad[0]][1]} bits; they must be 8 or 32")
 
     def quantizer_options(self) -> Any:
         """The options dataclass of :attr:`quantizer` (:data:`torchsaq.quant.quantizer.QUANTIZERS`), from the fields
@@ -114,6 +147,8 @@ class QuantConfig:
         for key in ("group_size", "embedding_bits"):  # unset: left out, so files without them stay as they were
             if d[key] is None:
                 del d[key]
+        if d["a_mode"] == "static":  # (likewise)
+            del d["a_mode"]
         return d
 
     def bits_pairs(self) -> dict[str, tuple[int, int]]:
@@ -235,7 +270,8 @@ def _quantize(model: nn.Module, config: QuantConfig, example_inputs: Optional[An
                 bits = (bits[0] if _override(name, config) else cast(int, config.embedding_bits), FLOAT_BITS)
             m.__class__ = QUANT_CLASSES[type(m)]
             m._saq_name = name
-            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed)
+            m._init_quant(bits[0], bits[1], config.quantizer, config.quantizer_options(), config.a_signed,
+                          config.a_mode)
         # nn.Module.__setattr__'s stub admits Tensor/Module values only; any value is stored at run time
         model._saq_config = config  # type: ignore[assignment]
         hook = model.register_forward_pre_hook(_trace_pre_hook, with_kwargs=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dynamic import DynamicTokenQuantizer
 from .quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer
 
 __all__ = ["QuantLayer", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding", "QUANT_CLASSES",
@@ -55,12 +56,19 @@ class QuantLayer(_Module):
     _saq_name: str  # the layer's qualified name in the model, set by saq.quantize
 
     def _init_quant(self, w_bits: int, a_bits: int, quantizer: str, options: Any,
-                    a_signed: Optional[bool] = None) -> None:
+                    a_signed: Optional[bool] = None, a_mode: str = "static") -> None:
         """Attach the quantizers (kind ``quantizer`` with its ``options`` dataclass, see
-        :data:`torchsaq.quant.quantizer.QUANTIZERS`) and the hooks."""
+        :data:`torchsaq.quant.quantizer.QUANTIZERS`; ``a_mode="dynamic_token"``: a Linear layer's input quantizer is
+        :class:`torchsaq.quant.dynamic.DynamicTokenQuantizer`) and the hooks."""
+        name = getattr(self, "_saq_name", type(self).__name__)
         wq, aq = QUANTIZERS.get(quantizer).make(w_bits, a_bits, self.weight.shape[0], options, a_signed=a_signed,
                                                 linear=isinstance(self, (nn.Linear, nn.Embedding)))
-        wq.bind(self.weight.shape, getattr(self, "_saq_name", type(self).__name__))
+        if a_mode == "dynamic_token" and not isinstance(self, nn.Embedding):  # (a lookup's input: indices)
+            if not isinstance(self, nn.Linear):
+                raise ValueError(f"a_mode='dynamic_token' quantizes each token (row) of a Linear layer's input; layer "
+                                 f"{name} is a {float_class(self).__name__}: exclude it")
+            aq = DynamicTokenQuantizer(a_bits)
+        wq.bind(self.weight.shape, name)
         self.weight_quantizer = wq.to(self.weight.device)
         self.act_quantizer = aq.to(self.weight.device)
         self.quant_role = None  # "first" / "last" once the execution order is known
@@ -81,7 +89,7 @@ class QuantLayer(_Module):
         return self.act_quantizer.bits
 
     def set_bits(self, w_bits: int, a_bits: int) -> None:
-        if self.weight_quantizer.is_initialized or self.act_quantizer.is_initialized:
+        if self.weight_quantizer.is_initialized or (self.act_quantizer.is_initialized and self.act_quantizer.learned):
             raise RuntimeError("cannot change the bit-width of a layer whose steps are already initialised")
         self.weight_quantizer.bits = w_bits
         self.act_quantizer.bits = a_bits

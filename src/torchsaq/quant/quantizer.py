@@ -152,6 +152,9 @@ class Quantizer(nn.Module):
 
     kind: str = ""
     param_name: str = "step"
+    #: False: the scale is computed from each input (a dynamic quantizer); ``param_name`` then names a fixed
+    #: placeholder buffer (1.0), not a parameter, so the model has nothing to learn for it
+    learned: bool = True
     #: the quantizer standardises its input itself (LIQ weights); load_exported turns it off for grid weights
     standardize: bool = False
     # buffers registered in __init__ (declared for type checkers: nn.Module's __getattr__ is untyped)
@@ -163,7 +166,10 @@ class Quantizer(nn.Module):
         super().__init__()
         self.channel_dim = channel_dim
         n = num_channels if channel_dim is not None else 1
-        setattr(self, self.param_name, nn.Parameter(torch.ones(n)))
+        if self.learned:
+            setattr(self, self.param_name, nn.Parameter(torch.ones(n)))
+        else:
+            self.register_buffer(self.param_name, torch.ones(n))
         # flags live in buffers (so they travel in state_dicts and checkpoints) and are mirrored in
         # Python attributes so that the forward pass never reads a device tensor (no GPU sync)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -189,7 +195,8 @@ class Quantizer(nn.Module):
     @bits.setter
     def bits(self, value: int) -> None:
         self._bits = check_bits(value)
-        self.scale.requires_grad_(self._bits != FLOAT_BITS)
+        if self.learned:
+            self.scale.requires_grad_(self._bits != FLOAT_BITS)
 
     @property
     def signed(self) -> Optional[bool]:

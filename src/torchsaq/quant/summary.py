@@ -13,7 +13,8 @@ Conventions (stated so the numbers can be checked by hand):
   matmuls, norms, layers excluded from quantization) are not counted.
 * step columns: the spacing between adjacent quantization levels -- LSQ's step; for LIQ ``2|c|/(2^k-1)``
   for weights (in standard deviations of the weight) and ``|c|/(2^k-1)`` for unsigned activations
-  (``|c|/(2^(k-1)-1)`` signed).
+  (``|c|/(2^(k-1)-1)`` signed); ``token`` for dynamic per-token activations (``a_mode="dynamic_token"``: a step
+  per token, computed from each input).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .convert import _float_pass, is_traced, trace
+from .dynamic import a_mode_of
 from .layers import QuantLayer, quant_layers
 from .quantizer import FLOAT_BITS, Quantizer
 
@@ -56,6 +58,9 @@ class LayerRow:
     quantizer: str = "lsq"
     #: LSQ's weight group size (``pc`` shows ``g<G>``); None: per channel or per tensor
     group_size: Optional[int] = None
+    #: how the input is quantized (``QuantConfig.a_mode``): "dynamic_token" (``a_step`` shows ``token``: a step per
+    #: token, computed from each input; ``a_step`` is None) or "static"
+    a_mode: str = "static"
 
     @property
     def bops(self) -> Optional[int]:
@@ -91,7 +96,7 @@ class Summary:
                 f"{name:<32} {r.type:<8} {r.quantizer:<3} {fmt(r.role):<5} {r.w_bits:>2} {r.a_bits:>2} "
                 f"{('g' + str(r.group_size)) if r.group_size else ('y' if r.per_channel else 'n'):>2} "
                 f"{r.params:>9,} {fmt(r.w_step_mean, '.3g'):>11} {fmt(r.w_step_min, '.3g'):>9} "
-                f"{fmt(r.w_step_max, '.3g'):>9} {fmt(r.a_step, '.3g'):>9} "
+                f"{fmt(r.w_step_max, '.3g'):>9} {'token' if r.a_mode != 'static' else fmt(r.a_step, '.3g'):>9} "
                 f"{fmt(None if r.a_signed is None else ('y' if r.a_signed else 'n')):>5} "
                 f"{fmt(r.macs, ','):>11} {fmt(r.bops, ','):>14}")
         lines.append("-" * len(head))
@@ -126,7 +131,9 @@ def _measure_macs(model: nn.Module, example_inputs: Any) -> None:
 
 
 def _steps(q: Quantizer) -> Optional[torch.Tensor]:
-    return q.step_size().float().reshape(-1) if q.enabled and q.is_initialized else None
+    """The learned steps of an enabled, initialised quantizer (a dynamic one has none: its steps depend on the
+    input)."""
+    return q.step_size().float().reshape(-1) if q.enabled and q.is_initialized and q.learned else None
 
 
 def model_size_bits(model: nn.Module) -> int:
@@ -187,7 +194,8 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             a_step=None if as_ is None else float(as_.mean()),
             a_signed=m.act_quantizer.signed if m.act_quantizer.enabled else None,
             macs=m._saq_macs, quantizer=m.weight_quantizer.kind,
-            group_size=getattr(m.weight_quantizer, "group_size", None)))
+            group_size=getattr(m.weight_quantizer, "group_size", None),
+            a_mode=a_mode_of(m.act_quantizer) if m.act_quantizer.enabled else "static"))
     float_bits = _float_bits(model)
     known = all(r.macs is not None for r in rows)
     return Summary(rows=rows, size_bits=model_size_bits(model), float_bits=float_bits,

@@ -16,7 +16,7 @@ from ..quant.quantizer import check_bits
 from ..optim.functional import DEFAULT_RHO
 from ..optim.perturb import MODES
 from ..optim.strategies import STRATEGIES
-from ..quant.convert import ACT_GRAD_SCALES
+from ..quant.convert import A_MODES, ACT_GRAD_SCALES
 from ..quant.kernels import LSQ_BACKENDS
 from ..quant.quantizer import QUANTIZERS
 from ..registry import Registry
@@ -29,7 +29,7 @@ for _mode in MODES:
     SHARPNESS.register(_mode, None, description=MODES.entry(_mode).description)
 
 __all__ = ["TrainConfig", "SharpnessConfig", "load_recipe", "parse_field", "SHARPNESS", "OPTIMIZERS", "SCHEDULES",
-           "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES", "LSQ_BACKENDS"]
+           "STRATEGIES", "QUANTIZERS", "ACT_GRAD_SCALES", "LSQ_BACKENDS", "A_MODES"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class TrainConfig:
     act_grad_scale: str = "per_sample"  # LSQ activation step gradient: N counts one sample, or the batch
     group_size: Optional[int] = None  # LSQ: one weight step per group of this many inputs of each output row
     embedding_bits: Optional[int] = None  # quantize nn.Embedding tables at these bits (weight-only); None: float
+    a_mode: str = "static"          # dynamic_token: int8 per-token dynamic inputs (torchao 8da4w with group_size)
     calib_batches: int = 1
     # optimisation
     epochs: int = 30
@@ -252,7 +253,7 @@ class TrainConfig:
 
     #: the fields that :attr:`quant` reads (QuantConfig's own names)
     QUANT_FIELDS = ("w_bits", "a_bits", "first_last_bits", "per_channel", "weight_standardize", "quantizer",
-                    "act_grad_scale", "layer_bits", "exclude", "group_size", "embedding_bits")
+                    "act_grad_scale", "layer_bits", "exclude", "group_size", "embedding_bits", "a_mode")
 
     def quant_config(self) -> QuantConfig:
         """The :class:`saq.QuantConfig` these options describe."""
@@ -260,7 +261,7 @@ class TrainConfig:
                            per_channel=self.per_channel, weight_standardize=self.weight_standardize,
                            quantizer=self.quantizer, act_grad_scale=self.act_grad_scale,
                            layer_bits=dict(self.layer_bits), exclude=tuple(self.exclude),
-                           group_size=self.group_size, embedding_bits=self.embedding_bits)
+                           group_size=self.group_size, embedding_bits=self.embedding_bits, a_mode=self.a_mode)
 
     @property
     def model_name(self) -> str:
