@@ -161,6 +161,21 @@ def float_done(config: dict[str, Any]) -> bool:
     return checkpoint_complete(Path(config["output"], "checkpoint.pt"))
 
 
+def _ensure_floats(runner: Runner, args: argparse.Namespace, seeds: list[int]) -> None:
+    """Train (or finish) the float models of ``seeds`` that are not on disk complete. A float run cut off (its
+    checkpoint has fewer epochs) continues from its last epoch; one whose checkpoint is gone (a fresh clone: the
+    checkpoints are not committed) is trained again from its seed."""
+    if args.report_only or not seeds:
+        return
+    floats = [float_config(s, args) for s in seeds]
+    unfinished = [c for c in floats if Path(c["output"], "checkpoint.pt").exists() and not float_done(c)]
+    runner.run([dict(c, resume=True) for c in unfinished], "float models (resumed)")
+    for c in floats:
+        if not float_done(c):
+            runner.done.pop(runner.key(c), None)
+    runner.run(floats, "float models")
+
+
 _FLOAT_PATH = re.compile(r"^.*/(seed\d+)(/checkpoint\.pt)?$")
 
 
@@ -277,18 +292,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     seeds = {"paired": list(range(n_paired)), "other": list(range(n_other))}
     sweep_seed = 1000
 
-    # 0. float models (the final seeds and the sweep seed)
-    floats = [float_config(s, args) for s in ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]]
-    if not args.report_only:
-        # a float run cut off (its checkpoint has fewer epochs) continues from its last epoch; one whose checkpoint
-        # is gone is trained again
-        unfinished = [c for c in floats if Path(c["output"], "checkpoint.pt").exists() and not float_done(c)]
-        runner.run([dict(c, resume=True) for c in unfinished], "float models (resumed)")
-        for c in floats:
-            if not float_done(c):
-                runner.done.pop(runner.key(c), None)
-    frec = runner.run(floats, "float models")
+    # 0. float models (the final seeds and the sweep seed), trained when a QAT run still needs one: a float
+    # checkpoint is not committed, so a clone whose cache holds every QAT run of a seed trains nothing again
+    all_float_seeds = ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]
     if args.stage == "float":
+        _ensure_floats(runner, args, all_float_seeds)
         return 0
 
     # 1. rho sweep on the validation split, one seed (disjoint from the final seeds)
@@ -302,6 +310,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 sweep_index.append((b, m, rho))
     if len(args.rhos) == 1:  # a fixed rho: nothing to sweep
         sweep_cfgs, sweep_index = [], []
+    if any(runner.key(c) not in runner.done for c in sweep_cfgs):
+        _ensure_floats(runner, args, [sweep_seed])
     sweep = runner.run(sweep_cfgs, "rho sweep (validation split)")
     val: dict[tuple[int, str], dict[float, float]] = {}
     for (b, m, rho), rec in zip(sweep_index, sweep):
@@ -335,6 +345,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for s in seeds["paired"]:
                     final_cfgs.append(qat_config(m, 2, s, chosen.get((2, m)), args, extra))
                     index.append((2, f"{m} | {name}", s))
+    _ensure_floats(runner, args, sorted({s for (_, _, s), c in zip(index, final_cfgs)
+                                         if runner.key(c) not in runner.done}))
     final = runner.run(final_cfgs, "final runs (test set)")
     acc: dict[tuple[int, str], dict[int, float]] = {}
     secs: dict[tuple[int, str], list[float]] = {}
@@ -349,6 +361,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             train_acc.setdefault((b, m), []).append(rec["result"]["train_acc"])
         if s == 0:
             curves[(b, m)] = rec.get("curve", [])
+    floats = [float_config(s, args) for s in all_float_seeds]
+    frec = [runner.done.get(runner.key(c)) for c in floats]
     fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if r is not None and c["seed"] != sweep_seed}
     frec = [r for r in frec if r is not None]
     report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start, train_acc)
