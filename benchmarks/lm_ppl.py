@@ -60,19 +60,19 @@ EOS = "<|endoftext|>"
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 SWEEP_SEED = 1000
 
-# the study's sizes; --smoke replaces them by SMOKE's
+# the study's sizes (MEASURED in the module docstring); --smoke replaces them by SMOKE's, --width sets the model's
+WIDTHS = {w: dict(hidden_size=w, intermediate_size=3 * w, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4) for w in (128, 256)}
 STUDY: dict[str, Any] = dict(
-    vocab=4096, model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=4),
-    context=128, batch=16, pretrain_steps=2000, pretrain_lr=2e-3, pretrain_warmup=100, weight_decay=0.1,
-    finetune_steps=150, finetune_lr=2e-4, finetune_warmup=15, head_bits=8, eval_windows=256,
-    rhos=[0.01, 0.02, 0.05, 0.1], sweep_bits=[4, 2], bits=[4, 3, 2], groups=[32, 128])
+    vocab=4096, model=WIDTHS[128], context=128, batch=16, pretrain_steps=400, pretrain_lr=2e-3, pretrain_warmup=40,
+    weight_decay=0.1, finetune_steps=40, finetune_lr=5e-4, finetune_warmup=4, head_bits=8, eval_windows=256,
+    probe_batches=4, rhos=[0.01, 0.02, 0.05, 0.1], sweep_bits=[4, 2], bits=[4, 3, 2], groups=[32, 128])
 SMOKE: dict[str, Any] = dict(
     vocab=320, model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                           num_key_value_heads=2),
     context=32, batch=8, pretrain_steps=40, pretrain_lr=3e-3, pretrain_warmup=5, weight_decay=0.1,
-    finetune_steps=4, finetune_lr=2e-4, finetune_warmup=1, head_bits=8, eval_windows=16,
-    rhos=[0.05, 0.1], sweep_bits=[2], bits=[2], groups=[32])
+    finetune_steps=4, finetune_lr=5e-4, finetune_warmup=1, head_bits=8, eval_windows=16,
+    probe_batches=2, rhos=[0.05, 0.1], sweep_bits=[2], bits=[2], groups=[32])
 
 PTQ, BASE = "PTQ (RTN)", "QAT (LSQ)"
 METHODS: dict[str, dict[str, Any]] = {  # method -> how it fine-tunes (None: no training)
@@ -321,7 +321,8 @@ def pretrain(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _quantized(cfg: dict[str, Any]) -> Any:
     """The seed's float model, quantized weight-only (decoder Linears at ``bits``, ``lm_head`` at ``head_bits``,
-    ``group``-wise steps, embeddings float) with every step set by LSQ's initialisation."""
+    ``group``-wise steps, embeddings float) with every step set by LSQ's initialisation; ``bits`` 32: left float
+    (the control: the same fine-tune without quantization)."""
     import torch
 
     import torchsaq as saq
@@ -331,6 +332,8 @@ def _quantized(cfg: dict[str, Any]) -> Any:
     model = build_model(cfg)
     model.load_state_dict(torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)["model"])
     b = cfg["bits"]
+    if b == 32:
+        return model
     saq.quantize(model, saq.QuantConfig(w_bits=b, a_bits=None, first_last_bits=b, group_size=cfg["group"],
                                         layer_bits={"lm_head": (cfg["head_bits"], 32)}))
     saq.calibrate(model, [train_batch(_tokens(cfg, "train"), cfg, 2, 0)])  # traces; weight steps from the weights
@@ -379,6 +382,43 @@ def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
                 first_loss=losses[0] if losses else None, train_s=train_s)
 
 
+def rho_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What rho means on these weights: the loss rise of SAQ's case-3 ascent at each rho (its perturbed pass minus
+    its first pass, same batch; the base optimizer has lr 0 so nothing moves), beside the gradient's norm (the first-
+    order rise is rho ||g||) and the norm of one AdamW update at the fine-tune lr (~ lr sqrt(parameters))."""
+    import torch
+
+    import torchsaq as saq
+
+    model = _quantized(cfg)
+    model.train()
+    train = _tokens(cfg, "train")
+    batches = [train_batch(train, cfg, 3, i) for i in range(cfg["probe_batches"])]
+    rise: dict[str, float] = {}
+    norms: list[float] = []
+    for rho in cfg["rhos"]:
+        opt = saq.SAQ(model, torch.optim.SGD(model.parameters(), lr=0.0), rho=rho, mode="case3", strategy="full")
+        rises = []
+        for x in batches:
+            seen: list[float] = []
+
+            def closure() -> Any:
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                if not seen:
+                    norms.append(float(torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]))))
+                seen.append(float(loss.detach()))
+                return loss.detach()
+
+            opt.step(closure)
+            opt.zero_grad(set_to_none=True)
+            rises.append(seen[1] - seen[0])
+        rise[str(rho)] = statistics.fmean(rises)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(loss_rise=rise, grad_norm=statistics.fmean(norms), adamw_update_norm=cfg["finetune_lr"] * n ** 0.5)
+
+
 def _run(job: dict[str, Any]) -> dict[str, Any]:
     """One run in a worker process (one thread)."""
     import torch
@@ -387,7 +427,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        res = (pretrain if job["config"]["kind"] == "float" else finetune)(job["config"])
+        kind = job["config"]["kind"]
+        res = (pretrain if kind == "float" else rho_probe if kind == "probe" else finetune)(job["config"])
         return {"job": job, "result": res, "time_s": time.perf_counter() - t0}
     finally:
         torch.set_num_threads(threads)
@@ -469,6 +510,10 @@ def _sweep(args: argparse.Namespace, runner: Runner, meta: dict[str, Any]) -> tu
     if len(args.rhos) == 1:
         return {(b, m): args.rhos[0] for b in args.bits for m in swept}, {}
     _floats(args, runner, meta, [SWEEP_SEED])
+    probes = runner.run([dict(quant_config(args, meta, SWEEP_SEED, BASE, b, g, None), kind="probe", method="probe",
+                              rhos=args.rhos, probe_batches=args.preset["probe_batches"]) for b in sweep_bits],
+                        "rho probe (loss rise of the ascent)")
+    args.probes = {b: r["result"] for b, r in zip(sweep_bits, probes) if r is not None}
     index = [(b, m, r) for b in sweep_bits for m in swept for r in args.rhos]
     recs = runner.run([quant_config(args, meta, SWEEP_SEED, m, b, g, r) for b, m, r in index],
                       f"rho sweep (validation, seed {SWEEP_SEED}, group {g})")
@@ -490,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
-    args.data_dir = out / f"lm_ppl_data{args.tag}"
+    args.data_dir = out / f"lm_ppl_data{'_smoke' if args.smoke else ''}"  # the corpus: any width
     args.float_dir = str(out / f"lm_ppl_float{args.tag}")
     t_start = time.perf_counter()
     root = Path(args.corpus_dir or sysconfig.get_paths()["stdlib"]).resolve()
@@ -505,9 +550,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     floats = _floats(args, runner, meta, seeds)
     chosen, val = _sweep(args, runner, meta)
     index = [(s, b, g, m) for s in seeds for b in args.bits for g in args.groups for m in args.methods]
-    recs = runner.run([quant_config(args, meta, s, m, b, g, chosen.get((b, m))) for s, b, g, m in index],
+    control = [quant_config(args, meta, s, BASE, 32, 0, None) for s in seeds] if BASE in args.methods else []
+    recs = runner.run([quant_config(args, meta, s, m, b, g, chosen.get((b, m))) for s, b, g, m in index] + control,
                       "final runs (test split)")
     results = {k: r for k, r in zip(index, recs) if r is not None}
+    args.control = {c["seed"]: r["result"] for c, r in zip(control, recs[len(index):]) if r is not None}
     report(args, argv, meta, floats, results, chosen, val, t_start)
     return 0
 
@@ -526,14 +573,16 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--pretrain-steps", type=int, default=0, help=f"default {STUDY['pretrain_steps']}")
     ap.add_argument("--finetune-steps", type=int, default=0, help=f"default {STUDY['finetune_steps']}")
     ap.add_argument("--eval-windows", type=int, default=0, help=f"default {STUDY['eval_windows']}")
+    ap.add_argument("--width", type=int, choices=sorted(WIDTHS), default=128,
+                    help="hidden size (MLP 3x, 4 layers, 4 heads); 256 is ~3.4x slower per token")
     ap.add_argument("--corpus-dir", default=None, help="default: this Python's stdlib")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--log-every", type=int, default=100, help="pretraining progress every N steps")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: the whole pipeline in < 1 min")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args(argv)
-    args.preset = SMOKE if args.smoke else STUDY
-    args.tag = "_smoke" if args.smoke else ""
+    args.preset = SMOKE if args.smoke else dict(STUDY, model=WIDTHS[args.width])
+    args.tag = "_smoke" if args.smoke else "" if args.width == 128 else f"_w{args.width}"
     args.rhos = args.rhos or args.preset["rhos"]
     args.bits = args.bits or args.preset["bits"]
     args.groups = args.groups or args.preset["groups"]
@@ -614,7 +663,11 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], meta: dict[str, 
         "Gains: paired (same seed = same float model and batches) perplexity of the reference minus the method's "
         "(> 0: better), mean [95% t-interval]; recovered = (ppl_PTQ - ppl) / (ppl_PTQ - ppl_float) per seed.",
         "", f"Float: validation {_ms(fl_val)}, test {_ms([fl[s] for s in sorted(fl)])} ({len(fl)} seeds, "
-        f"{statistics.fmean(fsecs) if fsecs else float('nan'):.0f} s/pretraining)", "",
+        f"{statistics.fmean(fsecs) if fsecs else float('nan'):.0f} s/pretraining). Control, the float model "
+        f"fine-tuned like QAT without quantization: validation "
+        f"{_ms([r['validation_ppl'] for r in getattr(args, 'control', {}).values()])}, test "
+        f"{_ms([r['test_ppl'] for r in getattr(args, 'control', {}).values()])} (if below float, the fine-tune "
+        "itself still trains the model: a recovered share over 100% is that, not quantization)", "",
         "| cell | method | rho | seeds | val ppl | test ppl | gain vs QAT | gain vs PTQ | recovered | s/run |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows: list[dict[str, Any]] = []
@@ -628,14 +681,25 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], meta: dict[str, 
              "|---|---|" + "---:|" * len(args.rhos)]
     for (b, m), v in sorted(val.items()):
         sweep.append(f"| w{b} | {m} | " + " | ".join(f"{v[r]:.3f}" if r in v else "-" for r in args.rhos) + " |")
+    probes = getattr(args, "probes", {})
+    for b, pr in sorted(probes.items()):
+        sweep.append(f"| w{b} | loss rise of the ascent (nats) | "
+                     + " | ".join(f"{pr['loss_rise'][str(r)]:+.4f}" for r in args.rhos) + " |")
+    if probes:
+        sweep += ["", "Gradient norm / norm of one AdamW update at the fine-tune lr (the ascent's first-order loss "
+                  "rise is rho x gradient norm): " + ", ".join(
+                      f"w{b}: {pr['grad_norm']:.3f} / {pr['adamw_update_norm']:.3f}"
+                      for b, pr in sorted(probes.items()))]
     cmd = "python benchmarks/lm_ppl.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(head + sweep) + "\n"
     out = Path(args.out)
     (out / f"lm_ppl{args.tag}.md").write_text(text)
     (out / f"lm_ppl{args.tag}.json").write_text(json.dumps(dict(
-        command=cmd.strip(), corpus=meta, float=dict(test_ppl=fl, validation_ppl=fl_val), rows=rows,
+        command=cmd.strip(), corpus=meta, float=dict(test_ppl=fl, validation_ppl=fl_val),
+        float_finetuned=getattr(args, "control", {}), rows=rows,
         chosen_rho={f"w{b}/{m}": r for (b, m), r in chosen.items()},
-        sweep={f"w{b}/{m}": {str(r): x for r, x in v.items()} for (b, m), v in val.items()}), indent=1))
+        sweep={f"w{b}/{m}": {str(r): x for r, x in v.items()} for (b, m), v in val.items()},
+        rho_probe={f"w{b}": pr for b, pr in getattr(args, "probes", {}).items()}), indent=1))
     print(text)
     print(f"written {out / f'lm_ppl{args.tag}.md'} (.json) in {time.perf_counter() - t_start:.0f}s")
 

@@ -57,6 +57,7 @@ def test_lm_ppl_smoke(tmp_path):
         assert all(math.isfinite(v) for v in r["test_ppl"] + r["validation_ppl"]), r
     assert rows["PTQ (RTN)"]["test_ppl"][0] > fl  # 2-bit round-to-nearest hurts the float model
     assert rows["SAQ full"]["rho"] in lm_ppl.SMOKE["rhos"]
+    assert math.isfinite(rep["float_finetuned"]["0"]["test_ppl"]) and rep["rho_probe"]["w2"]["loss_rise"]
     lines = (out / "lm_ppl_runs_smoke.jsonl").read_text().splitlines()
     assert lm_ppl.main(argv) == 0  # everything cached: nothing runs again
     assert (out / "lm_ppl_runs_smoke.jsonl").read_text().splitlines() == lines
