@@ -61,3 +61,42 @@ def test_lm_ppl_smoke(tmp_path):
     lines = (out / "lm_ppl_runs_smoke.jsonl").read_text().splitlines()
     assert lm_ppl.main(argv) == 0  # everything cached: nothing runs again
     assert (out / "lm_ppl_runs_smoke.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+def test_lm_ppl_pretraining_cut_off_resumes_to_the_same_model(tmp_path, monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import lm_ppl
+    finally:
+        sys.path.remove(str(BENCH))
+    _corpus(tmp_path / "corpus", files=20)
+    meta = lm_ppl.prepare_data(tmp_path / "corpus", tmp_path / "data", 300)
+    cfg = dict(seed=0, data=meta["token_sha256"][:16], data_dir=str(tmp_path / "data"), vocab=meta["vocab_actual"],
+               model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2), context=16, batch=4, weight_decay=0.1, pretrain_steps=12,
+               pretrain_lr=3e-3, pretrain_warmup=2, eval_windows=4, checkpoint=str(tmp_path / "a" / "float.pt"),
+               kind="float", log_every=100, save_every=5)
+    want = lm_ppl.pretrain(cfg)
+    model_a = torch.load(cfg["checkpoint"], weights_only=True)["model"]
+
+    cut = dict(cfg, checkpoint=str(tmp_path / "b" / "float.pt"))
+    save = lm_ppl._atomic_save
+
+    def save_then_stop(obj, path):
+        save(obj, path)
+        if obj.get("step") == 10 and path.name == "partial.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_ppl, "_atomic_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lm_ppl.pretrain(cut)
+    assert not lm_ppl.float_complete(cut) and (tmp_path / "b" / "partial.pt").exists()
+    monkeypatch.setattr(lm_ppl, "_atomic_save", save)
+    got = lm_ppl.pretrain(cut)
+    assert got["trained_steps"] == 2 and lm_ppl.float_complete(cut) and not (tmp_path / "b" / "partial.pt").exists()
+    model_b = torch.load(cut["checkpoint"], weights_only=True)["model"]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert got["test_ppl"] == want["test_ppl"]
