@@ -91,12 +91,15 @@ def split_of(rel: str) -> str:
     return "test" if bucket < 5 else "validation" if bucket < 10 else "train"
 
 
-def corpus_files(root: Path) -> list[tuple[str, str]]:
-    """(relative posix path, text) of every ``*.py`` under ``root`` outside the excluded folders, sorted."""
+def corpus_files(root: Path, sample: int = 1) -> list[tuple[str, str]]:
+    """(relative posix path, text) of every ``*.py`` under ``root`` outside the excluded folders, sorted; ``sample``
+    N > 1 keeps one file in N, chosen by another hash of the path (the smoke run's small corpus)."""
     out = []
     for p in sorted(root.rglob("*.py"), key=lambda q: q.relative_to(root).as_posix()):
         rel = p.relative_to(root)
         if set(rel.parts[:-1]) & EXCLUDED_DIRS or not p.is_file():
+            continue
+        if sample > 1 and int(hashlib.sha256(b"sample:" + rel.as_posix().encode()).hexdigest()[:8], 16) % sample:
             continue
         try:
             out.append((rel.as_posix(), p.read_bytes().decode("utf-8")))
@@ -117,12 +120,12 @@ def train_tokenizer(texts: list[str], vocab: int) -> Any:
     return tok
 
 
-def prepare_data(root: Path, folder: Path, vocab: int) -> dict[str, Any]:
+def prepare_data(root: Path, folder: Path, vocab: int, sample: int = 1) -> dict[str, Any]:
     """Tokenizer and token arrays of the three splits, cached in ``folder`` (``meta.json`` written last: its
     presence with the same corpus fingerprint and vocabulary means the cache is whole)."""
     import numpy as np
 
-    files = corpus_files(root)
+    files = corpus_files(root, sample)
     fp = hashlib.sha256()
     for rel, text in files:
         fp.update(rel.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
@@ -540,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_start = time.perf_counter()
     root = Path(args.corpus_dir or sysconfig.get_paths()["stdlib"]).resolve()
     meta = (json.loads((args.data_dir / "meta.json").read_text()) if args.report_only
-            else prepare_data(root, args.data_dir, args.preset["vocab"]))
+            else prepare_data(root, args.data_dir, args.preset["vocab"], args.corpus_sample))
     print(f"corpus {meta['root']} (Python {meta['python']}): files {meta['files']}, tokens {meta['tokens']}, "
           f"token stream sha256 {meta['token_sha256'][:16]}", flush=True)
     runner = LocalRunner(out / f"lm_ppl_runs{args.tag}.jsonl", args.workers, job=_run, normalize=_portable)
@@ -561,7 +564,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5, help="paired seeds of the final runs (0..N-1)")
+    ap.add_argument("--seeds", type=int, default=0, help="paired seeds of the final runs (0..N-1); default 5, "
+                    "1 with --smoke")
     ap.add_argument("--bits", nargs="+", type=int, default=None, help=f"default {STUDY['bits']}")
     ap.add_argument("--groups", nargs="+", type=int, default=None,
                     help=f"default {STUDY['groups']}; the first is the one swept")
@@ -576,6 +580,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--width", type=int, choices=sorted(WIDTHS), default=128,
                     help="hidden size (MLP 3x, 4 layers, 4 heads); 256 is ~3.4x slower per token")
     ap.add_argument("--corpus-dir", default=None, help="default: this Python's stdlib")
+    ap.add_argument("--corpus-sample", type=int, default=0,
+                    help="keep one file in N (by a hash of its path); default 1, 10 with --smoke on the stdlib")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--log-every", type=int, default=100, help="pretraining progress every N steps")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: the whole pipeline in < 1 min")
@@ -583,6 +589,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.preset = SMOKE if args.smoke else dict(STUDY, model=WIDTHS[args.width])
     args.tag = "_smoke" if args.smoke else "" if args.width == 128 else f"_w{args.width}"
+    args.seeds = args.seeds or (1 if args.smoke else 5)
     args.rhos = args.rhos or args.preset["rhos"]
     args.bits = args.bits or args.preset["bits"]
     args.groups = args.groups or args.preset["groups"]
@@ -590,6 +597,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     args.pretrain_steps = args.pretrain_steps or args.preset["pretrain_steps"]
     args.finetune_steps = args.finetune_steps or args.preset["finetune_steps"]
     args.eval_windows = args.eval_windows or args.preset["eval_windows"]
+    args.corpus_sample = args.corpus_sample or (10 if args.smoke and not args.corpus_dir else 1)
     if args.smoke and args.log_every == 100:
         args.log_every = 20
     return args
