@@ -11,9 +11,10 @@ Protocol (issue 24, item 3):
 - Tokenizer: byte-level BPE (HF ``tokenizers``, vocabulary 4096, trained on the train split only, files separated by
   ``<|endoftext|>``), trained twice and compared (the data preparation fails if two trainings differ), cached with
   the token arrays in ``<out>/lm_ppl_data<tag>/``.
-- Model: ``LlamaForCausalLM`` (hidden 256, 4 layers, 4 heads, MLP 768, context 128, untied embeddings: 5.5M
-  parameters, 3.1M of them in the embedding and the LM head), pretrained in float with AdamW (linear warm-up, cosine
-  to 10%), batch 16 x 128 random windows of the train split drawn from a generator seeded by (seed, step): a resumed
+- Model: ``LlamaForCausalLM`` (``--width`` 128: hidden 128, 4 layers, 4 heads, MLP 384, context 128, untied
+  embeddings, 1.90M parameters of which 1.05M in the embedding and the LM head; ``--width 256``: MLP 768, 5.51M),
+  pretrained in float with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, linear warm-up, cosine to 10%, clip
+  1.0), batch 16 x 128 random windows of the train split drawn from a generator seeded by (seed, step): a resumed
   run sees the same batches. One float model per seed, checkpointed in ``<out>/lm_ppl_float<tag>/seed<N>/``
   (``float.pt`` only when finished; ``partial.pt`` every 100 steps, which a re-run resumes and never uses as the
   finished model).
@@ -35,7 +36,28 @@ Protocol (issue 24, item 3):
     python benchmarks/lm_ppl.py --smoke --out /tmp/lm   # tiny model and corpus sizes: the pipeline in < 1 min
     python benchmarks/lm_ppl.py --report-only      # tables from the cached runs
 
-Sizes (measured on this machine, one thread per process, the other core busy): MEASURED below.
+Sizes. Measured here (AMD EPYC, 2 cores; one thread, with the fashion study's 2 worker processes running beside it,
+so ~2/3 of a core: a 2048x256x768 fp32 matmul ran at 20 GFLOP/s), at batch 16 x 128 tokens, w2 g32 for fine-tuning:
+
+    | width | params | pretrain steps/s | QAT steps/s | SAQ full | SAQ prev_grad | eval, 128 windows (float) |
+    | 256   | 5.51M  | 0.19 (12 in 63 s)| 0.17        | 0.09     | 0.22          | 28 s                      |
+    | 128   | 1.90M  | 0.65 (30 in 46 s)| 0.56        | 0.28     | 0.58          | 2.9 s (quantized ~4 s)    |
+
+The example width 256 would give ~115 pretraining steps (235k tokens, 0.07 of an epoch) in 10 minutes and ~15
+fine-tuning steps per 1-2 minute run: too few to train or fine-tune anything. Width 128 is ~3.4x cheaper per token
+(and nearer the compute-optimal size for this budget, ~0.3M parameters by C = 6ND with D = 20N), so it is the
+default: 400 pretraining steps = ~10 min (820k tokens, 0.26 epoch of the 3.17M-token train split), 40 fine-tuning
+steps (82k tokens) = QAT ~70 s + ~20 s evaluation, SAQ full ~145 s + 20 s, prev_grad ~70 s + 20 s, PTQ ~20 s.
+Data preparation (tokenizer trained twice, the corpus encoded): 55 s once. Per seed: ~11 min float + 6 cells x
+~6 min + the float fine-tune control ~1.5 min = ~49 CPU-minutes; the rho sweep (its own float model, the probe,
+2 bit-widths x 2 SAQ methods x 4 rhos) ~46 CPU-minutes. 5 seeds: ~4.9 CPU-hours, ~2.5 h on 2 workers (3 seeds:
+~3 CPU-hours). These are contended figures: on an idle core every run is ~1.5x faster. Python 3.11.7's stdlib: 734
+files (663/33/38), 12.1M characters, 3,172,026/134,185/179,211 tokens, token stream sha256 6ded454927e9fe49.
+
+rho for AdamW: SAM's perturbation e = rho g / ||g|| comes from the raw gradient whatever the base optimizer, so its
+first-order loss rise is rho ||g|| (||g|| ~ 1 here, clipped at 1 in the update), while one AdamW step moves the
+weights by ~lr sqrt(parameters) ~ 0.7 at lr 5e-4: rho 0.01-0.1 perturbs far less than one update moves, and raises
+the loss by ~0.01-0.1 nats. The sweep reports that rise per rho (the probe), measured on the sweep seed's model.
 """
 from __future__ import annotations
 
