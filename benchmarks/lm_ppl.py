@@ -720,6 +720,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], meta: dict[str, 
                   "rise is rho x gradient norm): " + ", ".join(
                       f"w{b}: {pr['grad_norm']:.3f} / {pr['adamw_update_norm']:.3f}"
                       for b, pr in sorted(probes.items()))]
+    if not val and not probes:  # a fixed rho: no sweep
+        sweep = []
     cmd = "python benchmarks/lm_ppl.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(head + sweep) + "\n"
     out = Path(args.out)
