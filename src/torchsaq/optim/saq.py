@@ -132,8 +132,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from .._dtensor import is_dtensor
 from ..integrations.frameworks import closure_free_hint
 from ..quant.layers import quant_layers
+from ..quant.quantizer import Quantizer
 from .functional import DEFAULT_RHO
 from .passes import NONFINITE, Passes
 from .perturb import MODES, Mode, Targets
@@ -234,6 +236,21 @@ def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strateg
         raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
 
+def _check_sharded(module: nn.Module) -> None:
+    """FSDP2 (parameters that are DTensors): every enabled quantizer must be initialised before ``fully_shard``.
+
+    A quantizer initialises its scale in its first training forward, in place; under FSDP2 that forward sees the
+    gathered (unsharded) copy, so the sharded parameter would keep its placeholder while the quantizer counts as
+    initialised (and each rank would initialise from its own batch)."""
+    if not any(is_dtensor(p) for p in module.parameters()):
+        return
+    fresh = [n for n, q in module.named_modules() if isinstance(q, Quantizer) and q.enabled and not q.is_initialized]
+    if fresh:
+        raise ValueError(f"saq.SAQ under FSDP2: {len(fresh)} quantizer(s) are not initialised (e.g. {fresh[0]}); "
+                         "initialise them before fully_shard, with saq.calibrate(model, batches) or one training-"
+                         "mode forward pass, the same on every rank (an initialisation after sharding is lost)")
+
+
 def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.Optimizer,
                     perturb_unquantized: bool, perturb_steps: bool, exclude: Sequence[str] = ()) -> Targets:
     """The perturbation targets among the parameters the base optimizer trains (see :class:`Targets`), less
@@ -330,6 +347,7 @@ class SAQ(torch.optim.Optimizer):
         _check_options(model, base_optimizer, rho, mode, strategy, k, alpha, eta, nonfinite, max_grad_norm,
                        rho_schedule, grad_scaler, fraction)
         module, ddp = _unwrap(model)
+        _check_sharded(module)
         kind = Mode.parse(mode)
         perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
         if isinstance(perturb_exclude, str):
