@@ -383,6 +383,7 @@ class SAQ(torch.optim.Optimizer):
         # transient state of the two-call form (never saved)
         self._first_done = False
         self._skip_pending = False
+        self._param_ids = self._ids()  # the tensors the targets were selected from (see _follow_params)
 
     rho = _delegated("rho", "perturbation radius (> 0); rho_schedule, when set, replaces it")
     rho_schedule = _delegated("rho_schedule", "step -> rho, or None")
@@ -417,6 +418,27 @@ class SAQ(torch.optim.Optimizer):
         self._targets = targets
         self._passes.set_capture(True)
         self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
+        self._param_ids = self._ids()
+
+    def _ids(self) -> list[int]:
+        return [id(p) for p in self._params()]
+
+    def _follow_params(self) -> None:
+        """Select the targets again if the base optimizer's parameters were replaced since (accelerate's FSDP2
+        ``prepare`` puts the sharded DTensor parameters in the optimizer after ``fully_shard``); the strategy's
+        stored state starts afresh, as after :meth:`add_param_group`."""
+        ids = self._ids()
+        if ids == self._param_ids:
+            return
+        self.restore()
+        _check_sharded(self.module)
+        targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer, self.perturb_unquantized,
+                                  self.perturb_steps, self.perturb_exclude)
+        self._passes.set_capture(False)
+        self._targets = targets
+        self._passes.set_capture(True)
+        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha, self.fraction)
+        self._param_ids = ids
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
@@ -473,6 +495,8 @@ class SAQ(torch.optim.Optimizer):
         forward sees the new perturbation, an eval forward never does; with AMP pass ``grad_scaler=`` here and
         call ``scaler.step(opt)``); the two-pass strategies raise, since the step would not be sharpness-aware.
         """
+        if not self._first_done:
+            self._follow_params()
         if closure is None:
             if self._strategy.closure_free and not self._first_done:
                 return self._strategy.step_without_closure(self._passes, self)
@@ -502,6 +526,7 @@ class SAQ(torch.optim.Optimizer):
         self._check_two_call()
         if self._targets.active:
             raise RuntimeError("first_step() called twice without second_step() / restore()")
+        self._follow_params()
         # the gradients may be used as scratch space only if they are cleared afterwards; a non-finite
         # direction gives a zero perturbation (the second pass may run)
         ok = bool(self._passes.ascent(self._rho_at(self._step), clobber=zero_grad, safe=True))  # one host-device sync
