@@ -84,6 +84,13 @@ Rules this wrapper follows:
   all-reduced, so the update is identical on every replica. Exception: the full steps of ``every_k`` run the
   first backward synchronised, because their gradient also defines the stored ``g_v`` that later iterations
   add to the synchronised gradient (it must be the same on every replica).
+* FSDP2 (``fully_shard``; parameters and gradients are DTensors sharded on dim 0): every backward averages the
+  gradients over the ranks, so the ascent is global: the norms are taken over all shards, case 3's gradient
+  w.r.t. Q(w) (captured unsharded, from each rank's samples) is averaged over the ranks, a quantized layer's
+  perturbation is the unsharded tensor added in the forward; the step equals single-process SAQ on the whole
+  batch (without BatchNorm, which normalises per rank). Quantizers must be initialised before ``fully_shard``
+  (refused otherwise). Parameters replaced in the base optimizer after construction (accelerate's FSDP2
+  ``prepare``) are followed at the next step.
 * Non-finite loss or gradients (no grad scaler): ``nonfinite="raise"`` raises :class:`FloatingPointError`,
   ``"skip"`` skips the step; either way the weights (and BatchNorm statistics) are left exactly as before.
   The check is made once, at the end of the step (the first loss, the first-pass direction's norm, the
