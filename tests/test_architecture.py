@@ -15,7 +15,7 @@ SRC = Path(torchsaq.__file__).resolve().parent
 
 #: the layers, lowest first: a module may import its own layer or a lower one, never a higher one
 LAYERS = [
-    ("registry", "_io", "_optional"),
+    ("registry", "_io", "_optional", "_dtensor"),
     ("quant",),
     ("integrations",),
     ("optim", "export"),

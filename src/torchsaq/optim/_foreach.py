@@ -3,6 +3,9 @@
 Nothing here reads a device value on the host: a step makes its decisions on the device (``torch.where``,
 masks) and reads its finiteness flags once, at the end, so the CPU never waits for the GPU in the middle of a
 step (a launch-bound CNN loses its queued work at every such wait).
+
+DTensors (FSDP2's sharded parameters and gradients) may be mixed with plain tensors in a list: :func:`foreach`
+never puts both kinds in one fused call, :func:`norm` reduces the DTensors' squared norms over their shards.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _group_by_device_dtype
 
-__all__ = ["foreach", "norm", "dot", "on", "zero_unless", "select_", "mul_owned", "clone", "Snapshot"]
+from .._dtensor import is_dtensor, local, shard_key, sum_over_shards
+
+__all__ = ["foreach", "norm", "dot", "on", "zero_unless", "select_", "mul_owned", "clone", "copy_", "Snapshot"]
 
 
 def foreach(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
@@ -23,6 +28,13 @@ def foreach(fn: Callable[..., Any], *lists: Sequence[Tensor]) -> list:
     n = len(lists[0])
     out: list = [None] * n
     if n == 0:
+        return out
+    kinds = [is_dtensor(t) for t in lists[0]]
+    if any(kinds) and not all(kinds):  # DTensors (FSDP2) beside plain tensors: a fused call of each kind
+        for kind in (False, True):
+            sel = [i for i, k in enumerate(kinds) if k is kind]
+            for i, r in zip(sel, foreach(fn, *[[lst[i] for i in sel] for lst in lists])):
+                out[i] = r
         return out
     # torch's C++ grouping (what its optimizers use), by the first list's tensors; the tensors at one index
     # share a device (a dtype mismatch there only sends that bucket down torch's per-tensor path)
@@ -39,6 +51,8 @@ def norm(ts: Sequence[Tensor]) -> Tensor:
     """Global L2 norm (float32, on the first tensor's device) over all tensors of ``ts``."""
     if not ts:
         return torch.zeros(())
+    if any(is_dtensor(t) for t in ts):
+        return _sharded_norm(ts)
     dev = ts[0].device
     parts: list[Tensor] = []
 
@@ -49,6 +63,21 @@ def norm(ts: Sequence[Tensor]) -> Tensor:
 
     foreach(bucket, ts)
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _sharded_norm(ts: Sequence[Tensor]) -> Tensor:
+    """:func:`norm` of a list holding DTensors: each DTensor counted once over its shards (a plain float32 scalar,
+    the same on every rank; one collective per kind of sharding). The plain tensors are taken as they are."""
+    plain = [t for t in ts if not is_dtensor(t)]
+    shards: dict = {}  # shard_key -> (local shards, a DTensor of that key); insertion order is the same on all ranks
+    for t in ts:
+        if is_dtensor(t):
+            shards.setdefault(shard_key(t), ([], t))[0].append(local(t))
+    parts = [norm(plain).double() ** 2] if plain else []
+    for locals_, like in shards.values():
+        parts.append(sum_over_shards(norm(locals_).double() ** 2, like))
+    dev = ts[0].device
+    return torch.stack([p.to(dev) for p in parts]).sum().sqrt().float()
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -70,7 +99,7 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bits(ts: Sequence[Tensor]) -> list[Tensor]:
-    return [t.view(_INT_OF_SIZE[t.element_size()]) for t in ts]
+    return [local(t).view(_INT_OF_SIZE[t.element_size()]) for t in ts]  # a DTensor's elements: its local shard
 
 
 def zero_unless(ok: Tensor, ts: Sequence[Tensor]) -> None:
@@ -112,8 +141,13 @@ def mul_owned(ts: Sequence[Tensor], owned: Sequence[bool], by: Tensor | Sequence
 def clone(ts: Sequence[Tensor]) -> list[Tensor]:
     out = [torch.empty_like(t) for t in ts]
     if out:
-        foreach(torch._foreach_copy_, out, ts)
+        copy_(out, ts)
     return out
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """In place: ``dst[i] <- src[i]`` (a DTensor shard by shard: DTensor has no fused copy; like-sharded pairs)."""
+    foreach(torch._foreach_copy_, [local(t) for t in dst], [local(t) for t in src])
 
 
 class Snapshot:
@@ -134,10 +168,10 @@ class Snapshot:
             self.copies = [torch.empty_like(t) for t in tensors]
         self.tensors = tensors
         if tensors:
-            foreach(torch._foreach_copy_, self.copies, tensors)
+            copy_(self.copies, tensors)
         self.active = True
 
     def put_back(self) -> None:
         if self.active and self.tensors:
-            foreach(torch._foreach_copy_, self.tensors, self.copies)
+            copy_(self.tensors, self.copies)
         self.active = False

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _foreach as fe
+from .._dtensor import unsharded
 from ._update import base_step, finite, first_failure
 from .functional import DEFAULT_RHO, sam_perturbation
 from .perturb import Targets
@@ -153,7 +154,7 @@ class Passes:
         if scaler is None:
             total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # (all of them)
             what = "loss or gradient of the pass at the perturbed point"
-            failed = first_failure(checks + [(what, finite(loss_check)), (what, torch.isfinite(total))])
+            failed = first_failure(checks + [(what, finite(loss_check)), (what, torch.isfinite(unsharded(total)))])
             if failed is not None:
                 return self.reject(failed, rollback, loss)
         if hook is not None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _foreach as fe
+from .._dtensor import is_dtensor, mean_over_mesh, unsharded
 from ..quant.layers import QuantLayer, quant_layers
 from ..quant.quantizer import Quantizer
 from ..registry import Registry
@@ -143,6 +144,14 @@ def site_of(where: str, what: str = "where") -> Site:
     return WHERE.get(where)
 
 
+def _global_direction(g: Tensor, weight: Tensor) -> Tensor:
+    """The direction ``g`` of a layer whose ``weight`` is sharded (FSDP2) as the plain, unsharded tensor of the
+    whole batch, the same on every rank: ``weight.grad`` (sharded, already averaged over the ranks) gathered, or
+    the gradient w.r.t. Q(w) (captured in the forward from this rank's batch: unsharded) averaged over the ranks
+    in place (a buffer of the capture)."""
+    return unsharded(g) if is_dtensor(g) else mean_over_mesh(g, weight)
+
+
 _WEIGHT_LAYERS = (QuantLayer, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -205,6 +214,10 @@ class Targets:
 
         Targets without a gradient are left out. ``clobber``: the parameters' ``.grad`` may be overwritten
         (a captured gradient w.r.t. Q(w) always may).
+
+        FSDP2 (a layer's weight is a DTensor outside the forward): a layer's perturbation is added in the forward
+        to the unsharded weight, so its direction (and ASAM's reference) is the unsharded, global one
+        (:func:`_global_direction`); the parameters perturbed in their data keep their sharded ``.grad``.
         """
         idx: list[int] = []
         srcs: list[Tensor] = []
@@ -215,12 +228,14 @@ class Targets:
             g = self.direction.read(layer)
             if g is None:
                 continue
+            if is_dtensor(layer.weight):
+                g = _global_direction(g, layer.weight)
             if adaptive:
                 w = self.site.reference(layer)
                 if w is None:
                     raise RuntimeError(f"the perturbation {self.site.value} with adaptive=True needs the "
                                        "quantized weight of the pass, but a layer ran without capturing it")
-                refs.append(w)
+                refs.append(unsharded(w))
             idx.append(j)
             srcs.append(g)
             owned.append(self.direction.captured or clobber)

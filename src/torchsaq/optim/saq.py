@@ -84,6 +84,13 @@ Rules this wrapper follows:
   all-reduced, so the update is identical on every replica. Exception: the full steps of ``every_k`` run the
   first backward synchronised, because their gradient also defines the stored ``g_v`` that later iterations
   add to the synchronised gradient (it must be the same on every replica).
+* FSDP2 (``fully_shard``; parameters and gradients are DTensors sharded on dim 0): every backward averages the
+  gradients over the ranks, so the ascent is global: the norms are taken over all shards, case 3's gradient
+  w.r.t. Q(w) (captured unsharded, from each rank's samples) is averaged over the ranks, a quantized layer's
+  perturbation is the unsharded tensor added in the forward; the step equals single-process SAQ on the whole
+  batch (without BatchNorm, which normalises per rank). Quantizers must be initialised before ``fully_shard``
+  (refused otherwise). Parameters replaced in the base optimizer after construction (accelerate's FSDP2
+  ``prepare``) are followed at the next step.
 * Non-finite loss or gradients (no grad scaler): ``nonfinite="raise"`` raises :class:`FloatingPointError`,
   ``"skip"`` skips the step; either way the weights (and BatchNorm statistics) are left exactly as before.
   The check is made once, at the end of the step (the first loss, the first-pass direction's norm, the
@@ -132,8 +139,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from .._dtensor import is_dtensor
 from ..integrations.frameworks import closure_free_hint
 from ..quant.layers import quant_layers
+from ..quant.quantizer import Quantizer
 from .functional import DEFAULT_RHO
 from .passes import NONFINITE, Passes
 from .perturb import MODES, Mode, Targets
@@ -234,6 +243,21 @@ def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strateg
         raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
 
+def _check_sharded(module: nn.Module) -> None:
+    """FSDP2 (parameters that are DTensors): every enabled quantizer must be initialised before ``fully_shard``.
+
+    A quantizer initialises its scale in its first training forward, in place; under FSDP2 that forward sees the
+    gathered (unsharded) copy, so the sharded parameter would keep its placeholder while the quantizer counts as
+    initialised (and each rank would initialise from its own batch)."""
+    if not any(is_dtensor(p) for p in module.parameters()):
+        return
+    fresh = [n for n, q in module.named_modules() if isinstance(q, Quantizer) and q.enabled and not q.is_initialized]
+    if fresh:
+        raise ValueError(f"saq.SAQ under FSDP2: {len(fresh)} quantizer(s) are not initialised (e.g. {fresh[0]}); "
+                         "initialise them before fully_shard, with saq.calibrate(model, batches) or one training-"
+                         "mode forward pass, the same on every rank (an initialisation after sharding is lost)")
+
+
 def _select_targets(module: nn.Module, mode: Mode, base_optimizer: torch.optim.Optimizer,
                     perturb_unquantized: bool, perturb_steps: bool, exclude: Sequence[str] = ()) -> Targets:
     """The perturbation targets among the parameters the base optimizer trains (see :class:`Targets`), less
@@ -330,6 +354,7 @@ class SAQ(torch.optim.Optimizer):
         _check_options(model, base_optimizer, rho, mode, strategy, k, alpha, eta, nonfinite, max_grad_norm,
                        rho_schedule, grad_scaler, fraction)
         module, ddp = _unwrap(model)
+        _check_sharded(module)
         kind = Mode.parse(mode)
         perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
         if isinstance(perturb_exclude, str):
@@ -365,6 +390,7 @@ class SAQ(torch.optim.Optimizer):
         # transient state of the two-call form (never saved)
         self._first_done = False
         self._skip_pending = False
+        self._param_ids = self._ids()  # the tensors the targets were selected from (see _follow_params)
 
     rho = _delegated("rho", "perturbation radius (> 0); rho_schedule, when set, replaces it")
     rho_schedule = _delegated("rho_schedule", "step -> rho, or None")
@@ -399,6 +425,27 @@ class SAQ(torch.optim.Optimizer):
         self._targets = targets
         self._passes.set_capture(True)
         self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
+        self._param_ids = self._ids()
+
+    def _ids(self) -> list[int]:
+        return [id(p) for p in self._params()]
+
+    def _follow_params(self) -> None:
+        """Select the targets again if the base optimizer's parameters were replaced since (accelerate's FSDP2
+        ``prepare`` puts the sharded DTensor parameters in the optimizer after ``fully_shard``); the strategy's
+        stored state starts afresh, as after :meth:`add_param_group`."""
+        ids = self._ids()
+        if ids == self._param_ids:
+            return
+        self.restore()
+        _check_sharded(self.module)
+        targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer, self.perturb_unquantized,
+                                  self.perturb_steps, self.perturb_exclude)
+        self._passes.set_capture(False)
+        self._targets = targets
+        self._passes.set_capture(True)
+        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha, self.fraction)
+        self._param_ids = ids
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
@@ -455,6 +502,8 @@ class SAQ(torch.optim.Optimizer):
         forward sees the new perturbation, an eval forward never does; with AMP pass ``grad_scaler=`` here and
         call ``scaler.step(opt)``); the two-pass strategies raise, since the step would not be sharpness-aware.
         """
+        if not self._first_done:
+            self._follow_params()
         if closure is None:
             if self._strategy.closure_free and not self._first_done:
                 return self._strategy.step_without_closure(self._passes, self)
@@ -484,6 +533,7 @@ class SAQ(torch.optim.Optimizer):
         self._check_two_call()
         if self._targets.active:
             raise RuntimeError("first_step() called twice without second_step() / restore()")
+        self._follow_params()
         # the gradients may be used as scratch space only if they are cleared afterwards; a non-finite
         # direction gives a zero perturbation (the second pass may run)
         ok = bool(self._passes.ascent(self._rho_at(self._step), clobber=zero_grad, safe=True))  # one host-device sync

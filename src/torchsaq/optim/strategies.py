@@ -190,7 +190,8 @@ class PrevGrad(Strategy):
             if strategy is not None:
                 strategy._forward_pre_hook(mod)
 
-        self.hook_handle = module.register_forward_pre_hook(pre_hook)
+        # first: FSDP2's own pre-hook (prepended) gathers the sharded parameters, which must be perturbed by then
+        self.hook_handle = module.register_forward_pre_hook(pre_hook, prepend=True)
 
     @property
     def pending(self) -> bool:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._dtensor import is_dtensor
 from .dynamic import DynamicTokenQuantizer
 from .quantizer import FLOAT_BITS, QUANTIZERS, LSQQuantizer, Quantizer
 
@@ -144,9 +145,12 @@ class QuantLayer(_Module):
         w, p = self.weight, self._probe
         if p is None or p.shape != w.shape or p.device != w.device or p.dtype != w.dtype:
             grad = None if p is None else p.grad
-            self._probe = torch.zeros_like(w, memory_format=torch.contiguous_format).requires_grad_()
+            if is_dtensor(w):  # FSDP2 outside the forward: the forward adds it to the unsharded (plain) weight
+                self._probe = torch.zeros(w.shape, device=w.device, dtype=w.dtype).requires_grad_()
+            else:
+                self._probe = torch.zeros_like(w, memory_format=torch.contiguous_format).requires_grad_()
             if grad is not None and grad.shape == w.shape:
-                self._probe.grad = grad.to(w)
+                self._probe.grad = grad.to(self._probe)
 
     @property
     def qweight_grad(self) -> Optional[Tensor]:
