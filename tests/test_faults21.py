@@ -394,6 +394,32 @@ def test_a_param_group_added_to_saq_is_perturbed_too():
         opt.add_param_group({"params": [other]})
 
 
+def test_add_param_group_keeps_perturb_exclude_and_the_sub_batch_fraction():
+    import torchsaq as saq
+
+    model = _saq_model()
+    base = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1)
+    opt = saq.SAQ(model, base, rho=0.5, strategy="sub_batch", fraction=0.5, perturb_exclude=("0.bias",),
+                  perturb_unquantized=True)
+    opt.add_param_group({"params": [model[2].weight, model[2].bias]})
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    rows, bias_perturbed = [], []
+
+    def closure():
+        opt.zero_grad()
+        xb, yb = opt.pass_batch(x, y)
+        rows.append(len(xb))
+        bias_perturbed.append(not torch.equal(model[0].bias.detach(), bias0))
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    bias0 = model[0].bias.detach().clone()
+    opt.step(closure)
+    assert rows == [16, 32]  # the ascent pass on half the batch, as configured, after the group was added
+    assert bias_perturbed == [False, False]  # the excluded bias is never moved to w + e
+
+
 @pytest.mark.parametrize("strategy", ["prev_grad", "every_k"])
 def test_saq_state_from_a_model_of_another_width_is_refused_at_load(strategy):
     import torchsaq as saq

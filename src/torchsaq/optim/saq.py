@@ -417,14 +417,14 @@ class SAQ(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         try:
             targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer,
-                                      self.perturb_unquantized, self.perturb_steps)
+                                      self.perturb_unquantized, self.perturb_steps, self.perturb_exclude)
         except ValueError:
             self.base_optimizer.param_groups.pop()  # all or nothing
             raise
         self._passes.set_capture(False)
         self._targets = targets
         self._passes.set_capture(True)
-        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha)
+        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha, self.fraction)
         self._param_ids = self._ids()
 
     def _ids(self) -> list[int]:
