@@ -41,7 +41,7 @@ weights, no quantizers): the baseline for size and speed.
 """
 from __future__ import annotations
 
-import io
+import io as _io
 import json
 import os
 import warnings
@@ -55,11 +55,11 @@ from torch import Tensor, nn
 from .._io import atomic_write
 from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
 from ..quant.convert import eval_mode
-from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear
 from ..quant.quantizer import STEP_EPS, AffineCodes
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
-           "OnnxModel"]
+           "OnnxModel", "OnnxIO"]
 
 ONNX_FORMAT = "saq-onnx"
 #: INT4/UINT4 Quantize/DequantizeLinear exist from opset 21
@@ -96,9 +96,14 @@ class _Weight:
     zero_point: int = 0
     shift: Optional[Tensor] = None  # float32 0-d added after DequantizeLinear (LIQ at 4 and 8 bits)
     block: Optional[int] = None  # group-wise (Linear): scale (out, in/block), written as MatMulNBits
+    gather: bool = False  # an embedding table (rows, dim), not transposed: group-wise, GatherBlockQuantized
 
     def values(self) -> Tensor:
         """What the graph computes: (ints - zero_point) * scale (+ shift)."""
+        if self.block is not None and self.gather:  # ints (rows, dim), one scale per block of a row
+            rows, dim = self.ints.shape
+            return (self.ints.reshape(rows, dim // self.block, self.block).float()
+                    * self.scale.unsqueeze(-1)).reshape(rows, dim)
         if self.block is not None:  # ints (in, out), one scale per block of `block` inputs of each output
             k, n = self.ints.shape
             v = self.ints.t().reshape(n, k // self.block, self.block).float() * self.scale.unsqueeze(-1)
@@ -151,20 +156,23 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
 
 
 def _nbits_plan(layer: QuantLayer, form: AffineCodes) -> _Weight:
-    """A group-wise weight as onnxruntime's ``com.microsoft.MatMulNBits`` takes it: 4-bit codes (2..4-bit LSQ codes,
-    within [-8, 7], stored with MatMulNBits' default zero point 8) or 8-bit codes (5..8 bits, zero point 128) in
-    blocks of ``group_size`` inputs, one scale per block. Only Linear layers and group sizes that are powers of two
-    >= 16."""
+    """A group-wise weight as onnxruntime's ``com.microsoft.MatMulNBits`` (Linear) or ``GatherBlockQuantized``
+    (Embedding) takes it: 4-bit codes (2..4-bit LSQ codes, within [-8, 7], stored with the default zero point 8)
+    or 8-bit codes (5..8 bits, zero point 128) in blocks of ``group_size`` inputs, one scale per block. Only
+    Linear and Embedding layers and group sizes that are powers of two >= 16."""
     block = form.block_size
     assert block is not None
     name = getattr(layer, "_saq_name", type(layer).__name__)
-    if not isinstance(layer, nn.Linear) or form.lo < -128 or form.hi > 127 or block < 16 or block & (block - 1):
+    if (not isinstance(layer, (nn.Linear, nn.Embedding)) or form.lo < -128 or form.hi > 127 or block < 16
+            or block & (block - 1)):
         raise ValueError(f"ONNX export: layer {name} quantizes its weight in groups of {block} (group_size): the "
-                         "ONNX export writes group-wise weights as MatMulNBits, which takes Linear layers with "
-                         "signed weight codes and a group size that is a power of two >= 16; export to .safetensors")
+                         "ONNX export writes group-wise weights as MatMulNBits / GatherBlockQuantized, which take "
+                         "Linear / Embedding layers with signed weight codes and a group size that is a power of "
+                         "two >= 16; export to .safetensors")
     container = "UINT4" if form.lo >= -8 and form.hi <= 7 else "UINT8"
-    return _Weight(ints=form.ints.t().contiguous(), scale=form.scale.float(), axis=None, container=container,
-                   bits=layer.w_bits, block=block)
+    gather = isinstance(layer, nn.Embedding)
+    return _Weight(ints=form.ints.contiguous() if gather else form.ints.t().contiguous(), scale=form.scale.float(),
+                   axis=None, container=container, bits=layer.w_bits, block=block, gather=gather)
 
 
 def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
@@ -180,6 +188,23 @@ def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
     b.nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], bq, s], [node.output[0]],
                                          name=f"{layer}/MatMulNBits", domain=_MS_DOMAIN, K=k, N=n, bits=bits,
                                          block_size=w.block))
+
+
+def _gather_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
+    """Replace ``node`` (the embedding's Gather reading its weight marker) by ``com.microsoft.GatherBlockQuantized``:
+    the rows it reads, dequantized (uint8 data, two 4-bit codes a byte, low nibble first, with the default zero
+    point 2^(bits-1))."""
+    assert w.block is not None
+    rows, dim = w.ints.shape
+    bits = 4 if w.container == "UINT4" else 8
+    q = (w.ints + 2 ** (bits - 1)).to(torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4) if bits == 4 else q).contiguous().numpy()
+    onnx = _onnx()
+    bq = b.init(f"{layer}.weight_nbits", lambda nm: onnx.numpy_helper.from_array(packed, nm))
+    s = b.init(f"{layer}.weight_scale", lambda nm: _float_initializer(nm, w.scale))
+    b.nodes.append(onnx.helper.make_node("GatherBlockQuantized", [bq, node.input[1], s], [node.output[0]],
+                                         name=f"{layer}/GatherBlockQuantized", domain=_MS_DOMAIN, bits=bits,
+                                         block_size=w.block, gather_axis=0, quantize_axis=1))
 
 
 def _act_plan(layer: QuantLayer, name: str) -> Optional[_Act]:
@@ -300,7 +325,12 @@ class _OnnxLinear(_OnnxLayer, QuantLinear):
     pass
 
 
-_EXPORT_CLASSES: dict[type, type] = {QuantConv1d: _OnnxConv1d, QuantConv2d: _OnnxConv2d, QuantLinear: _OnnxLinear}
+class _OnnxEmbedding(_OnnxLayer, QuantEmbedding):
+    pass
+
+
+_EXPORT_CLASSES: dict[type, type] = {QuantConv1d: _OnnxConv1d, QuantConv2d: _OnnxConv2d, QuantLinear: _OnnxLinear,
+                                     QuantEmbedding: _OnnxEmbedding}
 
 
 # -- rewriting the traced graph ---------------------------------------------------------------------------
@@ -473,7 +503,11 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
     nbits = {k for k, w in weights.items() if w.block is not None}
     for node in graph.node:
         compute = next((weight_out[i] for i in node.input if i in weight_out), None) if node.domain != _DOMAIN else None
-        if compute in nbits:
+        if compute in nbits and weights[compute].gather:
+            if node.op_type != "Gather" or node.input[0] not in weight_out:  # pragma: no cover - Embedding: Gather
+                raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a Gather")
+            _gather_nbits(b, compute, weights[compute], node)
+        elif compute in nbits:
             if node.op_type != "MatMul" or node.input[1] not in weight_out:  # pragma: no cover - Linear: MatMul
                 raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a MatMul")
             _matmul_nbits(b, compute, weights[compute], node)
@@ -553,6 +587,19 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
+@dataclass(frozen=True)
+class OnnxIO:
+    """The graph's input and output names and their symbolic axes (``torch.onnx.export``'s ``dynamic_axes``), for a
+    model whose inputs are not one batch (a causal LM with a KV cache: see :mod:`torchsaq.export.causal_lm`).
+    ``root``: the attribute of the traced wrapper that holds the quantized model (its layers are checked and named
+    from there); empty when the traced module is the model itself."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: Optional[dict[str, dict[int, str]]] = None
+    root: str = ""
+
+
 def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
         dict[str, _Weight], dict[str, _Act], dict[str, _Fast], dict[str, dict[str, Any]]]:
     """What each quantized layer becomes (weights, activations, integer-kernel layers) and the metadata record."""
@@ -579,19 +626,25 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
             "a_bits": layer.a_bits, "a_container": "UINT8" if f else a.container if a else "FLOAT",
             "a_range": [a.lo, a.hi] if a else None,
             "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f
-            else "MatMulNBits" if w is not None and w.block is not None else "float"}
+            else ("GatherBlockQuantized" if w.gather else "MatMulNBits") if w is not None and w.block is not None
+            else "float"}
         if w is not None and w.block is not None:
             record[name].update(w_container=w.container, w_block=w.block)
     return weights, acts, fast, record
 
 
 def _trace(model: nn.Module, layers: list[tuple[str, QuantLayer]], args: tuple, weights: dict[str, _Weight],
-           acts: dict[str, _Act], quantized: bool, dynamic_batch: bool) -> bytes:
+           acts: dict[str, _Act], quantized: bool, dynamic_batch: bool, io: Optional["OnnxIO"] = None) -> bytes:
     """The TorchScript exporter's ONNX bytes of ``model``, its quantized layers marked by ``saq::`` nodes."""
-    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    dynamic = {n: {0: "batch"} for n in [*input_names, "output"]} if dynamic_batch else None
+    if io is None:
+        input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+        output_names = ["output"]
+        dynamic: Optional[dict[str, dict[int, str]]] = (
+            {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None)
+    else:
+        input_names, output_names, dynamic = list(io.inputs), list(io.outputs), io.dynamic_axes
     swapped: list[tuple[nn.Module, type]] = []
-    buf = io.BytesIO()
+    buf = _io.BytesIO()
     try:
         for name, layer in layers:
             swapped.append((layer, type(layer)))
@@ -607,7 +660,7 @@ def _trace(model: nn.Module, layers: list[tuple[str, QuantLayer]], args: tuple, 
             torch.onnx.export(model, args, buf,  # type: ignore[arg-type]
                               dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
                               custom_opsets={_DOMAIN: 1} if quantized else None, input_names=input_names,
-                              output_names=["output"],
+                              output_names=output_names,
                               dynamic_axes=dynamic, do_constant_folding=True)
     finally:
         for m, cls in swapped:
@@ -624,7 +677,8 @@ ONNX_MODES = ("compact", "fast")
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
-                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> ExportInfo:
+                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None,
+                io: Optional[OnnxIO] = None) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
@@ -634,8 +688,9 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     into ConvInteger/MatMulInteger, the same numbers on onnxruntime's integer kernels (see docs/onnx.md).
     ``quantized=False`` writes the float32 model instead (the layers' float weights, no quantizers), as a
     baseline. ``metadata``: more string entries for the file's metadata (``torchsaq export`` records the
-    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). The model is left as it was.
-    Returns an :class:`saq.export.ExportInfo`.
+    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). ``io``: input/output names and
+    symbolic axes other than one batched input and output (:class:`OnnxIO`; ``dynamic_batch`` is then ignored).
+    The model is left as it was. Returns an :class:`saq.export.ExportInfo`.
     """
     onnx = _onnx()
     if onnx_mode not in ONNX_MODES:
@@ -650,9 +705,10 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
         raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
     model = unwrap(model)
-    layers = checked_layers(model)
+    inner = getattr(model, io.root) if io is not None and io.root else model  # the quantized model
+    layers = checked_layers(inner)
     weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
-    traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
+    traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch, io)
     proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
     for name in set(fast) - integer:  # no integer form after all: the compact form (see _rewrite)
         w, a = weights.get(name), acts[name]
@@ -660,7 +716,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     proto.producer_name = "torchsaq"
     meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
             "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
-    config = getattr(model, "_saq_config", None)
+    config = getattr(inner, "_saq_config", None)
     if config is not None:
         meta["saq_config"] = json.dumps(config.to_dict())
     onnx.helper.set_model_props(proto, meta)
@@ -668,7 +724,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     path = os.fspath(path)
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     info = ExportInfo(path=path, file_bytes=os.path.getsize(path),
-                      float_bytes=float_bytes(model.state_dict(), quantizer_prefixes(model)), layers=len(layers))
+                      float_bytes=float_bytes(inner.state_dict(), quantizer_prefixes(inner)), layers=len(layers))
     if verbose:
         print(info)
     return info
