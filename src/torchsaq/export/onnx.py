@@ -261,17 +261,29 @@ def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Op
 
 
 # -- the traced graph: custom ops mark where the quantizers go -----------------------------------------
+#: the dequantized weight each marker returns while tracing, by layer (kept out of the traced graph: as a traced
+#: constant every weight would be in the graph in float32, a model of 1 GB a graph over protobuf's 2 GB)
+_TRACE_VALUES: dict[str, Tensor] = {}
+
+
 class _WeightDQ(torch.autograd.Function):
-    """Forward: the dequantized weight; in the ONNX graph a ``saq::WeightDQ`` node replaced after export."""
+    """Forward: the dequantized weight; in the ONNX graph a ``saq::WeightDQ`` node replaced after export. Its only
+    tensor input is a one-element placeholder; the values come from :data:`_TRACE_VALUES`."""
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, layer: str) -> Tensor:
-        return values.clone()
+    def forward(ctx: Any, placeholder: Tensor, layer: str, shape: str) -> Tensor:
+        state = torch._C._get_tracing_state()  # (a tensor from outside the trace, read untraced: the op's output)
+        set_state = getattr(torch._C, "_set_tracing_state")
+        set_state(None)
+        try:
+            return _TRACE_VALUES.pop(layer).clone()
+        finally:
+            set_state(state)
 
     @staticmethod
-    def symbolic(g: Any, values: Any, layer: str) -> Any:
-        out = g.op(f"{_DOMAIN}::WeightDQ", values, layer_s=layer)
-        out.setType(values.type())
+    def symbolic(g: Any, placeholder: Any, layer: str, shape: str) -> Any:  # shape: "rows,cols" (the tracer
+        out = g.op(f"{_DOMAIN}::WeightDQ", placeholder, layer_s=layer)  # keeps strings, not lists, as arguments)
+        out.setType(placeholder.type().with_sizes([int(d) for d in shape.split(",")]))
         return out
 
 
@@ -306,7 +318,9 @@ class _OnnxLayer:
             x = _ActQDQ.apply(x, a.scale, a.lo, a.hi, self._onnx_name)
         if self._onnx_weight is None:
             return layer._float_forward(x, layer.weight_quantizer(layer.weight))
-        w = _WeightDQ.apply(self._onnx_weight.values(), self._onnx_name)
+        values = self._onnx_weight.values()
+        _TRACE_VALUES[self._onnx_name] = values
+        w = _WeightDQ.apply(values.new_zeros(()), self._onnx_name, ",".join(str(int(d)) for d in values.shape))
         if isinstance(self, nn.Linear):  # w is (in, out): MatMul without a Transpose in the graph
             out = torch.matmul(x, w)
             return out if layer.bias is None else out + layer.bias
