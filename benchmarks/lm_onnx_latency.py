@@ -11,7 +11,10 @@ vocabulary 32000 (TinyLlama's shapes, 4 of its 22 layers). Variants, each writte
   (lm_head included, at ``first_last_bits`` = 4 here) as MatMulNBits, 4-bit codes in blocks of G, the token
   embedding left float32;
 * ``w4 gG +emb`` -- the same with ``embedding_bits=4``: the embedding table as GatherBlockQuantized, 4-bit in
-  blocks of G.
+  blocks of G;
+* ``... acc4``  -- the same file with ``nbits_accuracy_level=4``: MatMulNBits' ``accuracy_level`` 4, onnxruntime
+  quantizes each MatMulNBits input to int8 per block and runs its integer kernel (faster, approximate: its
+  error against PyTorch is in the last column). The other files compute the model's numbers (float activations).
 
 Next-token latency: one ``session.run`` of the KV-cache graph for one new token per sequence (batch 1) after a
 past of ``--past`` tokens (the past keys/values are inputs, the presents outputs): a decoding step. The variants
@@ -58,13 +61,17 @@ def build(args):
     return transformers.LlamaForCausalLM(cfg).float().eval()
 
 
-def variants(args) -> list[tuple[str, dict]]:
+def variants(args) -> list[tuple[str, dict, int]]:
+    """(name, QuantConfig options, MatMulNBits accuracy_level) of each quantized variant."""
     out = []
     for g in args.groups:
-        out.append((f"w4 g{g}", dict(w_bits=4, a_bits=None, group_size=g, first_last_bits=4)))
+        lin = dict(w_bits=4, a_bits=None, group_size=g, first_last_bits=4)
+        out.append((f"w4 g{g}", lin, 0))
         if args.embeddings:
-            out.append((f"w4 g{g} +emb", dict(w_bits=4, a_bits=None, group_size=g, first_last_bits=4,
-                                              embedding_bits=4)))
+            out.append((f"w4 g{g} +emb", dict(lin, embedding_bits=4), 0))
+            out.append((f"w4 g{g} +emb acc4", dict(lin, embedding_bits=4), 4))
+        else:
+            out.append((f"w4 g{g} acc4", lin, 4))
     return out
 
 
@@ -86,7 +93,7 @@ def export_all(folder: Path, args):
         feeds[f"past_key_values.{i}.key"] = layer.keys.numpy()
         feeds[f"past_key_values.{i}.value"] = layer.values.numpy()
     paths, seconds, refs = {}, {}, {}
-    for name, opts in [("float32", None), *variants(args)]:
+    for name, opts, level in [("float32", None, 0), *variants(args)]:
         model = copy.deepcopy(base)
         saq.quantize(model, saq.QuantConfig(**(opts or variants(args)[0][1])))
         model.train()
@@ -96,7 +103,8 @@ def export_all(folder: Path, args):
         refs[name] = step_logits(base if opts is None else model, feeds, args.layers)  # the file's past
         path = folder / (name.replace(" ", "_").replace("+", "") + ".onnx")
         t = time.perf_counter()
-        export_causal_lm(model, path, kv_cache=True, batch=1, length=1, past_length=4, quantized=opts is not None)
+        export_causal_lm(model, path, kv_cache=True, batch=1, length=1, past_length=4, quantized=opts is not None,
+                         nbits_accuracy_level=level)
         seconds[name] = time.perf_counter() - t
         paths[name] = str(path)
         print(f"  exported {name} in {seconds[name]:.0f} s ({os.path.getsize(path) / 1e6:.1f} MB)", file=sys.stderr)

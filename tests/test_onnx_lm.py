@@ -111,3 +111,18 @@ def test_a_model_that_has_not_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has not run yet"):
         export_causal_lm(model, tmp_path / "lm.onnx")
     assert not (tmp_path / "lm.onnx").exists()
+
+
+def test_accuracy_level_4_is_written_on_request_and_stays_close(tmp_path):
+    model = llama()
+    path = tmp_path / "lm4.onnx"
+    export_causal_lm(model, path, nbits_accuracy_level=4)
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nodes)
+    x = _ids(2, 8)
+    with torch.no_grad():
+        want = model(input_ids=x).logits.numpy()
+    got = ort.InferenceSession(str(path)).run(None, {"input_ids": x.numpy()})[0]
+    assert _rel(got, want) < 5e-2  # int8 activations: an approximation, not the model's numbers
+    with pytest.raises(ValueError, match="nbits_accuracy_level"):
+        export_causal_lm(model, tmp_path / "bad.onnx", nbits_accuracy_level=5)

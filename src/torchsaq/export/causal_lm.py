@@ -125,15 +125,17 @@ def _eager_attention(lm: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def export_causal_lm(model: nn.Module, path: PathLike, kv_cache: bool = False, batch: int = 2, length: int = 8,
                      past_length: int = 8, quantized: bool = True, onnx_mode: str = "compact",
-                     opset: int = MIN_OPSET, verbose: bool = False,
-                     metadata: Optional[dict[str, str]] = None) -> ExportInfo:
+                     opset: int = MIN_OPSET, verbose: bool = False, metadata: Optional[dict[str, str]] = None,
+                     nbits_accuracy_level: int = 0) -> ExportInfo:
     """Write a Hugging Face causal LM (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph
     ``input_ids [, past_key_values.{i}.key/.value] -> logits [, present.{i}.key/.value]`` that onnxruntime's
     default session runs (see the module docstring). Group-wise weight-only Linear layers become
     ``com.microsoft.MatMulNBits``; ``quantized=False`` writes the float32 model (the baseline).
 
     The trace uses random token ids of shape ``(batch, length)`` (and pasts of ``past_length`` with
-    ``kv_cache``); every one of these lengths is symbolic in the file. Returns an :class:`ExportInfo`.
+    ``kv_cache``); every one of these lengths is symbolic in the file. ``nbits_accuracy_level=4``: MatMulNBits
+    with int8 activations (faster on CPU, approximate: see :func:`~torchsaq.export.onnx.export_onnx`).
+    Returns an :class:`ExportInfo`.
     """
     lm = unwrap(model)
     config = _config(lm)
@@ -152,4 +154,5 @@ def export_causal_lm(model: nn.Module, path: PathLike, kv_cache: bool = False, b
     meta = {**(metadata or {}), "saq_causal_lm": "kv_cache" if kv_cache else "logits"}
     with _eager_attention(lm):
         return export_onnx(wrapper, path, args, opset=opset, quantized=quantized, verbose=verbose,
-                           onnx_mode=onnx_mode, metadata=meta, io=causal_lm_io(wrapper.num_layers, kv_cache))
+                           onnx_mode=onnx_mode, metadata=meta, io=causal_lm_io(wrapper.num_layers, kv_cache),
+                           nbits_accuracy_level=nbits_accuracy_level)

@@ -175,8 +175,9 @@ def _nbits_plan(layer: QuantLayer, form: AffineCodes) -> _Weight:
                    axis=None, container=container, bits=layer.w_bits, block=block, gather=gather)
 
 
-def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
-    """Replace ``node`` (the layer's MatMul reading its weight marker) by ``com.microsoft.MatMulNBits``."""
+def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any, accuracy_level: int = 0) -> None:
+    """Replace ``node`` (the layer's MatMul reading its weight marker) by ``com.microsoft.MatMulNBits`` (with its
+    ``accuracy_level`` attribute where it is not 0, the default: float activations)."""
     assert w.block is not None
     k, n = w.ints.shape
     bits = 4 if w.container == "UINT4" else 8
@@ -187,7 +188,8 @@ def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
     s = b.init(f"{layer}.weight_scale", lambda nm: _float_initializer(nm, w.scale))
     b.nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], bq, s], [node.output[0]],
                                          name=f"{layer}/MatMulNBits", domain=_MS_DOMAIN, K=k, N=n, bits=bits,
-                                         block_size=w.block))
+                                         block_size=w.block,
+                                         **({"accuracy_level": accuracy_level} if accuracy_level else {})))
 
 
 def _gather_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
@@ -494,7 +496,7 @@ def _drop_unused(graph: Any) -> None:
 
 
 def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int,
-             fast: Optional[dict[str, "_Fast"]] = None) -> tuple[Any, set[str]]:
+             fast: Optional[dict[str, "_Fast"]] = None, nbits_accuracy_level: int = 0) -> tuple[Any, set[str]]:
     """Convert to ``opset`` and replace the ``saq::`` marker nodes: DequantizeLinear (-> Add) for a weight,
     Q -> DQ -> Clip for an activation; the layers in ``fast`` become integer kernels (:func:`_fast_layer`).
     Returns the model and the layers that did."""
@@ -524,7 +526,7 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
         elif compute in nbits:
             if node.op_type != "MatMul" or node.input[1] not in weight_out:  # pragma: no cover - Linear: MatMul
                 raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a MatMul")
-            _matmul_nbits(b, compute, weights[compute], node)
+            _matmul_nbits(b, compute, weights[compute], node, nbits_accuracy_level)
         elif compute in fast:
             _fast_layer(b, compute, fast[compute], node, act_in[node.input[0]])
         elif node.domain != _DOMAIN:
@@ -692,7 +694,7 @@ ONNX_MODES = ("compact", "fast")
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
                 onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None,
-                io: Optional[OnnxIO] = None) -> ExportInfo:
+                io: Optional[OnnxIO] = None, nbits_accuracy_level: int = 0) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
@@ -704,9 +706,16 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     baseline. ``metadata``: more string entries for the file's metadata (``torchsaq export`` records the
     checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). ``io``: input/output names and
     symbolic axes other than one batched input and output (:class:`OnnxIO`; ``dynamic_batch`` is then ignored).
+    ``nbits_accuracy_level``: MatMulNBits' ``accuracy_level`` for group-wise Linear layers. 0 (default): float
+    activations, the model's numbers. 4: onnxruntime quantizes each MatMulNBits input to int8 per block and runs
+    its integer kernel, several times faster on CPU but no longer the PyTorch model's numbers (an approximation
+    whose error is to be measured; see docs/onnx.md).
     The model is left as it was. Returns an :class:`saq.export.ExportInfo`.
     """
     onnx = _onnx()
+    if isinstance(nbits_accuracy_level, bool) or nbits_accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"export: nbits_accuracy_level must be 0..4 (MatMulNBits' accuracy_level), got "
+                         f"{nbits_accuracy_level!r}")
     if onnx_mode not in ONNX_MODES:
         raise ValueError(f"export: onnx_mode must be one of {', '.join(map(repr, ONNX_MODES))}, got {onnx_mode!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
@@ -723,13 +732,15 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     layers = checked_layers(inner)
     weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
     traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch, io)
-    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
+    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast, nbits_accuracy_level)
     for name in set(fast) - integer:  # no integer form after all: the compact form (see _rewrite)
         w, a = weights.get(name), acts[name]
         record[name].update(kernel="float", w_container=w.container if w else "FLOAT", a_container=a.container)
     proto.producer_name = "torchsaq"
     meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
             "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
+    if nbits_accuracy_level and quantized:
+        meta["saq_nbits_accuracy_level"] = str(nbits_accuracy_level)
     config = getattr(inner, "_saq_config", None)
     if config is not None:
         meta["saq_config"] = json.dumps(config.to_dict())
