@@ -155,39 +155,68 @@ def test_safetensors_and_state_dict_round_trips(tmp_path):
     assert torch.equal(again(x), want)
 
 
-def test_onnx_export_refuses_a_quantized_embedding(tmp_path):
-    pytest.importorskip("onnx")
-    model = _lm()
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_onnx_export_of_a_quantized_embedding_matches_pytorch(tmp_path, group_size):
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _lm(embedding_bits=4, group_size=group_size)
     model.train()
     model(_tokens())
-    with pytest.raises(ValueError, match="QuantEmbedding"):
-        saq.export(model, tmp_path / "m.onnx", example_inputs=(_tokens(),))
+    model.eval()
+    x = _tokens(1)
+    saq.export(model, tmp_path / "m.onnx", example_inputs=(x,))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    # per-row steps: DequantizeLinear (axis 0) -> Gather; groups (16 of a row): GatherBlockQuantized
+    assert ("GatherBlockQuantized" in ops) == (group_size is not None)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for t in (x, _tokens(2, (1, 9))):  # (a dynamic batch; the sequence length is fixed in a plain export)
+        got = sess.run(None, {sess.get_inputs()[0].name: t.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(t).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_tied_embeddings_train_and_export_refuses_clearly(tmp_path):
-    model = _lm(tied=True)
+def _onnx_logits(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path))  # default options
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("quantized", ["both", "head", "embedding", "neither"])
+def test_tied_embeddings_export_and_round_trip(tmp_path, quantized):
+    """One shared Parameter: each quantized user stores its own codes, a float user the float table (once)."""
+    pytest.importorskip("onnx")
+    opts = {"both": {}, "head": dict(embedding_bits=None), "embedding": dict(exclude=("head",)),
+            "neither": dict(embedding_bits=None, exclude=("head",))}[quantized]
+    model = _lm(tied=True, **opts)
     assert model.head.weight is model.emb.weight  # still tied: one latent table, quantized by each user
     x = _tokens()
     model.train()
     model(x).sum().backward()
     assert model.emb.weight.grad is not None
-    with pytest.raises(ValueError, match="share one weight tensor"):
-        saq.export(model, tmp_path / "a.safetensors")
-    # the head quantized, the tied embedding float: the file would hand the embedding the quantized table
-    half = _lm(tied=True, embedding_bits=None)
-    half.train()
-    half(x)
-    with pytest.raises(ValueError, match="tied weights"):
-        saq.export(half, tmp_path / "b.safetensors")
-    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
-    # the tied head left float (and the embedding too): exports and round-trips
-    fine = _lm(tied=True, embedding_bits=None, exclude=("head",))
-    fine.train()
-    fine(x)
-    fine.eval()
-    want = fine(x)
-    saq.export(fine, tmp_path / "c.safetensors")
-    back = _lm(tied=True, embedding_bits=None, exclude=("head",), seed=3)
-    load_exported(tmp_path / "c.safetensors", back)
+    model.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    saq.export(model, tmp_path / "m.safetensors")
+    with safetensors_open(tmp_path / "m.safetensors") as f:
+        keys = set(f.keys())
+    assert ("emb.weight_codes" in keys) == (quantized in ("both", "embedding"))
+    assert ("head.weight_codes" in keys) == (quantized in ("both", "head"))
+    float_keys = {"emb.weight", "head.weight"} & keys
+    assert len(float_keys) == (0 if quantized == "both" else 1 if quantized != "neither" else 2)
+    back = _lm(tied=True, seed=3, **opts)
+    load_exported(tmp_path / "m.safetensors", back)
     back.eval()
-    assert torch.equal(back(x), want)
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+    # both quantized: two different tables, so the loaded model holds two Parameters; else it stays tied
+    assert (back.head.weight is back.emb.weight) == (quantized != "both")
+    saq.export(model, tmp_path / "m.onnx", example_inputs=(x,))
+    torch.testing.assert_close(_onnx_logits(tmp_path / "m.onnx", x), want, rtol=1e-5, atol=1e-5)
+
+
+def safetensors_open(path):
+    import safetensors
+
+    return safetensors.safe_open(str(path), framework="pt")

@@ -304,19 +304,39 @@ def _calibrated(model):
 
 
 @pytest.mark.parametrize("suffix", ["safetensors", "onnx"])
-def test_tied_weights_and_a_layer_registered_twice_are_refused_at_export(tmp_path, suffix):
+def test_a_layer_registered_twice_is_refused_and_tied_weights_export(tmp_path, suffix):
     import torchsaq as saq
     from torch import nn
 
-    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    tied[2].weight = tied[0].weight
     layer = nn.Linear(8, 8)
     twice = nn.Sequential(layer, nn.ReLU(), layer)
-    for model, needle in ((tied, "share one weight"), (twice, "registered twice")):
-        path = tmp_path / f"m.{suffix}"
-        with pytest.raises(ValueError, match=needle) as e:
-            saq.export(_calibrated(model), path, example_inputs=(torch.randn(2, 8),))
-        assert "0" in str(e.value) and "2" in str(e.value) and not path.exists()
+    path = tmp_path / f"m.{suffix}"
+    with pytest.raises(ValueError, match="registered twice") as e:
+        saq.export(_calibrated(twice), path, example_inputs=(torch.randn(2, 8),))
+    assert "0" in str(e.value) and "2" in str(e.value) and not path.exists()
+    # two quantized layers sharing one weight: each stores its own codes and steps
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    tied[2].weight = tied[0].weight
+    model = _calibrated(tied)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = model(x)
+    saq.export(model, path, example_inputs=(x,))
+    if suffix == "safetensors":
+        from torchsaq.export.safetensors import load_exported
+
+        torch.manual_seed(1)
+        fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        fresh[2].weight = fresh[0].weight
+        saq.quantize(fresh, saq.QuantConfig(w_bits=4, a_bits=4))
+        load_exported(path, fresh)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x), want)
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -167,19 +167,35 @@ def test_llama_with_quantized_embeddings_exports_and_loads_bit_exactly(tmp_path)
         assert torch.equal(fresh.eval()(**_batch(1)).logits, want)
 
 
-def test_gpt2_tied_lm_head_is_refused_at_export_unless_left_float(tmp_path):
+@pytest.mark.parametrize("name", ["gpt2", "llama_tied"])
+@pytest.mark.parametrize("embedding_bits", [None, 4])
+def test_tied_lm_head_exports_and_round_trips(tmp_path, name, embedding_bits):
+    """GPT-2's lm_head shares wte's Parameter (and a tied Llama's embed_tokens'): with the embedding float the file
+    holds its float table and lm_head's codes, both from that Parameter; with both quantized, both code sets."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from torchsaq.export.causal_lm import export_causal_lm
     from torchsaq.export.safetensors import load_exported
 
-    model = _trained(_quantized("gpt2"), _batch())
-    assert model.lm_head.weight is model.transformer.wte.weight
-    with pytest.raises(ValueError, match="tied weights"):
-        saq.export(model, tmp_path / "a.safetensors")
-    model = _trained(_quantized("gpt2", exclude=("lm_head",)), _batch())
+    def build():
+        model = gpt2() if name == "gpt2" else llama(tie=True)
+        saq.quantize(model, saq.QuantConfig(w_bits=4, a_bits=None, group_size=32, embedding_bits=embedding_bits))
+        return model
+
+    model = _trained(build(), _batch())
+    emb = model.get_input_embeddings()
+    assert model.lm_head.weight is emb.weight
+    assert isinstance(emb, saq.QuantEmbedding) == (embedding_bits is not None)
+    batch = _batch(1)
     with torch.no_grad():
-        want = model(**_batch(1)).logits
-    saq.export(model, tmp_path / "b.safetensors")
-    fresh = _quantized("gpt2", exclude=("lm_head",))
-    load_exported(tmp_path / "b.safetensors", fresh)
-    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+        want = model(input_ids=batch["input_ids"]).logits
+    saq.export(model, tmp_path / "m.safetensors")
+    fresh = build()
+    load_exported(tmp_path / "m.safetensors", fresh)
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(**_batch(1)).logits, want)
+        assert torch.equal(fresh.eval()(input_ids=batch["input_ids"]).logits, want)
+    assert (fresh.lm_head.weight is fresh.get_input_embeddings().weight) == (embedding_bits is None)
+    export_causal_lm(model, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = sess.run(None, {"input_ids": batch["input_ids"].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from ..quant.layers import QuantLayer, quant_layers
 from ..quant.quantizer import Quantizer
 
 __all__ = ["ExportInfo", "PathLike", "unwrap", "checked_layers", "float_bytes", "quantizer_prefixes",
-           "is_quantizer_flag", "QUANT_FLAGS"]
+           "is_quantizer_flag", "QUANT_FLAGS", "tied_float_keys"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: quantizer buffers carried in a format's metadata instead of its tensors
@@ -77,31 +77,32 @@ def float_bytes(state: dict[str, Tensor], quantizer_prefixes: set[str]) -> int:
 
 
 def check_not_shared(model: nn.Module, layers: list[tuple[str, QuantLayer]]) -> None:
-    """Tied weights (one weight tensor in two quantized layers) and a layer registered under two names do not
-    round-trip (each place stores its own codes and steps): refused, naming both places."""
+    """A layer registered under two names does not round-trip (each name stores its own codes and steps):
+    refused, naming both places. Tied weights are exported (see :func:`tied_float_keys`)."""
     names: dict[int, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, QuantLayer) and id(m) in names:
             raise ValueError(f"export: layer {names[id(m)]} is registered twice (also as {name}); an export stores "
                              "each name's codes separately: give each place its own layer")
         names.setdefault(id(m), name)
+
+
+def tied_float_keys(model: nn.Module, layers: list[tuple[str, QuantLayer]]) -> dict[str, str]:
+    """Quantized layers whose weight Parameter a float module also uses (tied weights: GPT-2's ``lm_head`` and
+    ``wte`` with only one of them quantized), mapped to that module's ``state_dict`` key.
+
+    Such a file stores the float table once (under the float module's key) and the layer's codes: the loader
+    gives the shared Parameter the float table, and the layer's quantizer (same steps) computes its codes from it.
+    Two quantized layers sharing a weight each store their own codes and steps (and are untied on load)."""
     quantized = {id(layer.weight): name for name, layer in layers if layer.weight_quantizer.enabled}
+    keys: dict[str, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, QuantLayer):
+        if isinstance(m, QuantLayer) and m.weight_quantizer.enabled:
             continue
         for pname, p in m.named_parameters(recurse=False, remove_duplicate=False):
             if id(p) in quantized:
-                raise ValueError(f"export: the weight of the quantized layer {quantized[id(p)]} is also "
-                                 f"{name + '.' if name else ''}{pname}, a float module's (tied weights): the file "
-                                 "would give that module the quantized weight; untie them (copy the weight) or "
-                                 "quantize neither")
-    owners: dict[int, str] = {}
-    for name, layer in layers:
-        other = owners.setdefault(id(layer.weight), name)
-        if other != name:
-            raise ValueError(f"export: layers {other} and {name} share one weight tensor (tied weights), each with "
-                             "its own quantizer steps, which an export cannot store exactly; untie them "
-                             "(copy the weight) before quantizing")
+                keys.setdefault(quantized[id(p)], f"{name}.{pname}" if name else pname)
+    return keys
 
 
 def checked_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:

@@ -41,7 +41,7 @@ weights, no quantizers): the baseline for size and speed.
 """
 from __future__ import annotations
 
-import io
+import io as _io
 import json
 import os
 import warnings
@@ -56,11 +56,11 @@ from .._io import atomic_write
 from .common import ExportInfo, PathLike, checked_layers, float_bytes, quantizer_prefixes, unwrap
 from ..quant.convert import eval_mode
 from ..quant.dynamic import TOKEN_EPS, dynamic_token_fake_quant
-from ..quant.layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear
+from ..quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLayer, QuantLinear
 from ..quant.quantizer import STEP_EPS, AffineCodes
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "ONNX_MODES", "MIN_OPSET", "CONTAINERS", "onnx_layers", "onnx_metadata",
-           "OnnxModel"]
+           "OnnxModel", "OnnxIO"]
 
 ONNX_FORMAT = "saq-onnx"
 #: INT4/UINT4 Quantize/DequantizeLinear exist from opset 21
@@ -97,9 +97,14 @@ class _Weight:
     zero_point: int = 0
     shift: Optional[Tensor] = None  # float32 0-d added after DequantizeLinear (LIQ at 4 and 8 bits)
     block: Optional[int] = None  # group-wise (Linear): scale (out, in/block), written as MatMulNBits
+    gather: bool = False  # an embedding table (rows, dim), not transposed: group-wise, GatherBlockQuantized
 
     def values(self) -> Tensor:
         """What the graph computes: (ints - zero_point) * scale (+ shift)."""
+        if self.block is not None and self.gather:  # ints (rows, dim), one scale per block of a row
+            rows, dim = self.ints.shape
+            return (self.ints.reshape(rows, dim // self.block, self.block).float()
+                    * self.scale.unsqueeze(-1)).reshape(rows, dim)
         if self.block is not None:  # ints (in, out), one scale per block of `block` inputs of each output
             k, n = self.ints.shape
             v = self.ints.t().reshape(n, k // self.block, self.block).float() * self.scale.unsqueeze(-1)
@@ -154,24 +159,28 @@ def _weight_plan(layer: QuantLayer) -> Optional[_Weight]:
 
 
 def _nbits_plan(layer: QuantLayer, form: AffineCodes) -> _Weight:
-    """A group-wise weight as onnxruntime's ``com.microsoft.MatMulNBits`` takes it: 4-bit codes (2..4-bit LSQ codes,
-    within [-8, 7], stored with MatMulNBits' default zero point 8) or 8-bit codes (5..8 bits, zero point 128) in
-    blocks of ``group_size`` inputs, one scale per block. Only Linear layers and group sizes that are powers of two
-    >= 16."""
+    """A group-wise weight as onnxruntime's ``com.microsoft.MatMulNBits`` (Linear) or ``GatherBlockQuantized``
+    (Embedding) takes it: 4-bit codes (2..4-bit LSQ codes, within [-8, 7], stored with the default zero point 8)
+    or 8-bit codes (5..8 bits, zero point 128) in blocks of ``group_size`` inputs, one scale per block. Only
+    Linear and Embedding layers and group sizes that are powers of two >= 16."""
     block = form.block_size
     assert block is not None
     name = getattr(layer, "_saq_name", type(layer).__name__)
-    if not isinstance(layer, nn.Linear) or form.lo < -128 or form.hi > 127 or block < 16 or block & (block - 1):
+    if (not isinstance(layer, (nn.Linear, nn.Embedding)) or form.lo < -128 or form.hi > 127 or block < 16
+            or block & (block - 1)):
         raise ValueError(f"ONNX export: layer {name} quantizes its weight in groups of {block} (group_size): the "
-                         "ONNX export writes group-wise weights as MatMulNBits, which takes Linear layers with "
-                         "signed weight codes and a group size that is a power of two >= 16; export to .safetensors")
+                         "ONNX export writes group-wise weights as MatMulNBits / GatherBlockQuantized, which take "
+                         "Linear / Embedding layers with signed weight codes and a group size that is a power of "
+                         "two >= 16; export to .safetensors")
     container = "UINT4" if form.lo >= -8 and form.hi <= 7 else "UINT8"
-    return _Weight(ints=form.ints.t().contiguous(), scale=form.scale.float(), axis=None, container=container,
-                   bits=layer.w_bits, block=block)
+    gather = isinstance(layer, nn.Embedding)
+    return _Weight(ints=form.ints.contiguous() if gather else form.ints.t().contiguous(), scale=form.scale.float(),
+                   axis=None, container=container, bits=layer.w_bits, block=block, gather=gather)
 
 
-def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
-    """Replace ``node`` (the layer's MatMul reading its weight marker) by ``com.microsoft.MatMulNBits``."""
+def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any, accuracy_level: int = 0) -> None:
+    """Replace ``node`` (the layer's MatMul reading its weight marker) by ``com.microsoft.MatMulNBits`` (with its
+    ``accuracy_level`` attribute where it is not 0, the default: float activations)."""
     assert w.block is not None
     k, n = w.ints.shape
     bits = 4 if w.container == "UINT4" else 8
@@ -182,7 +191,25 @@ def _matmul_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
     s = b.init(f"{layer}.weight_scale", lambda nm: _float_initializer(nm, w.scale))
     b.nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], bq, s], [node.output[0]],
                                          name=f"{layer}/MatMulNBits", domain=_MS_DOMAIN, K=k, N=n, bits=bits,
-                                         block_size=w.block))
+                                         block_size=w.block,
+                                         **({"accuracy_level": accuracy_level} if accuracy_level else {})))
+
+
+def _gather_nbits(b: _Nodes, layer: str, w: _Weight, node: Any) -> None:
+    """Replace ``node`` (the embedding's Gather reading its weight marker) by ``com.microsoft.GatherBlockQuantized``:
+    the rows it reads, dequantized (uint8 data, two 4-bit codes a byte, low nibble first, with the default zero
+    point 2^(bits-1))."""
+    assert w.block is not None
+    rows, dim = w.ints.shape
+    bits = 4 if w.container == "UINT4" else 8
+    q = (w.ints + 2 ** (bits - 1)).to(torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4) if bits == 4 else q).contiguous().numpy()
+    onnx = _onnx()
+    bq = b.init(f"{layer}.weight_nbits", lambda nm: onnx.numpy_helper.from_array(packed, nm))
+    s = b.init(f"{layer}.weight_scale", lambda nm: _float_initializer(nm, w.scale))
+    b.nodes.append(onnx.helper.make_node("GatherBlockQuantized", [bq, node.input[1], s], [node.output[0]],
+                                         name=f"{layer}/GatherBlockQuantized", domain=_MS_DOMAIN, bits=bits,
+                                         block_size=w.block, gather_axis=0, quantize_axis=1))
 
 
 def _act_plan(layer: QuantLayer, name: str) -> Optional[_Act]:
@@ -241,17 +268,29 @@ def _fast_plan(layer: QuantLayer, w: Optional[_Weight], a: Optional[_Act]) -> Op
 
 
 # -- the traced graph: custom ops mark where the quantizers go -----------------------------------------
+#: the dequantized weight each marker returns while tracing, by layer (kept out of the traced graph: as a traced
+#: constant every weight would be in the graph in float32, a model of 1 GB a graph over protobuf's 2 GB)
+_TRACE_VALUES: dict[str, Tensor] = {}
+
+
 class _WeightDQ(torch.autograd.Function):
-    """Forward: the dequantized weight; in the ONNX graph a ``saq::WeightDQ`` node replaced after export."""
+    """Forward: the dequantized weight; in the ONNX graph a ``saq::WeightDQ`` node replaced after export. Its only
+    tensor input is a one-element placeholder; the values come from :data:`_TRACE_VALUES`."""
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, layer: str) -> Tensor:
-        return values.clone()
+    def forward(ctx: Any, placeholder: Tensor, layer: str, shape: str) -> Tensor:
+        state = torch._C._get_tracing_state()  # (a tensor from outside the trace, read untraced: the op's output)
+        set_state = getattr(torch._C, "_set_tracing_state")
+        set_state(None)
+        try:
+            return _TRACE_VALUES.pop(layer).clone()
+        finally:
+            set_state(state)
 
     @staticmethod
-    def symbolic(g: Any, values: Any, layer: str) -> Any:
-        out = g.op(f"{_DOMAIN}::WeightDQ", values, layer_s=layer)
-        out.setType(values.type())
+    def symbolic(g: Any, placeholder: Any, layer: str, shape: str) -> Any:  # shape: "rows,cols" (the tracer
+        out = g.op(f"{_DOMAIN}::WeightDQ", placeholder, layer_s=layer)  # keeps strings, not lists, as arguments)
+        out.setType(placeholder.type().with_sizes([int(d) for d in shape.split(",")]))
         return out
 
 
@@ -303,7 +342,9 @@ class _OnnxLayer:
             x = _ActQDQ.apply(x, a.scale, a.lo, a.hi, self._onnx_name)
         if self._onnx_weight is None:
             return layer._float_forward(x, layer.weight_quantizer(layer.weight))
-        w = _WeightDQ.apply(self._onnx_weight.values(), self._onnx_name)
+        values = self._onnx_weight.values()
+        _TRACE_VALUES[self._onnx_name] = values
+        w = _WeightDQ.apply(values.new_zeros(()), self._onnx_name, ",".join(str(int(d)) for d in values.shape))
         if isinstance(self, nn.Linear):  # w is (in, out): MatMul without a Transpose in the graph
             out = torch.matmul(x, w)
             return out if layer.bias is None else out + layer.bias
@@ -322,7 +363,12 @@ class _OnnxLinear(_OnnxLayer, QuantLinear):
     pass
 
 
-_EXPORT_CLASSES: dict[type, type] = {QuantConv1d: _OnnxConv1d, QuantConv2d: _OnnxConv2d, QuantLinear: _OnnxLinear}
+class _OnnxEmbedding(_OnnxLayer, QuantEmbedding):
+    pass
+
+
+_EXPORT_CLASSES: dict[type, type] = {QuantConv1d: _OnnxConv1d, QuantConv2d: _OnnxConv2d, QuantLinear: _OnnxLinear,
+                                     QuantEmbedding: _OnnxEmbedding}
 
 
 # -- rewriting the traced graph ---------------------------------------------------------------------------
@@ -497,7 +543,7 @@ def _drop_unused(graph: Any) -> None:
 
 
 def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], opset: int,
-             fast: Optional[dict[str, "_Fast"]] = None) -> tuple[Any, set[str]]:
+             fast: Optional[dict[str, "_Fast"]] = None, nbits_accuracy_level: int = 0) -> tuple[Any, set[str]]:
     """Convert to ``opset`` and replace the ``saq::`` marker nodes: DequantizeLinear (-> Add) for a weight,
     Q -> DQ -> Clip for an activation; the layers in ``fast`` become integer kernels (:func:`_fast_layer`).
     Returns the model and the layers that did."""
@@ -520,10 +566,14 @@ def _rewrite(proto: Any, weights: dict[str, _Weight], acts: dict[str, _Act], ops
     nbits = {k for k, w in weights.items() if w.block is not None}
     for node in graph.node:
         compute = next((weight_out[i] for i in node.input if i in weight_out), None) if node.domain != _DOMAIN else None
-        if compute in nbits:
+        if compute in nbits and weights[compute].gather:
+            if node.op_type != "Gather" or node.input[0] not in weight_out:  # pragma: no cover - Embedding: Gather
+                raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a Gather")
+            _gather_nbits(b, compute, weights[compute], node)
+        elif compute in nbits:
             if node.op_type != "MatMul" or node.input[1] not in weight_out:  # pragma: no cover - Linear: MatMul
                 raise ValueError(f"ONNX export: layer {compute}'s weight feeds a {node.op_type}, not a MatMul")
-            _matmul_nbits(b, compute, weights[compute], node)
+            _matmul_nbits(b, compute, weights[compute], node, nbits_accuracy_level)
         elif compute in fast:
             _fast_layer(b, compute, fast[compute], node, act_in[node.input[0]])
         elif node.domain != _DOMAIN:
@@ -602,6 +652,19 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
+@dataclass(frozen=True)
+class OnnxIO:
+    """The graph's input and output names and their symbolic axes (``torch.onnx.export``'s ``dynamic_axes``), for a
+    model whose inputs are not one batch (a causal LM with a KV cache: see :mod:`torchsaq.export.causal_lm`).
+    ``root``: the attribute of the traced wrapper that holds the quantized model (its layers are checked and named
+    from there); empty when the traced module is the model itself."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: Optional[dict[str, dict[int, str]]] = None
+    root: str = ""
+
+
 def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
         dict[str, _Weight], dict[str, _Act], dict[str, _Fast], dict[str, dict[str, Any]]]:
     """What each quantized layer becomes (weights, activations, integer-kernel layers) and the metadata record."""
@@ -628,19 +691,25 @@ def _plans(layers: list[tuple[str, QuantLayer]], mode: str) -> tuple[
             "a_bits": layer.a_bits, "a_container": "UINT8" if f else a.container if a else "FLOAT",
             "a_range": [a.lo, a.hi] if a else None, **({"a_mode": "dynamic_token"} if a and a.dynamic else {}),
             "kernel": ("ConvInteger" if not isinstance(layer, nn.Linear) else "MatMulInteger") if f
-            else "MatMulNBits" if w is not None and w.block is not None else "float"}
+            else ("GatherBlockQuantized" if w.gather else "MatMulNBits") if w is not None and w.block is not None
+            else "float"}
         if w is not None and w.block is not None:
             record[name].update(w_container=w.container, w_block=w.block)
     return weights, acts, fast, record
 
 
 def _trace(model: nn.Module, layers: list[tuple[str, QuantLayer]], args: tuple, weights: dict[str, _Weight],
-           acts: dict[str, _Act], quantized: bool, dynamic_batch: bool) -> bytes:
+           acts: dict[str, _Act], quantized: bool, dynamic_batch: bool, io: Optional["OnnxIO"] = None) -> bytes:
     """The TorchScript exporter's ONNX bytes of ``model``, its quantized layers marked by ``saq::`` nodes."""
-    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    dynamic = {n: {0: "batch"} for n in [*input_names, "output"]} if dynamic_batch else None
+    if io is None:
+        input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+        output_names = ["output"]
+        dynamic: Optional[dict[str, dict[int, str]]] = (
+            {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None)
+    else:
+        input_names, output_names, dynamic = list(io.inputs), list(io.outputs), io.dynamic_axes
     swapped: list[tuple[nn.Module, type]] = []
-    buf = io.BytesIO()
+    buf = _io.BytesIO()
     try:
         for name, layer in layers:
             swapped.append((layer, type(layer)))
@@ -656,7 +725,7 @@ def _trace(model: nn.Module, layers: list[tuple[str, QuantLayer]], args: tuple, 
             torch.onnx.export(model, args, buf,  # type: ignore[arg-type]
                               dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
                               custom_opsets={_DOMAIN: 1} if quantized else None, input_names=input_names,
-                              output_names=["output"],
+                              output_names=output_names,
                               dynamic_axes=dynamic, do_constant_folding=True)
     finally:
         for m, cls in swapped:
@@ -673,7 +742,8 @@ ONNX_MODES = ("compact", "fast")
 @torch.no_grad()
 def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True, quantized: bool = True, verbose: bool = False,
-                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None) -> ExportInfo:
+                onnx_mode: str = "compact", metadata: Optional[dict[str, str]] = None,
+                io: Optional[OnnxIO] = None, nbits_accuracy_level: int = 0) -> ExportInfo:
     """Write ``model`` (converted by :func:`saq.quantize`, steps initialised) as an ONNX graph to ``path``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with; with ``dynamic_batch`` the
@@ -683,10 +753,18 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     into ConvInteger/MatMulInteger, the same numbers on onnxruntime's integer kernels (see docs/onnx.md).
     ``quantized=False`` writes the float32 model instead (the layers' float weights, no quantizers), as a
     baseline. ``metadata``: more string entries for the file's metadata (``torchsaq export`` records the
-    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). The model is left as it was.
-    Returns an :class:`saq.export.ExportInfo`.
+    checkpoint and data set there, which ``torchsaq eval model.onnx`` reads). ``io``: input/output names and
+    symbolic axes other than one batched input and output (:class:`OnnxIO`; ``dynamic_batch`` is then ignored).
+    ``nbits_accuracy_level``: MatMulNBits' ``accuracy_level`` for group-wise Linear layers. 0 (default): float
+    activations, the model's numbers. 4: onnxruntime quantizes each MatMulNBits input to int8 per block and runs
+    its integer kernel, several times faster on CPU but no longer the PyTorch model's numbers (an approximation
+    whose error is to be measured; see docs/onnx.md).
+    The model is left as it was. Returns an :class:`saq.export.ExportInfo`.
     """
     onnx = _onnx()
+    if isinstance(nbits_accuracy_level, bool) or nbits_accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"export: nbits_accuracy_level must be 0..4 (MatMulNBits' accuracy_level), got "
+                         f"{nbits_accuracy_level!r}")
     if onnx_mode not in ONNX_MODES:
         raise ValueError(f"export: onnx_mode must be one of {', '.join(map(repr, ONNX_MODES))}, got {onnx_mode!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
@@ -699,17 +777,20 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     if os.path.exists(path) and not _is_onnx_export(os.fspath(path)):
         raise ValueError(f"export: {os.fspath(path)} exists and is not a torchsaq ONNX export; refusing to replace it")
     model = unwrap(model)
-    layers = checked_layers(model)
+    inner = getattr(model, io.root) if io is not None and io.root else model  # the quantized model
+    layers = checked_layers(inner)
     weights, acts, fast, record = _plans(layers, onnx_mode) if quantized else ({}, {}, {}, {})
-    traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch)
-    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast)
+    traced = _trace(model, layers, args, weights, acts, quantized, dynamic_batch, io)
+    proto, integer = _rewrite(onnx.load_from_string(traced), weights, acts, opset, fast, nbits_accuracy_level)
     for name in set(fast) - integer:  # no integer form after all: the compact form (see _rewrite)
         w, a = weights.get(name), acts[name]
         record[name].update(kernel="float", w_container=w.container if w else "FLOAT", a_container=a.container)
     proto.producer_name = "torchsaq"
     meta = {**(metadata or {}), "saq_format": ONNX_FORMAT, "saq_quantized": json.dumps(quantized),
             "saq_layers": json.dumps(record), "saq_onnx_mode": onnx_mode if quantized else "float"}
-    config = getattr(model, "_saq_config", None)
+    if nbits_accuracy_level and quantized:
+        meta["saq_nbits_accuracy_level"] = str(nbits_accuracy_level)
+    config = getattr(inner, "_saq_config", None)
     if config is not None:
         meta["saq_config"] = json.dumps(config.to_dict())
     onnx.helper.set_model_props(proto, meta)
@@ -717,7 +798,7 @@ def export_onnx(model: nn.Module, path: PathLike, example_inputs: Any, opset: in
     path = os.fspath(path)
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     info = ExportInfo(path=path, file_bytes=os.path.getsize(path),
-                      float_bytes=float_bytes(model.state_dict(), quantizer_prefixes(model)), layers=len(layers))
+                      float_bytes=float_bytes(inner.state_dict(), quantizer_prefixes(inner)), layers=len(layers))
     if verbose:
         print(info)
     return info

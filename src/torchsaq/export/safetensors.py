@@ -11,6 +11,10 @@ Format (one ``.safetensors`` file, metadata ``{"format": "saq-export", "version"
 * ``<layer>.weight_quantizer.step`` / ``.act_quantizer.step`` (LSQ) or ``.clip`` (LIQ): the learned
   scales (float32).
 * every other ``state_dict`` tensor (biases, BatchNorm/LayerNorm, layers left in float) unchanged.
+* tied weights: a quantized layer whose weight Parameter a float module also uses (GPT-2's ``lm_head`` and
+  ``wte`` with one of them quantized) stores its codes and steps, and the float table is stored once, under the
+  float module's key (named by the layer's ``tied_float`` entry): the codes are the layer's quantizer applied to
+  that table, which the loader checks. Two quantized layers sharing a weight each store their own codes.
 * ``layers``: per quantized layer its quantizer kind, type, weight shape, bits, signedness, per-channel
   dim, whether the codes are of the standardised weight, its role (first/last), MACs per sample when
   known, and for LIQ the weight's mean and std the codes were standardised with (``w_mean``/``w_std``;
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_write
 from .common import (ExportInfo, PathLike, checked_layers, float_bytes, is_quantizer_flag,
-                     quantizer_prefixes, unwrap)
+                     quantizer_prefixes, tied_float_keys, unwrap)
 from ..quant.convert import A_MODES, _drop_trace_hook
 from ..quant.dynamic import a_mode_of, make_act_quantizer
 from ..quant.layers import QuantLayer, quant_layers
@@ -204,8 +208,11 @@ def export_safetensors(model: nn.Module, path: PathLike, example_inputs: Any = N
     model_bytes = float_bytes(state, prefixes)
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
+    tied = tied_float_keys(model, layers)
     for name, layer in layers:
         meta[name] = info = _layer_meta(name, layer)
+        if name in tied:  # the float table is stored under the float module's key; these codes are of it
+            info["tied_float"] = tied[name]
         wq = layer.weight_quantizer
         if wq.enabled:
             codes = wq.integer(layer.weight.detach().float())  # (standardised inside, where it is on)
@@ -276,10 +283,11 @@ _SCHEMA: dict[str, tuple] = {
     "type": (str,), "shape": (list,), "w_bits": (int,), "w_signed": (bool, _NONE), "w_channel_dim": (int, _NONE),
     "a_bits": (int,), "a_signed": (bool, _NONE), "a_channel_dim": (int, _NONE), "w_initialized": (bool,),
     "a_initialized": (bool,), "weight_standardized": (bool,), "role": (str, _NONE), "quantizer": (str,),
-    "w_group_size": (int, _NONE), "a_mode": (str,),
+    "w_group_size": (int, _NONE), "a_mode": (str,), "tied_float": (str,),
 }
-#: entries older files (and layers without weight groups, or with static activation steps) may lack (their default)
-_OPTIONAL = {"quantizer": "lsq", "w_group_size": None, "a_mode": "static"}
+#: entries older files (and layers without weight groups, static activation steps or tied weights) may lack (their
+#: default)
+_OPTIONAL = {"quantizer": "lsq", "w_group_size": None, "a_mode": "static", "tied_float": None}
 
 
 def _check_meta(name: str, info: dict[str, Any]) -> None:
@@ -373,6 +381,11 @@ def load_exported(path: PathLike, model: nn.Module) -> nn.Module:
     switched off, the codes being of the standardised weight where it was on); the quantizer kind,
     scales, bits, signedness and roles come from the file, and the model is marked traced, so it computes
     exactly what the exported model computed. Returns ``model``.
+
+    Tied weights: a layer whose file entry names a float table (``tied_float``) gets that table as its weight
+    (its quantizer reproduces the codes from it, checked); any other quantized layer whose weight Parameter another
+    module of ``model`` shares gets a Parameter of its own (untied: one Parameter cannot hold two layers'
+    different quantized tables, nor a float module's table and a quantized one).
 
     All or nothing: the file is read and checked completely (content hash, metadata, architecture, codes
     within their bit width) before the model is touched, so a failing load leaves ``model`` as it was.
@@ -499,6 +512,19 @@ def _decode_weights(meta: dict[str, Any], layers: dict[str, QuantLayer], swaps: 
             raise ValueError(f"load_exported: layer {name}: codes outside the declared {bits}-bit "
                              f"{'signed' if qn < 0 else 'unsigned'} range [{qn}, {qp}]")
         codes = codes.reshape(info["shape"]).to(device=layer.weight.device, dtype=torch.float32)
+        tied = info.get("tied_float")
+        if tied is not None:  # the float table the codes were computed from: the layer's weight stays float
+            table = tensors.get(tied)
+            if table is None or list(table.shape) != list(info["shape"]):
+                raise ValueError(f"load_exported: layer {name} is tied to {tied}, which the file does not hold "
+                                 f"as a {info['shape']} table")
+            wq.standardize = bool(info["weight_standardized"])
+            table = table.to(device=layer.weight.device, dtype=torch.float32)
+            if not torch.equal(wq.integer(table).float(), codes):
+                raise ValueError(f"load_exported: layer {name}: its codes are not its quantizer's codes of the tied "
+                                 f"table {tied} (the file is inconsistent)")
+            weights[name] = table.to(layer.weight.dtype)
+            continue
         weights[name] = wq.dequantize(codes).to(layer.weight.dtype)
     return weights
 
@@ -522,9 +548,20 @@ def _apply(target: nn.Module, meta: dict[str, Any], layers: dict[str, QuantLayer
         layer._saq_macs = info.get("macs")
     # float tensors first (a 32-bit weight is among them), then the integer weights
     target.load_state_dict(rest, strict=False)
+    users: dict[int, int] = {}  # Parameter -> how many modules use it (tied weights)
+    for m in target.modules():
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
     for name, w in weights.items():
         layer = layers[name]
-        layer.weight.copy_(w)
+        if meta[name].get("tied_float") is not None:  # the float table; its quantizer rounds it as on export
+            layer.weight.copy_(w)
+            layer.weight_quantizer.standardize = bool(meta[name]["weight_standardized"])
+            continue
+        if users.get(id(layer.weight), 1) > 1:  # shared: this layer's quantized table in a Parameter of its own
+            layer.weight = nn.Parameter(w.clone(), requires_grad=layer.weight.requires_grad)
+        else:
+            layer.weight.copy_(w)
         # the codes already are of the standardised weight, if it was: Q(weight) = weight from now on
         layer.weight_standardize = False
         layer.weight_quantizer.standardize = False
