@@ -40,6 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_latency import cpu_name  # noqa: E402  (the machine's name, as the CNN latency table gives it)
+
 
 def session(path: str, threads: int):
     import onnxruntime as ort
@@ -157,17 +160,6 @@ def time_variants(paths: dict[str, str], feeds, threads: int, repeats: int) -> d
             sessions[v].run(None, feeds)
             times[v].append(1000 * (time.perf_counter() - t))
     return {v: {"median": statistics.median(t), "min": min(t), "max": max(t)} for v, t in times.items()}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
