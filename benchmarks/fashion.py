@@ -174,6 +174,32 @@ def _ensure_floats(runner: Runner, args: argparse.Namespace, seeds: list[int]) -
         if not float_done(c):
             runner.done.pop(runner.key(c), None)
     runner.run(floats, "float models")
+    for c in floats:
+        slim_float(Path(c["output"], "checkpoint.pt"))
+
+
+#: what a finished float checkpoint keeps: the QAT runs read its weights (``--pretrained``) and
+#: :func:`checkpoint_complete` its epochs; the optimizer, scheduler and RNG states only serve a resume
+_FLOAT_KEEP = ("format", "version", "config", "data", "model", "epoch", "step_in_epoch", "global_step", "metrics",
+               "history", "time_s")
+
+
+def slim_float(path: Path) -> None:
+    """Drop a finished float checkpoint's resume-only state (about half its size), so the float models can be
+    committed beside the run cache (``.gitignore`` keeps ``fashion_float*/seed*/checkpoint.pt``): a later session
+    or a clone pairs its new QAT runs with the very float models of the cached ones, instead of retraining them."""
+    import torch
+
+    from torchsaq._io import atomic_write
+    from torchsaq.train.checkpoint import load_checkpoint
+
+    if not checkpoint_complete(path):
+        return
+    state = load_checkpoint(path)
+    if set(state) <= set(_FLOAT_KEEP):
+        return
+    slim = {k: state[k] for k in _FLOAT_KEEP if k in state}
+    atomic_write(path, lambda tmp: torch.save(slim, tmp))
 
 
 _FLOAT_PATH = re.compile(r"^.*/(seed\d+)(/checkpoint\.pt)?$")
