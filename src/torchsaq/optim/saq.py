@@ -416,16 +416,10 @@ class SAQ(torch.optim.Optimizer):
         self.restore()
         self.base_optimizer.add_param_group(param_group)
         try:
-            targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer,
-                                      self.perturb_unquantized, self.perturb_steps, self.perturb_exclude)
+            self._reselect()
         except ValueError:
             self.base_optimizer.param_groups.pop()  # all or nothing
             raise
-        self._passes.set_capture(False)
-        self._targets = targets
-        self._passes.set_capture(True)
-        self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha, self.fraction)
-        self._param_ids = self._ids()
 
     def _ids(self) -> list[int]:
         return [id(p) for p in self._params()]
@@ -439,13 +433,18 @@ class SAQ(torch.optim.Optimizer):
             return
         self.restore()
         _check_sharded(self.module)
+        self._reselect()
+
+    def _reselect(self) -> None:
+        """Select the perturbation targets again from the base optimizer's parameters (a ValueError, and nothing
+        changed, if they are not the model's); the strategy's stored state starts afresh."""
         targets = _select_targets(self.module, Mode.parse(self.mode), self.base_optimizer, self.perturb_unquantized,
                                   self.perturb_steps, self.perturb_exclude)
         self._passes.set_capture(False)
         self._targets = targets
         self._passes.set_capture(True)
         self._strategy = make_strategy(self.strategy, self.module, targets, self.k, self.alpha, self.fraction)
-        self._param_ids = ids
+        self._param_ids = self._ids()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and the quantized layers' ``qweight_grad``.
