@@ -152,7 +152,10 @@ def checkpoint_complete(path: Path) -> bool:
 
     if not path.exists():
         return False
-    state = load_checkpoint(path)
+    return _has_all_epochs(load_checkpoint(path))
+
+
+def _has_all_epochs(state: dict[str, Any]) -> bool:
     return int(state.get("epoch", 0)) >= int(state["config"]["epochs"])
 
 
@@ -193,10 +196,10 @@ def slim_float(path: Path) -> None:
     from torchsaq._io import atomic_write
     from torchsaq.train.checkpoint import load_checkpoint
 
-    if not checkpoint_complete(path):
+    if not path.exists():
         return
-    state = load_checkpoint(path)
-    if set(state) <= set(_FLOAT_KEEP):
+    state = load_checkpoint(path)  # read once (checkpoint_complete would read it again)
+    if not _has_all_epochs(state) or set(state) <= set(_FLOAT_KEEP):
         return
     slim = {k: state[k] for k in _FLOAT_KEEP if k in state}
     atomic_write(path, lambda tmp: torch.save(slim, tmp))
