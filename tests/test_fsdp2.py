@@ -22,6 +22,8 @@ import torchsaq as saq
 from torchsaq import QuantConfig
 from torchsaq.optim.saq import SAQ
 
+from test_sam_ddp import quantized_for_ranks  # noqa: E402  (the same start model recipe as the DDP tests)
+
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -63,13 +65,7 @@ def mlp_batch(i: int):
 def make_mlp() -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    x0, _ = mlp_batch(-1)
-    saq.quantize(m, QuantConfig(w_bits=2, a_bits=3, first_last_bits=3), example_inputs=x0)
-    with torch.no_grad():
-        m(x0)  # LSQ step initialisation, identical on every rank
-        for _, layer in saq.quant_layers(m):
-            layer.weight_quantizer.step.mul_(0.5)  # some clipping
-    return m
+    return quantized_for_ranks(m, mlp_batch(-1)[0])
 
 
 def llama_batch(i: int):

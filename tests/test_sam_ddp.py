@@ -35,7 +35,12 @@ CONFIGS = {"case3": {}, "every_k": {"strategy": "every_k", "k": 2}, "prev_grad":
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    x0, _ = global_batch(-1)
+    return quantized_for_ranks(m, global_batch(-1)[0])
+
+
+def quantized_for_ranks(m: nn.Module, x0: torch.Tensor) -> nn.Module:
+    """``m`` quantized w2a3 (first/last 3-bit), its LSQ steps initialised on ``x0`` (identical on every rank), the
+    weight steps halved for some clipping; the model the distributed tests start every rank from."""
     saq.quantize(m, QuantConfig(w_bits=2, a_bits=3, first_last_bits=3), example_inputs=x0)
     with torch.no_grad():
         m(x0)  # LSQ step initialisation, identical on every rank
