@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -77,6 +78,8 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "case 2": (dict(sharpness="case2", strategy="full"), "other"),
     "SAQ (case 3)": (dict(sharpness="case3", strategy="full"), "paired"),
     "SAQ prev_grad": (dict(sharpness="case3", strategy="prev_grad"), "paired"),
+    # MSAM: one pass at the point perturbed against the momentum (closure-free, no captured gradient)
+    "SAQ momentum": (dict(sharpness="case3", strategy="momentum"), "paired"),
     "SAQ every_k a=0.7": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7), "other"),
     "SAQ every_k a=auto": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=None), "other"),
     # the efficient strategies against the full step (issue 26): cost 1 + fraction, 1 + 1/k
@@ -279,6 +282,31 @@ def _gain(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
     return m, hw, len(common)
 
 
+def _method_rhos(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, list[float]]:
+    """``--method-rhos 'METHOD=R1,R2'`` -> {method: [rhos]}; a one-line parser error for anything else."""
+    grids: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, values = item.rpartition("=")
+        if not sep or name not in METHODS:
+            ap.error(f"--method-rhos {item!r}: expected METHOD=R1,R2,... with METHOD one of --methods' choices")
+        try:
+            grids[name] = [float(v) for v in values.split(",")]
+        except ValueError:
+            ap.error(f"--method-rhos {item!r}: the rhos must be numbers separated by commas")
+        if not grids[name] or not all(math.isfinite(r) and r > 0 for r in grids[name]):
+            ap.error(f"--method-rhos {item!r}: every rho must be a finite number > 0")
+    return grids
+
+
+def _all_rhos(args: argparse.Namespace) -> list[float]:
+    """The columns of the sweep table: --rhos, then the methods' own grids."""
+    return sorted(set(args.rhos).union(*[set(g) for g in args.method_rhos.values()]))
+
+
+def _grids_note(args: argparse.Namespace) -> str:
+    return "".join(f", {m}: {g}" for m, g in args.method_rhos.items())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
@@ -289,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="paired seeds of base, SAQ and the LIQ_wn pair")
     ap.add_argument("--other-seeds", type=int, default=3, help="seeds of the other methods")
     ap.add_argument("--rhos", nargs="+", type=float, default=None, help="default: the preset's, else 0.02 0.05 0.1")
+    ap.add_argument("--method-rhos", nargs="+", default=[], metavar="METHOD=R1,R2,...",
+                    help="a method's own rho grid instead of --rhos, e.g. 'SAQ momentum=0.1,0.3,1,3' (MSAM's radius "
+                         "is on another scale than SAM's)")
     ap.add_argument("--sweep-bits", nargs="+", type=int, default=None,
                     help="bit-widths swept (default: the preset's); others take the rho of the nearest swept one")
     ap.add_argument("--val-split", type=float, default=0.1)
@@ -309,6 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     args = ap.parse_args(argv)
     args.rhos = args.rhos or PRESETS[args.preset].get("rhos", [0.02, 0.05, 0.1])
+    args.method_rhos = _method_rhos(ap, args.method_rhos)
     args.tag = ("" if args.preset == "cpu" else f"_{args.preset}") + ("_smoke" if args.smoke else "")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # 0. float models (the final seeds and the sweep seed), trained when a QAT run still needs one: a float
     # checkpoint is not committed, so a clone whose cache holds every QAT run of a seed trains nothing again
-    all_float_seeds = ([sweep_seed] if len(args.rhos) > 1 else []) + seeds["paired"]
+    grids = {m: args.method_rhos.get(m, args.rhos) for m in args.methods}
+    all_float_seeds = ([sweep_seed] if any(len(g) > 1 for g in grids.values()) else []) + seeds["paired"]
     if args.stage == "float":
         _ensure_floats(runner, args, all_float_seeds)
         return 0
@@ -334,11 +367,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sweep_cfgs, sweep_index = [], []
     for b in sweep_bits:
         for m in swept:
-            for rho in args.rhos:
+            for rho in grids[m] if len(grids[m]) > 1 else []:  # a fixed rho: nothing to sweep
                 sweep_cfgs.append(qat_config(m, b, sweep_seed, rho, args))
                 sweep_index.append((b, m, rho))
-    if len(args.rhos) == 1:  # a fixed rho: nothing to sweep
-        sweep_cfgs, sweep_index = [], []
     if any(runner.key(c) not in runner.done for c in sweep_cfgs):
         _ensure_floats(runner, args, [sweep_seed])
     sweep = runner.run(sweep_cfgs, "rho sweep (validation split)")
@@ -347,8 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rec is not None:
             val.setdefault((b, m), {})[rho] = rec["result"]["val_acc"]
     chosen = {k: max(v, key=lambda r: (v[r], -r)) for k, v in val.items()}
-    if len(args.rhos) == 1:
-        chosen = {(b, m): args.rhos[0] for b in sweep_bits for m in swept}
+    chosen.update({(b, m): grids[m][0] for b in sweep_bits for m in swept if len(grids[m]) == 1})
     for b in args.bits:  # bit-widths not swept take the rho of the nearest swept one
         for m in swept:
             if (b, m) not in chosen:
@@ -413,7 +443,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
-             f"rho from {args.rhos} on the validation split (one seed). train acc: the last epoch's accuracy on "
+             f"rho from {args.rhos}{_grids_note(args)} on the validation split (one seed). "
+             "train acc: the last epoch's accuracy on "
              f"the training batches as trained (training mode{', augmented' if p.get('augment', True) else ''}).",
              "", f"Full precision: {_mean_sd(fp_vals)} ({len(fp_vals)} seeds); train acc "
              f"{_mean_sd([r['result']['train_acc'] for r in frec if r['result'].get('train_acc') is not None])}",
@@ -444,10 +475,10 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
                      f"{statistics.fmean(secs[(b, m)]):.0f} |")
         rows.append(dict(bits=b, method=m, rho=rho, accs=vals, gain=gain, time_s=statistics.fmean(secs[(b, m)])))
     sweep_lines = ["", "rho sweep (validation accuracy, sweep seed):", "",
-                   "| bits | method | " + " | ".join(str(r) for r in args.rhos) + " |",
-                   "|---|---|" + "---:|" * len(args.rhos)]
+                   "| bits | method | " + " | ".join(str(r) for r in _all_rhos(args)) + " |",
+                   "|---|---|" + "---:|" * len(_all_rhos(args))]
     for (b, m), v in sorted(val.items()):
-        cells = " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in args.rhos)
+        cells = " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in _all_rhos(args))
         sweep_lines.append(f"| w{b}a{b} | {m} | {cells} |")
     cmd = "python benchmarks/fashion.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)

@@ -45,6 +45,7 @@ CONFIGS = {
     "mlp_full_adamw": ("mlp", ADAMW, {}, False),
     "mlp_prev_grad_sgd": ("mlp", SGD, {"strategy": "prev_grad"}, False),
     "mlp_prev_grad_adamw_closure_free": ("mlp", ADAMW, {"strategy": "prev_grad"}, True),
+    "mlp_momentum_adamw_closure_free": ("mlp", ADAMW, {"strategy": "momentum"}, True),
     "mlp_asam_sgd": ("mlp", SGD, {"adaptive": True}, False),
     "mlp_case2_asam_sgd": ("mlp", SGD, {"mode": "case2", "adaptive": True}, False),
     "mlp_every_k_sgd": ("mlp", SGD, {"strategy": "every_k", "k": 2}, False),

@@ -160,7 +160,7 @@ def test_finite_and_first_failure():
 def test_mode_table_is_docs_method():
     assert perturb.MODES.names() == ("sam", "case1", "case2", "case3")
     assert [perturb.MODES.get(m).value for m in perturb.MODES] == list(perturb.MODES)
-    assert STRATEGIES.names() == ("full", "every_k", "prev_grad", "sub_batch")
+    assert STRATEGIES.names() == ("full", "every_k", "prev_grad", "momentum", "sub_batch")
     documented = (Path(__file__).parents[1] / "docs" / "method.md").read_text().split("## Efficient strategies")[1]
     assert [s for s in STRATEGIES if f"`{s}`" not in documented] == []
     assert perturb.WHERE.names() == ("quantized", "latent") and saq.analysis.WHERE is perturb.WHERE

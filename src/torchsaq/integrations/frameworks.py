@@ -12,18 +12,18 @@ __all__ = ["FRAMEWORKS", "closure_free_hint"]
 #: framework -> how it calls the optimizer (the description) and the strategies that work there (the value)
 FRAMEWORKS: Registry[tuple[str, ...]] = Registry("framework")
 FRAMEWORKS.register(
-    "lightning", ("full", "every_k", "prev_grad", "sub_batch"),
+    "lightning", ("full", "every_k", "prev_grad", "momentum", "sub_batch"),
     description="automatic optimization passes its closure to optimizer.step(closure) in full and bf16 precision; "
                 "with precision='16-mixed' it calls scaler.step(opt) after its own backward (no closure): "
-                "prev_grad only there (the stepping GradScaler is found by integrations.gradscaler)")
+                "prev_grad / momentum only there (the stepping GradScaler is found by integrations.gradscaler)")
 FRAMEWORKS.register(
-    "accelerate", ("prev_grad",),
+    "accelerate", ("prev_grad", "momentum"),
     description="AcceleratedOptimizer.step() is called after the loop's own backward, without a closure (and "
-                "through its GradScaler with fp16); accumulate() calls it at every micro-batch: prev_grad")
+                "through its GradScaler with fp16); accumulate() calls it at every micro-batch: prev_grad, momentum")
 FRAMEWORKS.register(
-    "hf_trainer", ("prev_grad",),
+    "hf_trainer", ("prev_grad", "momentum"),
     description="transformers.Trainer runs loss.backward() then optimizer.step() without a closure (zero_grad "
-                "after the step): prev_grad")
+                "after the step): prev_grad, momentum")
 
 
 def closure_free_hint() -> str:

@@ -126,7 +126,7 @@ class Passes:
         hook = (lambda: after(g_first)) if after is not None else None  # type: ignore[arg-type]
         return self.finish(loss, loss2, checks, rollback, scaler, hook)
 
-    def one_pass(self, closure: Callable[[], Any], scaler: Scaler, hook: Callable[[], None],
+    def one_pass(self, closure: Callable[[], Any], scaler: Scaler, hook: Optional[Callable[[], None]],
                  perturbation: Optional[list[Optional[Tensor]]] = None, capture: bool = True) -> Any:
         """One forward/backward (at the point ``perturbation`` gives, if any), then the base step.
 

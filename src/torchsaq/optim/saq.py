@@ -48,6 +48,9 @@ Strategies (docs/method.md, "Efficient strategies"):
   gradients and places) captured in that same single pass. The first iteration is unperturbed. Cost: 1 pass.
   It needs no closure: ``loss.backward(); opt.step()`` (or ``scaler.step(opt)``) is the same step, so it drops
   into loops that never pass one (a forward pre-hook applies ``e_prev`` at the next training forward).
+* ``"momentum"`` (MSAM): one pass per iteration, at the point perturbed by ``-rho * m / ||m||``, ``m`` the base
+  optimizer's momentum after the previous step (SGD's buffer, Adam's first moment); no gradient is captured.
+  Closure-free as ``prev_grad``. Cost: 1 pass.
 
 ``opt.passes_last_step`` says how many forward/backward passes the last step ran (1 or 2).
 
@@ -243,6 +246,21 @@ def _check_options(model: Any, base_optimizer: Any, rho: Any, mode: Any, strateg
         raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
 
+def _check_strategy_needs(strategy: str, base_optimizer: torch.optim.Optimizer, adaptive: Any) -> None:
+    """ValueError where ``strategy`` cannot run with this base optimizer or option (never ignored silently)."""
+    if strategy != "momentum":
+        return
+    if adaptive:
+        raise ValueError("strategy='momentum' (MSAM) perturbs along the base optimizer's momentum; it has no ASAM "
+                         "form: pass adaptive=False, or use strategy='prev_grad' or 'full' with adaptive=True")
+    for group in base_optimizer.param_groups:
+        if not (float(group.get("momentum", 0) or 0) > 0 or "betas" in group):
+            raise ValueError(f"strategy='momentum' (MSAM) perturbs along the base optimizer's momentum, but "
+                             f"{type(base_optimizer).__name__} here keeps none (momentum="
+                             f"{group.get('momentum', 'n/a')}): use SGD with momentum > 0 or Adam/AdamW, or "
+                             "strategy='prev_grad'")
+
+
 def _check_sharded(module: nn.Module) -> None:
     """FSDP2 (parameters that are DTensors): every enabled quantizer must be initialised before ``fully_shard``.
 
@@ -329,7 +347,8 @@ class SAQ(torch.optim.Optimizer):
         perturb_steps: perturb the quantizer step sizes too; ``None`` means True for ``"sam"``, False otherwise.
         perturb_exclude: parameter-name globs never perturbed (they still train), e.g. ``("pos_embed",
             "cls_token")`` or ``("*norm*",)`` for a ViT's position embedding and class token or its LayerNorms.
-        strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1),
+        strategy: ``"full"`` (2 passes/iteration), ``"every_k"`` (~1 + 1/k), ``"prev_grad"`` (1), ``"momentum"``
+            (1; MSAM, along the base optimizer's momentum),
             ``"sub_batch"`` (1 + fraction; the closure takes its batch through :meth:`pass_batch`).
         k, alpha: the ``every_k`` period and the weight of the stored orthogonal component. ``"auto"``
             (default) re-adds g_v at the size it had relative to the gradient when it was measured; 0.7 is
@@ -355,6 +374,7 @@ class SAQ(torch.optim.Optimizer):
                        rho_schedule, grad_scaler, fraction)
         module, ddp = _unwrap(model)
         _check_sharded(module)
+        _check_strategy_needs(strategy, base_optimizer, adaptive)
         kind = Mode.parse(mode)
         perturb_steps = kind is Mode.SAM if perturb_steps is None else perturb_steps
         if isinstance(perturb_exclude, str):

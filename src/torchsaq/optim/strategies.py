@@ -10,6 +10,10 @@ own state:
 * :class:`PrevGrad` -- one pass per iteration at the point perturbed by the perturbation built from the
   previous iteration's gradient; also runs without a closure (a forward pre-hook applies it). State: that
   perturbation, and whether the closure-free form is in use.
+* :class:`Momentum` -- MSAM (Becker et al. 2024): one pass per iteration at the point perturbed by
+  ``-rho * m / ||m||``, ``m`` the base optimizer's momentum after the last step (SGD's ``momentum_buffer``,
+  Adam's first moment ``exp_avg``); no gradient is captured. Closure-free like ``prev_grad``. State: that
+  perturbation.
 * :class:`SubBatch` -- the two-pass step with the ascent pass on the first ``fraction`` of the batch (the
   closure takes its batch through :meth:`saq.SAQ.pass_batch`) and the update pass on all of it: the
   perturbation comes from this step's own samples, as in the full step, at ``1 + fraction`` passes' cost
@@ -27,13 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from . import _foreach as fe
+from .._dtensor import is_dtensor, unsharded
 from ..integrations.gradscaler import has_unscaled, inverse_scale, stepping_scaler
 from ..registry import Registry
-from .functional import add_orthogonal_, orthogonal_component_
+from .functional import add_orthogonal_, orthogonal_component_, sam_perturbation
 from .passes import Passes, Scaler
 from .perturb import Targets
 
-__all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "SubBatch", "make_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "Full", "EveryK", "PrevGrad", "Momentum", "SubBatch", "make_strategy",
+           "momentum_of", "MOMENTUM_KEYS"]
 
 
 class Strategy:
@@ -263,6 +269,77 @@ class PrevGrad(Strategy):
         self.closure_free_mode = bool(saq.get("closure_free", False))  # (opt.restore() removed a pending e)
 
 
+#: where the base optimizers keep their momentum, in their per-parameter state: SGD (``momentum > 0``), then the
+#: Adam family's first moment (Adam, AdamW, NAdam, RAdam, Adamax)
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def momentum_of(state: dict[str, Any]) -> Optional[Tensor]:
+    """A parameter's momentum in its optimizer state (:data:`MOMENTUM_KEYS`), or None before its first step."""
+    for key in MOMENTUM_KEYS:
+        m = state.get(key)
+        if isinstance(m, Tensor):
+            return m
+    return None
+
+
+class Momentum(PrevGrad):
+    """``momentum`` (MSAM, Becker et al. 2024): one pass per iteration at the point perturbed by
+    ``e = -rho * m / ||m||``, ``m`` the base optimizer's momentum after the previous step, the norm global over
+    the targets.
+
+    The rule of the paper (SGD): ``w~_t = w_t - rho v_t / ||v_t||``, the gradient taken at ``w~_t``, then the
+    plain momentum step from ``w_t``: ``v_{t+1} = mu v_t + g``, ``w_{t+1} = w_t - lr v_{t+1}``. The perturbation
+    points where the optimizer has been going (it costs no pass and no captured gradient); with Adam/AdamW ``m``
+    is the first moment. In case 3 it is added to Q(w) (as every case-3 perturbation), with the momentum of w.
+    The first step (no momentum yet) is a plain step. Closure-free as ``prev_grad`` (the forward pre-hook
+    applies the perturbation), and saved the same way.
+    """
+
+    name = "momentum"
+
+    def step(self, passes: Passes, closure: Callable[[], Any], rho: float, scaler: Scaler) -> Any:
+        loss = passes.one_pass(closure, scaler, None, perturbation=self.e_prev, capture=False)
+        self.stage(passes)
+        return loss
+
+    def step_without_closure(self, passes: Passes, opt: torch.optim.Optimizer) -> Any:
+        """The caller's forward/backward ran at the perturbed point (the pre-hook applied it): undo it, take the
+        base step, and build the next perturbation from the momentum it left."""
+        self.closure_free_mode = True
+        if self.pending:
+            self.targets.restore()
+        passes.passes_last_step = 1
+        loss = passes.finish(None, None, [], False, None, None)
+        self.stage(passes)
+        return loss
+
+    @torch.no_grad()
+    def stage(self, passes: Passes) -> None:
+        """The next iteration's perturbation ``-rho m / ||m||`` from the momentum the last base step left
+        (None before any: a plain step); a non-finite momentum gives a zero perturbation (on the device).
+
+        FSDP2: a layer's perturbation is added to its unsharded weight in the forward, so its momentum is
+        gathered; the parameters perturbed in their data keep their sharded momentum (as ``prev_grad``'s
+        directions)."""
+        rho = passes.rho_at(passes.step_count)
+        state = passes.base_optimizer.state
+        h = len(self.targets.layers)
+        idx: list[int] = []
+        srcs: list[Tensor] = []
+        for j, t in enumerate(self.targets.tensors()):
+            m = momentum_of(state.get(t, {}))
+            if m is None:
+                continue
+            idx.append(j)
+            srcs.append(unsharded(m) if j < h and is_dtensor(m) else m)
+        if not srcs or rho == 0:
+            self.e_prev = None
+            return
+        es, _ = sam_perturbation(srcs, -rho, zero_nonfinite=True)
+        self.e_prev = self.targets.per_target(idx, es)
+
+
 class SubBatch(Strategy):
     """``sub_batch``: a two-pass step whose ascent pass sees the first ``ceil(fraction * B)`` samples of the batch.
 
@@ -328,6 +405,9 @@ STRATEGIES.register("every_k", lambda module, targets, k, alpha, fraction: Every
                                 "between")
 STRATEGIES.register("prev_grad", lambda module, targets, k, alpha, fraction: PrevGrad(module, targets),
                     description="one pass at the point perturbed by the previous step's gradient")
+STRATEGIES.register("momentum", lambda module, targets, k, alpha, fraction: Momentum(module, targets),
+                    description="MSAM: one pass at the point perturbed against the base optimizer's momentum "
+                                "(SGD with momentum, Adam/AdamW)")
 STRATEGIES.register("sub_batch", lambda module, targets, k, alpha, fraction: SubBatch(fraction),
                     description="the ascent pass on a fraction of the batch (m-sharpness), the update pass on all "
                                 "of it: 1 + fraction passes")

@@ -189,6 +189,12 @@ class TrainConfig:
             bad(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.strategy not in STRATEGIES:
             bad(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.strategy == "momentum" and self.sharpness != "none":
+            if self.adaptive:
+                bad("strategy momentum (MSAM) has no ASAM form: drop --adaptive, or use strategy prev_grad or full")
+            if self.optimizer == "sgd" and self.momentum == 0:
+                bad("strategy momentum (MSAM) perturbs along the optimizer's momentum, but momentum is 0: set "
+                    "--momentum > 0, or use strategy prev_grad")
         if self.lsq_backend not in LSQ_BACKENDS:
             bad(f"unknown lsq backend {self.lsq_backend!r}; choose one of {', '.join(LSQ_BACKENDS)}")
         if not self.lr > 0:
