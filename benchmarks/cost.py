@@ -83,6 +83,7 @@ METHODS = {  # name -> (SAQ kwargs or None for the base optimizer, floor of the 
     "SAQ periodic (k=4)": (dict(strategy="every_k", k=4, alpha=0.0), 1.25),
     "SAQ sub_batch (f=0.25)": (dict(strategy="sub_batch", fraction=0.25), 1.25),
     "SAQ prev_grad": (dict(strategy="prev_grad"), 1.0),
+    "SAQ momentum": (dict(strategy="momentum"), 1.0),
 }
 
 

@@ -30,6 +30,7 @@ COST_NAME = {
     "base (LSQ QAT)": "base (LSQ QAT)",
     "SAQ (case 3)": "SAQ full step",
     "SAQ prev_grad": "SAQ prev_grad",
+    "SAQ momentum": "SAQ momentum",
     "SAQ sub_batch f=0.25": "SAQ sub_batch (f=0.25)",
     "SAQ periodic k=4": "SAQ periodic (k=4)",
     "SAQ every_k k=2": "SAQ every_k (k=2)",
