@@ -222,6 +222,24 @@ def train_batch(tokens: Any, cfg: dict[str, Any], stream: int, step: int) -> Any
     return torch.from_numpy(np.stack([tokens[s:s + cfg["context"]] for s in starts]).astype(np.int64))
 
 
+def finetune_batch(tokens: Any, cfg: dict[str, Any], step: int) -> Any:
+    """The fine-tune's batch of ``step``: random windows of the train split (:func:`train_batch`, stream 1), or with
+    ``finetune_subset`` N the over-fitting regime: a fixed pool of N windows of the seed (drawn once), visited in
+    a new order every epoch of ``N / batch`` steps (N a multiple of the batch)."""
+    n = cfg.get("finetune_subset")
+    if not n:
+        return train_batch(tokens, cfg, 1, step)
+    import numpy as np
+    import torch
+
+    starts = np.random.default_rng([cfg["seed"], 2]).integers(0, len(tokens) - cfg["context"], size=n)
+    per_epoch = n // cfg["batch"]
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg["seed"], 3, epoch]).permutation(n)
+    pick = starts[order[k * cfg["batch"]:(k + 1) * cfg["batch"]]]
+    return torch.from_numpy(np.stack([tokens[s:s + cfg["context"]] for s in pick]).astype(np.int64))
+
+
 def eval_windows(tokens: Any, context: int, n: int) -> Any:
     """``n`` non-overlapping windows spread evenly over the split (all of them if it has fewer)."""
     import numpy as np
@@ -385,7 +403,7 @@ def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
         train = _tokens(cfg, "train")
         model.train()
         for step in range(steps):
-            x = train_batch(train, cfg, 1, step)
+            x = finetune_batch(train, cfg, step)
 
             def closure() -> Any:
                 loss = model(input_ids=x, labels=x).loss
@@ -508,6 +526,8 @@ def quant_config(args: argparse.Namespace, meta: dict[str, Any], seed: int, meth
     if METHODS[method]["train"]:
         cfg.update(finetune_steps=args.finetune_steps, finetune_lr=p["finetune_lr"],
                    finetune_warmup=max(1, round(p["finetune_warmup"] * args.finetune_steps / p["finetune_steps"])))
+        if args.finetune_subset:  # (only when set: the cached runs of the main study keep their keys)
+            cfg["finetune_subset"] = args.finetune_subset
     if METHODS[method].get("sharpness"):
         cfg["rho"] = rho
     return cfg
@@ -599,6 +619,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--pretrain-steps", type=int, default=0, help=f"default {STUDY['pretrain_steps']}")
     ap.add_argument("--finetune-steps", type=int, default=0, help=f"default {STUDY['finetune_steps']}")
     ap.add_argument("--eval-windows", type=int, default=0, help=f"default {STUDY['eval_windows']}")
+    ap.add_argument("--finetune-subset", type=int, default=0, metavar="N",
+                    help="the over-fitting regime: fine-tune on a fixed pool of N windows of the train split (a "
+                         "multiple of the batch), many epochs of it, instead of fresh windows every step")
+    ap.add_argument("--report", default=None, help="report file name under --out (default lm_ppl<tag>)")
     ap.add_argument("--width", type=int, choices=sorted(WIDTHS), default=128,
                     help="hidden size (MLP 3x, 4 layers, 4 heads); 256 is ~3.4x slower per token")
     ap.add_argument("--corpus-dir", default=None, help="default: this Python's stdlib")
@@ -622,6 +646,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     args.corpus_sample = args.corpus_sample or (10 if args.smoke and not args.corpus_dir else 1)
     if args.smoke and args.log_every == 100:
         args.log_every = 20
+    if args.finetune_subset and (args.finetune_subset < 0 or args.finetune_subset % args.preset["batch"]):
+        ap.error(f"--finetune-subset must be a positive multiple of the batch ({args.preset['batch']}), got "
+                 f"{args.finetune_subset}")
+    args.report = args.report or f"lm_ppl{args.tag}"
     return args
 
 
@@ -660,8 +688,12 @@ def _cell_rows(args: argparse.Namespace, fl: dict[int, float], results: dict, ch
         rc = _ci(rec, "{:+.0f}%") if m != PTQ else ("-", None)
         secs = [results[(s, b, g, m)]["time_s"] for s in seeds]
         rho = chosen.get((b, m))
+        tl = [results[(s, b, g, m)]["result"].get("train_loss") for s in seeds]
+        gap = (f"{statistics.fmean(tl):.3f} / {statistics.fmean(math.log(v) for v in vals):.3f}"
+               if all(x is not None for x in tl) else "-")
         lines.append(f"| w{b} g{g} | {m} | {rho if rho is not None else '-'} | {len(seeds)} | {_ms(vals)} | "
-                     f"{_ms([t[s] for s in seeds])} | {gq[0]} | {gp[0]} | {rc[0]} | {statistics.fmean(secs):.0f} |")
+                     f"{_ms([t[s] for s in seeds])} | {gq[0]} | {gp[0]} | {rc[0]} | {gap} | "
+                     f"{statistics.fmean(secs):.0f} |")
         rows.append(dict(bits=b, group=g, method=m, rho=rho, seeds=seeds, validation_ppl=vals,
                          test_ppl=[t[s] for s in seeds], gain_vs_qat=gq[1], gain_vs_ptq=gp[1], recovered_pct=rc[1],
                          time_s=statistics.fmean(secs)))
@@ -691,15 +723,21 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], meta: dict[str, 
         f"PTQ (RTN): no training. rho by validation perplexity (seed {SWEEP_SEED}) from {args.rhos}.",
         f"Perplexity over {args.eval_windows} windows of {p['context']} tokens per split; mean +- sd over seeds. "
         "Gains: paired (same seed = same float model and batches) perplexity of the reference minus the method's "
-        "(> 0: better), mean [95% t-interval]; recovered = (ppl_PTQ - ppl) / (ppl_PTQ - ppl_float) per seed.",
+        "(> 0: better), mean [95% t-interval]; recovered = (ppl_PTQ - ppl) / (ppl_PTQ - ppl_float) per seed. "
+        "train / val loss: the mean of the last 20 fine-tuning losses (on the batches as trained) and ln(val ppl): "
+        "their difference is the generalization gap sharpness-aware training targets."
+        + (f" Over-fitting regime: the fine-tune cycles over a fixed pool of {args.finetune_subset} windows "
+           f"({args.finetune_steps * p['batch'] / args.finetune_subset:.0f} epochs of it)."
+           if args.finetune_subset else ""),
         "", f"Float: validation {_ms(fl_val)}, test {_ms([fl[s] for s in sorted(fl)])} ({len(fl)} seeds, "
         f"{statistics.fmean(fsecs) if fsecs else float('nan'):.0f} s/pretraining). Control, the float model "
         f"fine-tuned like QAT without quantization: validation "
         f"{_ms([r['validation_ppl'] for r in getattr(args, 'control', {}).values()])}, test "
         f"{_ms([r['test_ppl'] for r in getattr(args, 'control', {}).values()])} (if below float, the fine-tune "
         "itself still trains the model: a recovered share over 100% is that, not quantization)", "",
-        "| cell | method | rho | seeds | val ppl | test ppl | gain vs QAT | gain vs PTQ | recovered | s/run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| cell | method | rho | seeds | val ppl | test ppl | gain vs QAT | gain vs PTQ | recovered | train / val loss "
+        "| s/run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows: list[dict[str, Any]] = []
     for b in args.bits:
         for g in args.groups:
@@ -725,15 +763,15 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], meta: dict[str, 
     cmd = "python benchmarks/lm_ppl.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(head + sweep) + "\n"
     out = Path(args.out)
-    (out / f"lm_ppl{args.tag}.md").write_text(text)
-    (out / f"lm_ppl{args.tag}.json").write_text(json.dumps(dict(
+    (out / f"{args.report}.md").write_text(text)
+    (out / f"{args.report}.json").write_text(json.dumps(dict(
         command=cmd.strip(), corpus=meta, float=dict(test_ppl=fl, validation_ppl=fl_val),
         float_finetuned=getattr(args, "control", {}), rows=rows,
         chosen_rho={f"w{b}/{m}": r for (b, m), r in chosen.items()},
         sweep={f"w{b}/{m}": {str(r): x for r, x in v.items()} for (b, m), v in val.items()},
         rho_probe={f"w{b}": pr for b, pr in getattr(args, "probes", {}).items()}), indent=1))
     print(text)
-    print(f"written {out / f'lm_ppl{args.tag}.md'} (.json) in {time.perf_counter() - t_start:.0f}s")
+    print(f"written {out / f'{args.report}.md'} (.json) in {time.perf_counter() - t_start:.0f}s")
 
 
 def _param_count(p: dict[str, Any], vocab: int) -> int:

@@ -100,3 +100,24 @@ def test_lm_ppl_pretraining_cut_off_resumes_to_the_same_model(tmp_path, monkeypa
     model_b = torch.load(cut["checkpoint"], weights_only=True)["model"]
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert got["test_ppl"] == want["test_ppl"]
+
+
+def test_finetune_subset_cycles_a_fixed_pool_of_windows_once_per_epoch():
+    """The over-fitting regime: every epoch visits each of the N pooled windows exactly once, in a new order; the
+    pool is the seed's (the same for every method); without the option the batches are train_batch's stream 1."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    import lm_ppl
+
+    tokens = np.arange(10_000, dtype=np.int32)  # window start = its first token: windows are identified by it
+    cfg = dict(seed=3, context=8, batch=4, finetune_subset=12)
+    epochs = [[int(w[0]) for step in range(e * 3, e * 3 + 3) for w in lm_ppl.finetune_batch(tokens, cfg, step)]
+              for e in range(3)]
+    assert all(len(set(ep)) == 12 for ep in epochs)          # each pooled window once per epoch
+    assert set(epochs[0]) == set(epochs[1]) == set(epochs[2])  # the same pool every epoch
+    assert epochs[0] != epochs[1]                              # in a new order
+    other = [int(w[0]) for w in lm_ppl.finetune_batch(tokens, dict(cfg, seed=4), 0)]
+    assert not set(other) <= set(epochs[0])                    # another seed, another pool
+    plain = dict(cfg, finetune_subset=0)
+    assert lm_ppl.finetune_batch(tokens, plain, 5).equal(lm_ppl.train_batch(tokens, plain, 1, 5))
