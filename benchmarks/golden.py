@@ -7,7 +7,8 @@ source lines). A change that keeps the behaviour keeps every hash; ``tests/test_
 against ``benchmarks/results/golden.json``.
 
     python benchmarks/golden.py            # print the hashes and compare them with golden.json
-    python benchmarks/golden.py --record   # (re)write golden.json (only when a behaviour change is intended)
+    python benchmarks/golden.py --record   # (re)write this environment's hashes (only when a behaviour change is
+                                           # intended, or to add an environment at the commit to compare against)
 """
 from __future__ import annotations
 
@@ -129,23 +130,35 @@ def compute(names: Any = None) -> dict[str, str]:
 
 
 def environment() -> str:
-    """What the hashes depend on beside torchsaq: float results differ between torch builds and CPUs."""
+    """What the hashes depend on beside torchsaq: float results differ between torch builds and CPUs (the kernels
+    torch picks for the CPU's vector instructions, AVX2 or AVX512, sum in other orders)."""
     import platform
 
-    return f"torch {torch.__version__}, {platform.machine()}, {platform.processor() or platform.system()}"
+    return (f"torch {torch.__version__}, {platform.machine()}, {platform.processor() or platform.system()}, "
+            f"cpu {torch.backends.cpu.get_cpu_capability()}")
+
+
+def recorded() -> dict[str, dict[str, str]]:
+    """golden.json: environment -> {name: sha256}, one entry per environment it was recorded in."""
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
 
 
 def main(argv: Any = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", action="store_true", help=f"write {GOLDEN.name} instead of comparing")
     args = p.parse_args(argv)
+    env, table = environment(), recorded()
+    if not args.record and env not in table:
+        print(f"no hashes recorded for this environment ({env}); recorded: {', '.join(table) or 'none'}. Record "
+              "them with --record at the commit to compare against.")
+        return 2
     got = compute()
-    got["_environment"] = environment()
     if args.record:
-        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {len(got)} hashes to {GOLDEN}")
+        table[env] = got
+        GOLDEN.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {len(got)} hashes for {env} to {GOLDEN}")
         return 0
-    want = json.loads(GOLDEN.read_text())
+    want = table[env]
     bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     for k in bad:
         print(f"DIFFERS {k}: golden {want.get(k)} now {got.get(k)}")
