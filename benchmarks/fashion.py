@@ -15,6 +15,7 @@ Needs the data: ``apt-get install dataset-fashion-mnist`` or ``--data-dir`` with
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -117,6 +119,11 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "frozen BatchNorm statistics, lr 0.001": dict(freeze_bn=True, lr=0.001),
     "lr 0.001": dict(lr=0.001),
     "frozen BatchNorm statistics, lr 0.001, rho 0.01": dict(freeze_bn=True, lr=0.001, _rho=0.01),
+    # the same training; then BatchNorm's running statistics recomputed with the final, unperturbed weights (one
+    # pass over the training set in training mode, cumulative average) before the test: prev_grad's statistics
+    # were gathered at perturbed weights (its only pass is the perturbed one), the two-pass step's at unperturbed
+    # ones. The run reports the test accuracy after recomputing (test_acc) and as trained (test_acc_as_trained).
+    "BatchNorm statistics recomputed at the end": dict(_bn_recompute=True),
 }
 # ViT-only diagnoses (docs/vit.md: which tensors SAQ perturbs; rho against AdamW's per-parameter scaling): not in
 # the default --diagnoses (their parameter names exist in timm ViTs only)
@@ -140,12 +147,57 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     if pretrained and not checkpoint_complete(Path(pretrained)):  # never fine-tune a float run that was cut off
         raise RuntimeError(f"{pretrained} is not a finished float run (fewer epochs than its config's)")
     t0 = time.perf_counter()
-    res = train(TrainConfig(**job["config"]), progress=False)
-    keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device")
+    config = dict(job["config"])
+    recompute = config.pop("bn_recompute", False)
+    with tempfile.TemporaryDirectory() as tmp:
+        if recompute:  # the trained model is needed after the run: save it (to a folder removed afterwards)
+            config.update(save=True, output=tmp)
+        res = train(TrainConfig(**config), progress=False)
+        if recompute:
+            res["test_acc_as_trained"] = res["test_acc"]
+            res["test_acc"] = bn_recomputed_test_acc(Path(tmp), res["test_acc"])
+    keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device",
+            "test_acc_as_trained")
     curve = [{k: r.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
              for r in res.get("history", [])]
     return {"job": job, "result": {k: res.get(k) for k in keep}, "curve": curve,
             "time_s": time.perf_counter() - t0}
+
+
+def bn_recomputed_test_acc(run: Path, as_trained: float) -> float:
+    """Test accuracy (%) of the run saved in ``run`` after recomputing every BatchNorm's running statistics with its
+    final weights: one pass over the training set in training mode, no gradient, the cumulative average
+    (``momentum=None``) of the batches' statistics. Checks first that the reloaded model reproduces the run's own
+    test accuracy ``as_trained`` (the comparison is then the statistics alone)."""
+    import torch
+
+    from torchsaq.train.checkpoint import load_model
+    from torchsaq.train.runner import build_data
+
+    model, cfg, _ = load_model(run / "checkpoint.pt")
+    data, _ = build_data(cfg, torch.device("cpu"))
+
+    def test_acc() -> float:
+        model.eval()
+        right = total = 0
+        with torch.no_grad():
+            for x, y in itertools.islice(data.test_loader, cfg.limit_eval_batches or None):  # (as the run did)
+                right += int((model(x).argmax(1) == y).sum())
+                total += int(y.numel())
+        return 100.0 * right / total
+
+    if abs(test_acc() - as_trained) > 1e-9:
+        raise RuntimeError(f"the reloaded model of {run} does not reproduce its test accuracy {as_trained}")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        data.sampler.set_epoch(0)
+        for x, _ in itertools.islice(data.train_loader, cfg.limit_train_batches or None):
+            model(x)
+    return test_acc()
 
 
 def checkpoint_complete(path: Path) -> bool:
@@ -257,6 +309,8 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
     epochs = (args.qat_epochs or p["qat_epochs"]) * over.pop("_epochs_factor", 1)
     rho = over.pop("_rho", rho)  # a diagnosis that sets rho itself
     start = over.pop("_rho_start_frac", None)  # SAQ's steps begin after this share of the epochs
+    if over.pop("_bn_recompute", False):
+        over["bn_recompute"] = True  # (read by _run, not a TrainConfig field)
     if start is not None:
         over["rho_start_epochs"] = start * epochs
     cfg = dict(_common(args, seed), w_bits=bits, a_bits=bits, first_last_bits=8, epochs=epochs, lr=p["qat_lr"],
@@ -331,6 +385,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--diagnose", action="store_true", help="run the w2a2 ablations (base vs SAQ under each change)")
     ap.add_argument("--diagnoses", nargs="+", default=[d for d in DIAGNOSES if d not in VIT_DIAGNOSES],
                     choices=list(DIAGNOSES), help="which ablations --diagnose runs (default: all but the ViT ones)")
+    ap.add_argument("--diagnose-methods", nargs="+", default=[BASE, "SAQ (case 3)"], choices=list(METHODS),
+                    help="the methods each ablation runs (the first is the ablation's baseline in the report)")
+    ap.add_argument("--diagnose-bits", type=int, default=2, help="the bit-width the ablations run at")
     ap.add_argument("--stage", choices=["float", "sweep", "final", "all"], default="all",
                     help="stop after this stage (the cache keeps what is done)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -399,11 +456,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                     final_cfgs.append(qat_config(m, b, s, chosen.get((b, m)), args))
                     index.append((b, m, s))
     if args.diagnose:
+        db = args.diagnose_bits
         for name, extra in ((n, DIAGNOSES[n]) for n in args.diagnoses):
-            for m in (BASE, "SAQ (case 3)"):
+            for m in args.diagnose_methods:
                 for s in seeds["paired"]:
-                    final_cfgs.append(qat_config(m, 2, s, chosen.get((2, m)), args, extra))
-                    index.append((2, f"{m} | {name}", s))
+                    final_cfgs.append(qat_config(m, db, s, chosen.get((db, m)), args, extra))
+                    index.append((db, f"{m} | {name}", s))
     _ensure_floats(runner, args, sorted({s for (_, _, s), c in zip(index, final_cfgs)
                                          if runner.key(c) not in runner.done}))
     final = runner.run(final_cfgs, "final runs (test set)")
