@@ -117,7 +117,8 @@ def test_calibrate_takes_input_ids_batches():
 
 
 @pytest.mark.slow
-def test_hf_trainer_with_prev_grad_on_a_group_quantized_llama(tmp_path):
+@pytest.mark.parametrize("strategy", ["prev_grad", "momentum"])
+def test_hf_trainer_with_a_closure_free_strategy_on_a_group_quantized_llama(tmp_path, strategy):
     model = _quantized("llama")
 
     class Data(torch.utils.data.Dataset):
@@ -131,7 +132,7 @@ def test_hf_trainer_with_prev_grad_on_a_group_quantized_llama(tmp_path):
             return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
     base = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    opt = saq.SAQ(model, base, rho=0.05, mode="case3", strategy="prev_grad")
+    opt = saq.SAQ(model, base, rho=0.05, mode="case3", strategy=strategy)
     seen: list[bool] = []  # training forwards: perturbed?
     model.register_forward_hook(lambda m, a, o: seen.append(
         any(layer.perturb_post is not None for _, layer in saq.quant_layers(m))) if m.training else None)
