@@ -15,6 +15,7 @@ Needs the data: ``apt-get install dataset-fashion-mnist`` or ``--data-dir`` with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -156,12 +157,30 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         if recompute:
             res["test_acc_as_trained"] = res["test_acc"]
             res["test_acc"] = bn_recomputed_test_acc(Path(tmp), res["test_acc"])
+    if pretrained:  # which float model this run started from: the report checks a seed's runs share one
+        res["float_sha256"] = float_sha256(Path(pretrained))
     keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device",
-            "test_acc_as_trained")
+            "test_acc_as_trained", "float_sha256")
     curve = [{k: r.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
              for r in res.get("history", [])]
     return {"job": job, "result": {k: res.get(k) for k in keep}, "curve": curve,
             "time_s": time.perf_counter() - t0}
+
+
+def float_sha256(checkpoint: Path) -> str:
+    """The first 16 hex digits of the sha256 of a float checkpoint's model weights (names, dtypes, shapes, bytes):
+    the same float model on every machine that trained it bit-identically, another one where a CPU's arithmetic
+    differs (a float model trained again on an AVX512 machine is not the AVX2 machine's)."""
+    import torch
+
+    from torchsaq.train.checkpoint import load_checkpoint
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_checkpoint(checkpoint)["model"].items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def bn_recomputed_test_acc(run: Path, as_trained: float) -> float:
@@ -469,10 +488,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     secs: dict[tuple[int, str], list[float]] = {}
     train_acc: dict[tuple[int, str], list[float]] = {}
     curves: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    origins: dict[int, set[str]] = {}
     for (b, m, s), rec in zip(index, final):
         if rec is None:
             continue
         acc.setdefault((b, m), {})[s] = rec["result"]["test_acc"]
+        origins.setdefault(s, set()).add(rec["result"].get("float_sha256") or "not recorded")
         secs.setdefault((b, m), []).append(rec["time_s"])
         if rec["result"].get("train_acc") is not None:
             train_acc.setdefault((b, m), []).append(rec["result"]["train_acc"])
@@ -482,6 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     frec = [runner.done.get(runner.key(c)) for c in floats]
     fp = {c["seed"]: r["result"]["test_acc"] for c, r in zip(floats, frec) if r is not None and c["seed"] != sweep_seed}
     frec = [r for r in frec if r is not None]
+    args.mixed_floats = {s: sorted(o) for s, o in origins.items() if len(o - {"not recorded"}) > 1}
     report(args, argv, acc, secs, curves, chosen, val, fp, frec, t_start, train_acc)
     return 0
 
@@ -508,6 +530,11 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"{_mean_sd([r['result']['train_acc'] for r in frec if r['result'].get('train_acc') is not None])}",
              "", "| bits | method | rho | seeds | test acc | train acc | gain vs baseline | gap closed | s/run |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    mixed = getattr(args, "mixed_floats", {})
+    if mixed:  # the pairing is broken there: say so above the table, never silently
+        lines[1:1] = ["", "**Warning: unpaired seeds.** Their runs started from different float models (sha256 of "
+                      "the weights), e.g. a float model trained again on another CPU: " + "; ".join(
+                          f"seed {s}: {', '.join(o)}" for s, o in sorted(mixed.items())) + "."]
     train_acc = train_acc or {}
     rows = []
     fp_mean = statistics.fmean(fp_vals) if fp_vals else float("nan")

@@ -1,0 +1,32 @@
+"""benchmarks/fashion.py's float-model identity: a seed's runs are paired only if they start from one float model."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+FLOAT = BENCH / "results" / "fashion_float_cpu_gap2" / "seed0" / "checkpoint.pt"  # a committed float model
+
+
+def test_float_sha256_tells_float_models_apart_by_their_weights_alone(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import fashion
+
+    copy = tmp_path / "copy.pt"
+    shutil.copy(FLOAT, copy)
+    assert fashion.float_sha256(copy) == fashion.float_sha256(FLOAT)
+    state = torch.load(FLOAT, map_location="cpu", weights_only=True)
+    name = next(k for k in sorted(state["model"]) if state["model"][k].is_floating_point())
+    w = state["model"][name]
+    state["model"][name] = torch.nextafter(w, torch.full_like(w, float("inf")))  # one ulp up: another float model
+    changed = tmp_path / "changed.pt"
+    torch.save(state, changed)
+    assert fashion.float_sha256(changed) != fashion.float_sha256(FLOAT)
+    state["model"][name] = w
+    state["epoch"] = int(state["epoch"]) + 7  # what is not a weight does not count
+    same = tmp_path / "same.pt"
+    torch.save(state, same)
+    assert fashion.float_sha256(same) == fashion.float_sha256(FLOAT)
