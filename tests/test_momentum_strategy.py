@@ -151,3 +151,14 @@ def test_momentum_strategy_refuses_what_it_cannot_do():
         SAQ(model, torch.optim.Adagrad(model.parameters(), lr=0.1), strategy="momentum")
     SAQ(model, torch.optim.Adam(model.parameters(), lr=0.1), strategy="momentum")  # fine
     assert "momentum" in saq.integrations.FRAMEWORKS.get("hf_trainer")
+
+
+def test_train_config_refuses_momentum_where_it_cannot_run():
+    from torchsaq.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="no ASAM form"):
+        TrainConfig(sharpness="case3", strategy="momentum", adaptive=True)
+    with pytest.raises(ValueError, match="momentum is 0"):
+        TrainConfig(sharpness="case3", strategy="momentum", optimizer="sgd", momentum=0.0)
+    TrainConfig(sharpness="case3", strategy="momentum", optimizer="adamw", momentum=0.0)  # Adam's first moment
+    TrainConfig(sharpness="none", strategy="momentum", momentum=0.0)  # no SAQ: nothing to refuse
