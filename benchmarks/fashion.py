@@ -15,6 +15,7 @@ Needs the data: ``apt-get install dataset-fashion-mnist`` or ``--data-dir`` with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -144,21 +145,26 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     from torchsaq.train.config import TrainConfig
     from torchsaq.train.runner import train
 
+    from torchsaq.train.checkpoint import load_checkpoint
+
     pretrained = job["config"].get("pretrained")
-    if pretrained and not checkpoint_complete(Path(pretrained)):  # never fine-tune a float run that was cut off
-        raise RuntimeError(f"{pretrained} is not a finished float run (fewer epochs than its config's)")
+    origin = None
+    if pretrained:  # read once: finished (never fine-tune a float run that was cut off), and which float model
+        state = load_checkpoint(Path(pretrained)) if Path(pretrained).exists() else None
+        if state is None or not _has_all_epochs(state):
+            raise RuntimeError(f"{pretrained} is not a finished float run (fewer epochs than its config's)")
+        origin = weights_sha256(state["model"])  # the report checks that a seed's runs share one
     t0 = time.perf_counter()
     config = dict(job["config"])
     recompute = config.pop("bn_recompute", False)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if recompute else contextlib.nullcontext() as tmp:
         if recompute:  # the trained model is needed after the run: save it (to a folder removed afterwards)
             config.update(save=True, output=tmp)
         res = train(TrainConfig(**config), progress=False)
         if recompute:
             res["test_acc_as_trained"] = res["test_acc"]
             res["test_acc"] = bn_recomputed_test_acc(Path(tmp), res["test_acc"])
-    if pretrained:  # which float model this run started from: the report checks a seed's runs share one
-        res["float_sha256"] = float_sha256(Path(pretrained))
+    res["float_sha256"] = origin
     keep = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc", "size_bits", "device",
             "test_acc_as_trained", "float_sha256")
     curve = [{k: r.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc")}
@@ -168,15 +174,20 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def float_sha256(checkpoint: Path) -> str:
-    """The first 16 hex digits of the sha256 of a float checkpoint's model weights (names, dtypes, shapes, bytes):
-    the same float model on every machine that trained it bit-identically, another one where a CPU's arithmetic
-    differs (a float model trained again on an AVX512 machine is not the AVX2 machine's)."""
-    import torch
-
+    """:func:`weights_sha256` of a float checkpoint's model weights."""
     from torchsaq.train.checkpoint import load_checkpoint
 
+    return weights_sha256(load_checkpoint(checkpoint)["model"])
+
+
+def weights_sha256(model_state: dict[str, Any]) -> str:
+    """The first 16 hex digits of the sha256 of a state dict (names, dtypes, shapes, bytes): the same float model on
+    every machine that trained it bit-identically, another one where a CPU's arithmetic differs (a float model
+    trained again on an AVX512 machine is not the AVX2 machine's)."""
+    import torch
+
     h = hashlib.sha256()
-    for name, t in sorted(load_checkpoint(checkpoint)["model"].items()):
+    for name, t in sorted(model_state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -191,19 +202,14 @@ def bn_recomputed_test_acc(run: Path, as_trained: float) -> float:
     import torch
 
     from torchsaq.train.checkpoint import load_model
+    from torchsaq.train.engine import evaluate
     from torchsaq.train.runner import build_data
 
     model, cfg, _ = load_model(run / "checkpoint.pt")
     data, _ = build_data(cfg, torch.device("cpu"))
 
-    def test_acc() -> float:
-        model.eval()
-        right = total = 0
-        with torch.no_grad():
-            for x, y in itertools.islice(data.test_loader, cfg.limit_eval_batches or None):  # (as the run did)
-                right += int((model(x).argmax(1) == y).sum())
-                total += int(y.numel())
-        return 100.0 * right / total
+    def test_acc() -> float:  # as the run evaluated it (its batch limit too)
+        return evaluate(model, data.test_loader, limit=cfg.limit_eval_batches)["acc"]
 
     if abs(test_acc() - as_trained) > 1e-9:
         raise RuntimeError(f"the reloaded model of {run} does not reproduce its test accuracy {as_trained}")
