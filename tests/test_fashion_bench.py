@@ -1,6 +1,7 @@
 """benchmarks/fashion.py's float-model identity: a seed's runs are paired only if they start from one float model."""
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -30,3 +31,22 @@ def test_float_sha256_tells_float_models_apart_by_their_weights_alone(tmp_path):
     same = tmp_path / "same.pt"
     torch.save(state, same)
     assert fashion.float_sha256(same) == fashion.float_sha256(FLOAT)
+
+
+def test_a_perturbation_diagnosis_reuses_the_plain_qat_run(tmp_path):
+    """Plain QAT under "no perturbation of LayerNorm" or ASAM is the plain QAT run itself: one cache key, no rerun;
+    SAQ's config keeps the setting."""
+    sys.path.insert(0, str(BENCH))
+    import fashion
+
+    args = argparse.Namespace(preset="vit_gap", qat_epochs=None, eval_every=20, val_split=0.1, device="cpu",
+                              data_dir=None, smoke=False, out=str(tmp_path), tag="_vit_gap", float_dir=None)
+    for name in ("no perturbation of LayerNorm", "ASAM (adaptive), rho 0.5", "no perturbation of norm/bias"):
+        extra = fashion.DIAGNOSES[name]
+        assert fashion.qat_config(fashion.BASE, 4, 0, None, args, extra) == fashion.qat_config(fashion.BASE, 4, 0,
+                                                                                              None, args)
+        saq = fashion.qat_config("SAQ (case 3)", 4, 0, 0.05, args, extra)
+        assert saq != fashion.qat_config("SAQ (case 3)", 4, 0, 0.05, args)
+    # a diagnosis that changes the training itself still gets its own baseline run
+    longer = fashion.qat_config(fashion.BASE, 4, 0, None, args, fashion.DIAGNOSES["4x QAT epochs"])
+    assert longer["epochs"] == 4 * fashion.qat_config(fashion.BASE, 4, 0, None, args)["epochs"]
