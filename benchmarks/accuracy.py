@@ -15,6 +15,7 @@ in ``<out>/accuracy_runs.jsonl`` so an interrupted benchmark resumes where it st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 HERE = Path(__file__).resolve().parent
 
@@ -130,19 +131,30 @@ class Runner:
         return _key(self.normalize(config))
 
     def run(self, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
-        todo = [c for c in configs if self.key(c) not in self.done]
-        todo = list({self.key(c): c for c in todo}.values())
-        if todo:
-            print(f"[{label}] {len(todo)} runs ({len(configs) - len(todo)} cached)", flush=True)
-            t0 = time.perf_counter()
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(self.workers) as pool, self.cache.open("a") as f:
-                for i, rec in enumerate(pool.imap_unordered(self.job, [{"config": c} for c in todo]), 1):
-                    self.done[self.key(rec["job"]["config"])] = rec
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    el = time.perf_counter() - t0
-                    print(f"  {i}/{len(todo)}  {el:6.0f}s elapsed, ~{el / i * (len(todo) - i):5.0f}s left", flush=True)
+        """Each configuration's cached result, running the missing ones (``workers`` processes; 0: in this one,
+        as tests do, without a pool's start-up)."""
+        if self.workers < 0:
+            raise SystemExit(f"--workers must be >= 0 (0 runs in this process), got {self.workers}")
+        todo = list({self.key(c): c for c in configs if self.key(c) not in self.done}.values())
+        if not todo:
+            return [self.done[self.key(c)] for c in configs]
+        where = f"{self.workers} processes" if self.workers else "in this process"
+        print(f"[{label}] {len(todo)} runs ({len(configs) - len(todo)} cached), {where}", flush=True)
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            jobs = [{"config": c} for c in todo]
+            if self.workers:
+                pool = stack.enter_context(mp.get_context("spawn").Pool(self.workers))
+                results: Iterable[dict[str, Any]] = pool.imap_unordered(self.job, jobs)
+            else:
+                results = map(self.job, jobs)
+            f = stack.enter_context(self.cache.open("a"))
+            for i, rec in enumerate(results, 1):
+                self.done[self.key(rec["job"]["config"])] = rec
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                el = time.perf_counter() - t0
+                print(f"  {i}/{len(todo)}  {el:6.0f}s elapsed, ~{el / i * (len(todo) - i):5.0f}s left", flush=True)
         return [self.done[self.key(c)] for c in configs]
 
 

@@ -477,24 +477,6 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-class LocalRunner(Runner):
-    """accuracy.py's cached pool; ``workers=0`` runs the jobs in this process (tests, no start-up per pool)."""
-
-    def run(self, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
-        if self.workers > 0:
-            return super().run(configs, label)
-        todo = list({self.key(c): c for c in configs if self.key(c) not in self.done}.values())
-        if todo:
-            print(f"[{label}] {len(todo)} runs ({len(configs) - len(todo)} cached), in this process", flush=True)
-        with self.cache.open("a") as f:
-            for c in todo:
-                rec = self.job({"config": c})
-                self.done[self.key(c)] = rec
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-        return [self.done[self.key(c)] for c in configs]
-
-
 def _portable(config: dict[str, Any]) -> dict[str, Any]:
     """The configuration as the cache knows it: no absolute paths (the corpus is identified by its token hash)."""
     out = {k: v for k, v in config.items() if k not in ("data_dir", "log_every", "save_every")}
@@ -588,7 +570,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             else prepare_data(root, args.data_dir, args.preset["vocab"], args.corpus_sample))
     print(f"corpus {meta['root']} (Python {meta['python']}): files {meta['files']}, tokens {meta['tokens']}, "
           f"token stream sha256 {meta['token_sha256'][:16]}", flush=True)
-    runner = LocalRunner(out / f"lm_ppl_runs{args.tag}.jsonl", args.workers, job=_run, normalize=_portable)
+    runner = Runner(out / f"lm_ppl_runs{args.tag}.jsonl", args.workers, job=_run, normalize=_portable)
     if args.report_only:
         runner.run = lambda configs, label: [runner.done.get(runner.key(c)) for c in configs]  # type: ignore
     seeds = list(range(args.seeds))
