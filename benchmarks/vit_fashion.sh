@@ -19,7 +19,18 @@ run --bits 2 4 --methods "$BASE" "$SAQ" "$PREV" --seeds 10 --report "fashion_${P
 run --bits 2 3 4 --methods "$BASE" "$SAQ" "$PREV" "SAM" --seeds 10 --other-seeds 3 "$@"
 # 4. the float control: the same AdamW fine-tune without quantization, with and without SAM
 run --bits 32 --methods "float fine-tune (SGD)" "float fine-tune (SAM)" --seeds 10 --report "fashion_${PRESET}_float" "$@"
-# 5. at w2a2 (fashion.py's diagnoses run there): the fine-tune's length (the CNN lesson), what SAQ perturbs, ASAM
-run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 10 --diagnose --diagnoses "4x QAT epochs" \
-    "no perturbation of norm/bias" "no perturbation of pos_embed/cls_token" "no perturbation of LayerNorm" \
-    "ASAM (adaptive), rho 0.5" --report "fashion_${PRESET}_diag" "$@"
+# 5. the diagnoses, on float models trained again (paired among themselves, cache and floats in their own folder):
+#    at w4a4 (where SAQ wins) which tensors SAQ perturbs, ASAM, and 4x the fine-tune's length; at w2a2 the length.
+#    rho fixed to the sweep's choice of stage 1 (0.05 at w4a4, 0.02 at w2a2). vit_gap's: in a folder of their own,
+#    with float models trained again on another machine (stages 1-4's were not kept)
+D=benchmarks/results
+if [ "$PRESET" = vit_gap ]; then D=benchmarks/results/vit_gap_avx512; fi
+run --bits 4 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.05 --diagnose --diagnose-bits 4 --diagnoses \
+    "no perturbation of LayerNorm" "no perturbation of pos_embed/cls_token" "no perturbation of norm/bias" \
+    "ASAM (adaptive), rho 0.5" "4x QAT epochs" --report "fashion_${PRESET}_w4_diag" --out "$D" "$@"
+run --bits 2 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.02 --diagnose --diagnose-bits 2 --diagnoses \
+    "4x QAT epochs" --report "fashion_${PRESET}_w2_diag" --out "$D" "$@"
+# 6. more data (10,000 augmented images): w4a4, plain QAT vs SAQ
+if [ "$PRESET" = vit_gap ]; then
+    PRESET=vit_cpu run --bits 4 --methods "$BASE" "$SAQ" --seeds 10 --report fashion_vit_cpu_w4 "$@"
+fi
