@@ -82,6 +82,9 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "case 2": (dict(sharpness="case2", strategy="full"), "other"),
     "SAQ (case 3)": (dict(sharpness="case3", strategy="full"), "paired"),
     "SAQ prev_grad": (dict(sharpness="case3", strategy="prev_grad"), "paired"),
+    # ASAM (Kwon et al. 2021): the perturbation scaled by each weight's size (its radius is on another scale: give it
+    # its own grid with --method-rhos)
+    "SAQ ASAM": (dict(sharpness="case3", strategy="full", adaptive=True), "paired"),
     # MSAM: one pass at the point perturbed against the momentum (closure-free, no captured gradient)
     "SAQ momentum": (dict(sharpness="case3", strategy="momentum"), "paired"),
     "SAQ every_k a=0.7": (dict(sharpness="case3", strategy="every_k", strategy_k=5, strategy_alpha=0.7), "other"),
