@@ -394,7 +394,10 @@ def _all_rhos(args: argparse.Namespace) -> list[float]:
 
 
 def _grids_note(args: argparse.Namespace) -> str:
-    return "".join(f", {m}: {g}" for m, g in args.method_rhos.items())
+    """Where each method's rho came from: its grid swept on the validation split (one seed), or fixed."""
+    def one(grid: list[float]) -> str:
+        return f"fixed at {grid[0]} (no sweep)" if len(grid) == 1 else f"from {grid} on the validation split (one seed)"
+    return f"rho {one(args.rhos)}" + "".join(f"; {m}: {one(g)}" for m, g in args.method_rhos.items())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -496,7 +499,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, extra in ((n, DIAGNOSES[n]) for n in args.diagnoses):
             for m in args.diagnose_methods:
                 for s in seeds["paired"]:
-                    final_cfgs.append(qat_config(m, db, s, chosen.get((db, m)), args, extra))
+                    cfg = qat_config(m, db, s, chosen.get((db, m)), args, extra)
+                    if db in args.bits and m in args.methods and cfg == qat_config(m, db, s, chosen.get((db, m)), args):
+                        continue  # the method's own run (e.g. plain QAT under a perturbation change): its row
+                    final_cfgs.append(cfg)
                     index.append((db, f"{m} | {name}", s))
     _ensure_floats(runner, args, sorted({s for (_, _, s), c in zip(index, final_cfgs)
                                          if runner.key(c) not in runner.done}))
@@ -540,7 +546,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
              f"first/last layer 8-bit. Device: {args.device}. "
              f"Test accuracy (%) mean +- sd over seeds; gain = paired difference (same seed = same float model and "
              f"data order) to the method's baseline, mean [95% t-interval]; gap closed = gain / (float - baseline). "
-             f"rho from {args.rhos}{_grids_note(args)} on the validation split (one seed). "
+             f"{_grids_note(args)}. "
              "train acc: the last epoch's accuracy on "
              f"the training batches as trained (training mode{', augmented' if p.get('augment', True) else ''}).",
              "", f"Full precision: {_mean_sd(fp_vals)} ({len(fp_vals)} seeds); train acc "
@@ -558,7 +564,7 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     for (b, m), a in sorted(acc.items(), key=lambda kv: (kv[0][0], list(acc).index(kv[0]))):
         basename = m.split(" | ")[0]
         ref = PAIRS.get(basename, BASE)
-        if " | " in m:
+        if " | " in m and (b, f"{BASE} | {m.split(' | ')[1]}") in acc:  # else the diagnosis left plain QAT as it was
             ref = f"{BASE} | {m.split(' | ')[1]}"
         vals = [a[s] for s in sorted(a)]
         gain_txt = gap_txt = "-"
@@ -572,7 +578,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
         rho = chosen.get((b, basename))
         if " | " in m and rho is not None:  # a diagnosis may set its own rho
             rho = DIAGNOSES.get(m.split(" | ")[1], {}).get("_rho", rho)
-        lines.append(f"| w{b}a{b} | {m} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
+        cell = m.replace("|", "\\|")  # a diagnosis row's name holds " | "
+        lines.append(f"| w{b}a{b} | {cell} | {rho if rho is not None else '-'} | {len(vals)} | {_mean_sd(vals)} | "
                      f"{_mean_sd(train_acc.get((b, m), []))} | {gain_txt} | {gap_txt} | "
                      f"{statistics.fmean(secs[(b, m)]):.0f} |")
         rows.append(dict(bits=b, method=m, rho=rho, accs=vals, gain=gain, time_s=statistics.fmean(secs[(b, m)])))
@@ -582,6 +589,8 @@ def report(args: argparse.Namespace, argv: Optional[list[str]], acc: dict, secs:
     for (b, m), v in sorted(val.items()):
         cells = " | ".join(f"{v[r]:.2f}" if r in v else "-" for r in _all_rhos(args))
         sweep_lines.append(f"| w{b}a{b} | {m} | {cells} |")
+    if not val:  # every rho fixed: no sweep to show
+        sweep_lines = []
     cmd = "python benchmarks/fashion.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     text = f"Command: `{cmd.strip()}`\n\n" + "\n".join(lines + sweep_lines) + "\n"
@@ -616,7 +625,8 @@ def plot_curves(curves: dict, args: argparse.Namespace, path: Path) -> None:
         ax.set_title(f"w{b}a{b} (seed 0)", fontsize=9)
         ax.set_xlabel("QAT epoch", fontsize=8)
         ax.set_ylabel("accuracy (%): test, train dotted", fontsize=8)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # no curve recorded (e.g. tables rebuilt from another seed's runs)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

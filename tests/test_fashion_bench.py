@@ -50,3 +50,25 @@ def test_a_perturbation_diagnosis_reuses_the_plain_qat_run(tmp_path):
     # a diagnosis that changes the training itself still gets its own baseline run
     longer = fashion.qat_config(fashion.BASE, 4, 0, None, args, fashion.DIAGNOSES["4x QAT epochs"])
     assert longer["epochs"] == 4 * fashion.qat_config(fashion.BASE, 4, 0, None, args)["epochs"]
+
+
+def test_report_a_diagnosis_that_left_plain_qat_unchanged(tmp_path):
+    """The ablation's SAQ row is compared with plain QAT's own run (paired by seed), its name's " | " is escaped so
+    the markdown table keeps its columns, and a fixed rho is called fixed, not swept."""
+    sys.path.insert(0, str(BENCH))
+    import fashion
+
+    args = argparse.Namespace(preset="vit_gap", qat_epochs=None, float_epochs=None, val_split=0.1, device="cpu",
+                              rhos=[0.05], method_rhos={}, bits=[4], out=str(tmp_path), report="r", tag="_vit_gap")
+    saq, diag = "SAQ (case 3)", "SAQ (case 3) | no perturbation of LayerNorm"
+    acc = {(4, fashion.BASE): {0: 77.0, 1: 78.0, 2: 76.0}, (4, saq): {0: 78.0, 1: 78.5, 2: 77.0},
+           (4, diag): {0: 77.5, 1: 78.25, 2: 77.0}}  # paired differences to plain QAT: 0.5, 0.25, 1.0
+    secs = {k: [1.0] for k in acc}
+    fashion.report(args, ["--preset", "vit_gap"], acc, secs, {}, {(4, saq): 0.05}, {}, {0: 78.0, 1: 78.0, 2: 78.0},
+                   [], 0.0)
+    text = (tmp_path / "r.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| w4a4")]
+    assert len(rows) == 3 and all(ln.replace("\\|", "").count("|") == 10 for ln in rows)
+    row = next(ln for ln in rows if "LayerNorm" in ln)
+    assert "SAQ (case 3) \\| no perturbation of LayerNorm" in row and "| +0.58 [" in row  # mean of 0.5, 0.25, 1.0
+    assert "rho fixed at 0.05 (no sweep)" in text and "rho sweep" not in text
