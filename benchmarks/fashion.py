@@ -294,8 +294,9 @@ _FLOAT_PATH = re.compile(r"^.*/(seed\d+)(/checkpoint\.pt)?$")
 def _portable(config: dict[str, Any]) -> dict[str, Any]:
     """The configuration as the cache knows it: a float model's folder or checkpoint (``output`` of a float run,
     ``pretrained`` of a QAT run) by its seed, not its absolute path, so a cache resumes in any clone. (The float
-    protocol itself is the preset's: one cache file per preset.)"""
-    out = dict(config)
+    protocol itself is the preset's: one cache file per preset.) A float run resumed after an interruption is the
+    run itself (a resumed run continues bit for bit), so ``resume`` is no part of it."""
+    out = {k: v for k, v in config.items() if k != "resume"}
     for k in ("output", "pretrained"):
         m = _FLOAT_PATH.match(str(out.get(k) or ""))
         if m and (k == "pretrained" or out.get("w_bits") == 32 and out.get("save")):

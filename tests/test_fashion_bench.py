@@ -72,3 +72,14 @@ def test_report_a_diagnosis_that_left_plain_qat_unchanged(tmp_path):
     row = next(ln for ln in rows if "LayerNorm" in ln)
     assert "SAQ (case 3) \\| no perturbation of LayerNorm" in row and "| +0.58 [" in row  # mean of 0.5, 0.25, 1.0
     assert "rho fixed at 0.05 (no sweep)" in text and "rho sweep" not in text
+
+
+def test_a_resumed_float_run_is_the_float_run_in_the_cache():
+    """A float model cut off and resumed is found in the cache under its plain configuration (it was trained again,
+    and refused by its own folder, when the key held ``resume``)."""
+    sys.path.insert(0, str(BENCH))
+    import fashion
+
+    cfg = dict(model="vit_fmnist", seed=3, w_bits=32, save=True, output="/somewhere/fashion_float_vit_cpu/seed3")
+    assert fashion._portable(dict(cfg, resume=True)) == fashion._portable(cfg)
+    assert fashion._portable(cfg)["output"] == "<float>/seed3"
