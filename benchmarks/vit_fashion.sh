@@ -30,7 +30,8 @@ run --bits 4 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.05 --diagnose --diagno
     "ASAM (adaptive), rho 0.5" "4x QAT epochs" --report "fashion_${PRESET}_w4_diag" --out "$D" "$@"
 run --bits 2 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.02 --diagnose --diagnose-bits 2 --diagnoses \
     "4x QAT epochs" --report "fashion_${PRESET}_w2_diag" --out "$D" "$@"
-# 6. more data (10,000 augmented images): w4a4, plain QAT vs SAQ
+# 6. more data (10,000 augmented images): w4a4 and w2a2, plain QAT vs SAQ (rho swept at both)
 if [ "$PRESET" = vit_gap ]; then
-    PRESET=vit_cpu run --bits 4 --methods "$BASE" "$SAQ" --seeds 10 --report fashion_vit_cpu_w4 "$@"
+    PRESET=vit_cpu run --bits 2 4 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.01 0.02 0.05 --sweep-bits 2 4 \
+        --report fashion_vit_cpu "$@"
 fi
