@@ -28,6 +28,8 @@ if [ "$PRESET" = vit_gap ]; then D=benchmarks/results/vit_gap_avx512; fi
 run --bits 4 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.05 --diagnose --diagnose-bits 4 --diagnoses \
     "no perturbation of LayerNorm" "no perturbation of pos_embed/cls_token" "no perturbation of norm/bias" \
     "ASAM (adaptive), rho 0.5" "4x QAT epochs" --report "fashion_${PRESET}_w4_diag" --out "$D" "$@"
+run --bits 4 --methods "$BASE" "$SAQ" "SAQ ASAM" --seeds 10 --rhos 0.05 --method-rhos "SAQ ASAM=0.1,0.2,0.5,1,2" \
+    --report "fashion_${PRESET}_w4_asam" --out "$D" "$@"
 run --bits 2 --methods "$BASE" "$SAQ" --seeds 10 --rhos 0.02 --diagnose --diagnose-bits 2 --diagnoses \
     "4x QAT epochs" --report "fashion_${PRESET}_w2_diag" --out "$D" "$@"
 # 6. more data (10,000 augmented images): w4a4 and w2a2, plain QAT vs SAQ (rho swept at both)
