@@ -115,7 +115,10 @@ class Runner:
 
     def __init__(self, cache: Path, workers: int, job: Callable[[dict[str, Any]], dict[str, Any]] = _run,
                  normalize: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None):
-        """``normalize`` maps a configuration to what identifies it in the cache (e.g. paths made relative)."""
+        """``normalize`` maps a configuration to what identifies it in the cache (e.g. paths made relative);
+        ``workers`` processes run the jobs, 0 runs them in this one."""
+        if workers < 0:
+            raise SystemExit(f"--workers must be >= 0 (0 runs in this process), got {workers}")
         self.cache = cache
         self.workers = workers
         self.job = job
@@ -133,8 +136,6 @@ class Runner:
     def run(self, configs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         """Each configuration's cached result, running the missing ones (``workers`` processes; 0: in this one,
         as tests do, without a pool's start-up)."""
-        if self.workers < 0:
-            raise SystemExit(f"--workers must be >= 0 (0 runs in this process), got {self.workers}")
         todo = list({self.key(c): c for c in configs if self.key(c) not in self.done}.values())
         if not todo:
             return [self.done[self.key(c)] for c in configs]

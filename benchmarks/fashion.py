@@ -350,15 +350,12 @@ def qat_config(method: str, bits: int, seed: int, rho: Optional[float], args: ar
         cfg["eval_every"] = args.eval_every
     if rho is not None and cfg["sharpness"] != "none":
         cfg["rho"] = rho
-    if cfg["sharpness"] == "none":  # what only a sharpness-aware step reads: plain QAT is the same run without it,
-        for k in _SHARPNESS_ONLY:   # so a perturbation diagnosis's baseline is the main baseline's cached run
+    if cfg["sharpness"] == "none":  # what only a sharpness-aware step reads (TrainConfig's fields of the SAQ step):
+        from torchsaq.train.config import SharpnessConfig  # plain QAT is the same run without them, so a perturbation
+
+        for k in set(SharpnessConfig.FIELDS) - {"sharpness"}:  # diagnosis's baseline is the main baseline's run
             cfg.pop(k, None)
     return cfg
-
-
-#: TrainConfig fields that no plain-QAT run reads (the perturbation's shape and schedule)
-_SHARPNESS_ONLY = ("adaptive", "perturb_unquantized", "perturb_exclude", "perturb_steps", "rho_warmup_epochs",
-                   "rho_start_epochs", "strategy", "strategy_k", "strategy_alpha", "strategy_fraction")
 
 
 def _mean_sd(vals: list[float]) -> str:
